@@ -1,0 +1,69 @@
+//! Format detection by content, never by file name.
+
+use super::Format;
+use crate::error::{Error, Kind, Result};
+use crate::host::HostFile;
+use std::path::Path;
+
+/// Guesses the format of `path` from its bytes.
+pub fn detect(path: &Path) -> Result<Format> {
+    let file = HostFile::open(path, false)?;
+    let mut head = vec![0u8; 1024.min(file.len()) as usize];
+    file.read_exact_at(&mut head, 0, "header")?;
+    let mut tail = [0u8; 512];
+    let has_tail = file.len() >= 512 && file.read_exact_at(&mut tail, file.len() - 512, "footer").is_ok();
+    Ok(detect_bytes(&head, has_tail.then_some(&tail[..])))
+}
+
+/// The pure part of `detect`: `head` is up to the first 1 KiB, `tail` the last 512 bytes.
+pub fn detect_bytes(head: &[u8], tail: Option<&[u8]>) -> Format {
+    let starts = |m: &[u8]| head.starts_with(m);
+    if starts(b"QFI\xfb") {
+        Format::Qcow2
+    } else if starts(b"KDMV") || starts(b"COWD") || is_vmdk_descriptor(head) {
+        Format::Vmdk
+    } else if starts(b"vhdxfile") {
+        Format::Vhdx
+    } else if head.len() >= 0x44 && head[0x40..0x44] == 0xbeda107fu32.to_le_bytes() {
+        Format::Vdi
+    } else if starts(b"conectix") || tail.is_some_and(|t| t.starts_with(b"conectix")) {
+        Format::Vpc
+    } else {
+        Format::Raw
+    }
+}
+
+/// A text descriptor: "# Disk DescriptorFile" near the start, or the keys it must contain.
+fn is_vmdk_descriptor(head: &[u8]) -> bool {
+    let text = String::from_utf8_lossy(head);
+    text.contains("# Disk DescriptorFile")
+        || (text.contains("createType") && text.contains("version=") && text.contains("CID"))
+}
+
+/// Errors a user can act on when a file is plainly not an image.
+pub fn require_nonempty(path: &Path) -> Result<()> {
+    let meta = std::fs::metadata(path).map_err(|e| Error::io(path, "stat", e))?;
+    if meta.is_dir() {
+        return Err(Error::new(Kind::InvalidInput, format!("{}: is a directory", path.display())));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn detects_by_magic() {
+        assert_eq!(detect_bytes(b"QFI\xfb\0\0\0\x03", None), Format::Qcow2);
+        assert_eq!(detect_bytes(b"KDMV", None), Format::Vmdk);
+        assert_eq!(detect_bytes(b"# Disk DescriptorFile\nversion=1\n", None), Format::Vmdk);
+        assert_eq!(detect_bytes(b"vhdxfile", None), Format::Vhdx);
+        assert_eq!(detect_bytes(b"conectix", None), Format::Vpc);
+        let mut vdi = vec![0u8; 0x200];
+        vdi[0x40..0x44].copy_from_slice(&0xbeda107fu32.to_le_bytes());
+        assert_eq!(detect_bytes(&vdi, None), Format::Vdi);
+        assert_eq!(detect_bytes(&[0u8; 512], Some(b"conectix\0\0")), Format::Vpc);
+        assert_eq!(detect_bytes(&[0u8; 512], Some(&[0u8; 512])), Format::Raw);
+    }
+}

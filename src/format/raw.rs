@@ -1,0 +1,39 @@
+//! Raw images: guest offset = host offset.
+
+use super::{Extent, Format, Layer, Mapping, OpenCtx};
+use crate::error::Result;
+use crate::host::HostFile;
+use std::path::Path;
+use std::sync::Arc;
+
+#[derive(Debug)]
+pub struct RawLayer {
+    file: Arc<HostFile>,
+    size: u64,
+}
+
+impl RawLayer {
+    pub fn open(path: &Path, ctx: &OpenCtx) -> Result<Arc<dyn Layer>> {
+        let file = HostFile::open(path, ctx.writable)?;
+        let size = file.len();
+        Ok(Arc::new(RawLayer { file, size }))
+    }
+}
+
+impl Layer for RawLayer {
+    fn format(&self) -> Format {
+        Format::Raw
+    }
+    fn path(&self) -> &Path {
+        self.file.path()
+    }
+    fn virtual_size(&self) -> u64 {
+        self.size
+    }
+    fn map(&self, off: u64, len: u64) -> Result<Extent> {
+        Ok(Extent { len, map: Mapping::Data { file: self.file.clone(), host_off: off } })
+    }
+    fn files(&self) -> Vec<Arc<HostFile>> {
+        vec![self.file.clone()]
+    }
+}

@@ -1,0 +1,10 @@
+//! vmfs-mount: mount a virtual-machine disk image chain as a tree of raw files.
+
+pub mod cache;
+pub mod chain;
+pub mod error;
+pub mod format;
+pub mod host;
+pub mod tree;
+pub mod view;
+pub mod write;

@@ -1,0 +1,361 @@
+//! A view is a stack of layers read as one disk: the live chain, a backing layer with
+//! everything below it, or an internal snapshot over its layer's parents.
+//!
+//! Reads resolve guest ranges with a loop over the layers (never recursion) and cache the
+//! resolved extents per 64 KiB chunk, so a deep chain costs what a shallow one does once
+//! warm. Data then moves with as few preads as the layout allows: contiguous host runs
+//! of one file are merged into one read.
+
+use crate::cache::{ByteCache, Key};
+use crate::error::{Error, Kind, Result};
+use crate::format::{Extent, Layer, Mapping, compress};
+use crate::host::HostFile;
+use lru::LruCache;
+use parking_lot::Mutex;
+use std::num::NonZeroUsize;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+/// Granule of the resolved-extent cache.
+pub const CHUNK: u64 = 64 * 1024;
+/// Largest compressed cluster we agree to read (qcow2 allows up to cluster size + a sector).
+const MAX_STORED_COMPRESSED: u64 = 4 * 1024 * 1024;
+const CLUSTER_CACHE_TAG: u8 = 0xC0;
+
+pub struct View {
+    layers: Vec<Arc<dyn Layer>>,
+    size: u64,
+    resolved: Mutex<LruCache<u64, Arc<[Extent]>>>,
+    /// Bumped by every write so a resolve that raced with it is not cached.
+    generation: AtomicU64,
+    clusters: Arc<ByteCache>,
+    allocated: Mutex<Option<(u64, Instant)>>,
+    dirty_alloc: std::sync::atomic::AtomicBool,
+}
+
+impl View {
+    /// `layers[0]` is the top. `size` is the view's virtual size (the top layer's, or a
+    /// snapshot's own). `chunk_entries` bounds the resolved-extent cache.
+    pub fn new(layers: Vec<Arc<dyn Layer>>, size: u64, clusters: Arc<ByteCache>, chunk_entries: usize) -> View {
+        View {
+            layers,
+            size,
+            resolved: Mutex::new(LruCache::new(NonZeroUsize::new(chunk_entries.max(16)).unwrap_or(NonZeroUsize::MIN))),
+            generation: AtomicU64::new(0),
+            clusters,
+            allocated: Mutex::new(None),
+            dirty_alloc: false.into(),
+        }
+    }
+
+    pub fn size(&self) -> u64 {
+        self.size
+    }
+
+    pub fn layers(&self) -> &[Arc<dyn Layer>] {
+        &self.layers
+    }
+
+    pub fn is_writable(&self) -> bool {
+        self.layers.first().is_some_and(|l| l.writer().is_some())
+    }
+
+    /// Reads into `buf` from `off`; returns the byte count (short only at the end of the disk).
+    pub fn read(&self, off: u64, buf: &mut [u8]) -> Result<usize> {
+        if off >= self.size {
+            return Ok(0);
+        }
+        let n = (buf.len() as u64).min(self.size - off) as usize;
+        let mut pieces = Vec::new();
+        let mut pos = off;
+        let end = off + n as u64;
+        while pos < end {
+            let chunk = pos / CHUNK;
+            let exts = self.chunk(chunk)?;
+            let mut ext_start = chunk * CHUNK;
+            for e in exts.iter() {
+                let ext_end = ext_start + e.len;
+                if ext_end > pos && pos < end {
+                    let take = ext_end.min(end) - pos;
+                    pieces.push(Piece { map: e.map.clone(), skip: pos - ext_start, dst: (pos - off) as usize, len: take as usize });
+                    pos += take;
+                }
+                ext_start = ext_end;
+            }
+            if pos < (chunk + 1) * CHUNK && pos < end {
+                return Err(Error::new(Kind::Corrupt, format!("internal: chunk {chunk} does not cover {pos:#x}")));
+            }
+        }
+        self.read_pieces(pieces, &mut buf[..n])?;
+        Ok(n)
+    }
+
+    /// The resolved extents of one chunk, from cache or by walking the layers.
+    fn chunk(&self, idx: u64) -> Result<Arc<[Extent]>> {
+        if let Some(e) = self.resolved.lock().get(&idx) {
+            return Ok(e.clone());
+        }
+        let gen_before = self.generation.load(Ordering::Acquire);
+        let start = idx * CHUNK;
+        let len = CHUNK.min(self.size - start);
+        let exts: Arc<[Extent]> = resolve(&self.layers, start, len)?.into();
+        let mut cache = self.resolved.lock();
+        if self.generation.load(Ordering::Acquire) == gen_before {
+            cache.put(idx, exts.clone());
+        }
+        Ok(exts)
+    }
+
+    fn read_pieces(&self, pieces: Vec<Piece>, buf: &mut [u8]) -> Result<()> {
+        let mut i = 0;
+        while i < pieces.len() {
+            let p = &pieces[i];
+            match &p.map {
+                Mapping::Data { file, host_off } => {
+                    // Merge the following pieces that continue this host run in the same file.
+                    let start = host_off + p.skip;
+                    let mut len = p.len;
+                    let mut j = i + 1;
+                    while let Some(Piece { map: Mapping::Data { file: f2, host_off: h2 }, skip, len: l2, .. }) = pieces.get(j) {
+                        if f2.id() != file.id() || h2 + skip != start + len as u64 {
+                            break;
+                        }
+                        len += l2;
+                        j += 1;
+                    }
+                    file.read_data_at(&mut buf[p.dst..p.dst + len], start)?;
+                    i = j;
+                    continue;
+                }
+                Mapping::Zero | Mapping::Unallocated => buf[p.dst..p.dst + p.len].fill(0),
+                Mapping::Compressed { file, host_off, stored_len, codec, cluster_len, skip } => {
+                    let cluster = self.decompressed(file, *host_off, *stored_len, *codec, *cluster_len)?;
+                    let from = (skip + p.skip) as usize;
+                    let src = cluster.get(from..from + p.len).ok_or_else(|| {
+                        Error::corrupt(file.path(), "compressed cluster", *host_off, "extent outside the cluster")
+                    })?;
+                    buf[p.dst..p.dst + p.len].copy_from_slice(src);
+                }
+            }
+            i += 1;
+        }
+        Ok(())
+    }
+
+    fn decompressed(
+        &self,
+        file: &Arc<HostFile>,
+        host_off: u64,
+        stored_len: u64,
+        codec: crate::format::Codec,
+        cluster_len: u64,
+    ) -> Result<Arc<[u8]>> {
+        let key = Key::new(file.id(), host_off, CLUSTER_CACHE_TAG);
+        self.clusters.get_or_load(key, || {
+            if stored_len > MAX_STORED_COMPRESSED || cluster_len > MAX_STORED_COMPRESSED {
+                return Err(Error::corrupt(file.path(), "compressed cluster", host_off, format!("absurd size {stored_len}")));
+            }
+            let mut raw = vec![0u8; stored_len as usize];
+            file.read_data_at(&mut raw, host_off)?;
+            compress::decompress(codec, &raw, cluster_len as usize, file.path(), host_off)
+        })
+    }
+
+    /// The first offset >= `off` that holds data (anything but zeros-by-mapping), if any.
+    pub fn next_data(&self, off: u64) -> Result<Option<u64>> {
+        self.scan(off, |m| !matches!(m, Mapping::Zero | Mapping::Unallocated))
+    }
+
+    /// The first offset >= `off` in a hole; the end of the disk counts as a hole.
+    pub fn next_hole(&self, off: u64) -> Result<u64> {
+        Ok(self.scan(off, |m| matches!(m, Mapping::Zero | Mapping::Unallocated))?.unwrap_or(self.size).max(off.min(self.size)))
+    }
+
+    fn scan(&self, off: u64, want: impl Fn(&Mapping) -> bool) -> Result<Option<u64>> {
+        let mut pos = off;
+        while pos < self.size {
+            let chunk = pos / CHUNK;
+            let mut ext_start = chunk * CHUNK;
+            for e in self.chunk(chunk)?.iter() {
+                let ext_end = ext_start + e.len;
+                if ext_end > pos && want(&e.map) {
+                    return Ok(Some(pos.max(ext_start)));
+                }
+                ext_start = ext_end;
+            }
+            pos = (chunk + 1) * CHUNK;
+        }
+        Ok(None)
+    }
+
+    /// Bytes that hold data in this view (for st_blocks). Computed on first use; a written
+    /// view recomputes at most every few seconds.
+    pub fn allocated_bytes(&self) -> Result<u64> {
+        let mut cached = self.allocated.lock();
+        if let Some((bytes, at)) = *cached {
+            let stale = self.dirty_alloc.load(Ordering::Relaxed) && at.elapsed() > Duration::from_secs(5);
+            if !stale {
+                return Ok(bytes);
+            }
+        }
+        self.dirty_alloc.store(false, Ordering::Relaxed);
+        let mut total = 0;
+        let mut pos = 0;
+        const SPAN: u64 = 16 * 1024 * 1024;
+        while pos < self.size {
+            let len = SPAN.min(self.size - pos);
+            for e in resolve(&self.layers, pos, len)? {
+                if !matches!(e.map, Mapping::Zero | Mapping::Unallocated) {
+                    total += e.len;
+                }
+            }
+            pos += len;
+        }
+        *cached = Some((total, Instant::now()));
+        Ok(total)
+    }
+
+    /// Reads what the layers below the top show (for copy-on-write fills).
+    fn read_below(&self, off: u64, buf: &mut [u8]) -> Result<()> {
+        read_uncached(&self.layers[1..], off, buf, &self.clusters)
+    }
+
+    fn writer(&self) -> Result<&dyn crate::write::LayerWriter> {
+        self.layers
+            .first()
+            .and_then(|l| l.writer())
+            .ok_or_else(|| Error::new(Kind::ReadOnly, "this view is read-only"))
+    }
+
+    fn check_range(&self, off: u64, len: u64) -> Result<()> {
+        match off.checked_add(len) {
+            Some(end) if end <= self.size => Ok(()),
+            _ => Err(Error::new(Kind::InvalidInput, format!("range {off:#x}+{len} is past the end of the disk ({} bytes); the size never changes", self.size))),
+        }
+    }
+
+    /// Writes `data` at `off`; the range must lie inside the disk.
+    pub fn write(&self, off: u64, data: &[u8]) -> Result<()> {
+        let w = self.writer()?;
+        self.check_range(off, data.len() as u64)?;
+        let below = |o: u64, b: &mut [u8]| self.read_below(o, b);
+        let r = w.write(off, data, &below);
+        self.invalidate(off, data.len() as u64);
+        r
+    }
+
+    /// Makes [off, off+len) read as zeros.
+    pub fn discard(&self, off: u64, len: u64) -> Result<()> {
+        let w = self.writer()?;
+        self.check_range(off, len)?;
+        let below = |o: u64, b: &mut [u8]| self.read_below(o, b);
+        let r = w.discard(off, len, &below);
+        self.invalidate(off, len);
+        r
+    }
+
+    pub fn flush(&self) -> Result<()> {
+        match self.layers.first().and_then(|l| l.writer()) {
+            Some(w) => w.flush(),
+            None => Ok(()),
+        }
+    }
+
+    fn invalidate(&self, off: u64, len: u64) {
+        self.generation.fetch_add(1, Ordering::AcqRel);
+        self.dirty_alloc.store(true, Ordering::Relaxed);
+        if len == 0 {
+            return;
+        }
+        let mut cache = self.resolved.lock();
+        for c in off / CHUNK..=(off + len - 1) / CHUNK {
+            cache.pop(&c);
+        }
+    }
+}
+
+struct Piece {
+    map: Mapping,
+    /// Offset into the extent where this piece starts.
+    skip: u64,
+    dst: usize,
+    len: usize,
+}
+
+/// Resolves [off, off+len) through `layers` (top first) into extents that never say
+/// Unallocated. A layer shorter than the request reads as zeros past its end, as in QEMU:
+/// the layers below it are not consulted there.
+pub fn resolve(layers: &[Arc<dyn Layer>], off: u64, len: u64) -> Result<Vec<Extent>> {
+    let mut out: Vec<Extent> = Vec::new();
+    let end = off + len;
+    let mut pos = off;
+    while pos < end {
+        let mut seg = end - pos;
+        let mut map = Mapping::Zero;
+        for layer in layers {
+            let vsize = layer.virtual_size();
+            if pos >= vsize {
+                break;
+            }
+            seg = seg.min(vsize - pos);
+            let e = layer.map(pos, seg)?;
+            if e.len == 0 || e.len > seg {
+                return Err(Error::new(
+                    Kind::Corrupt,
+                    format!("{}: translation of {pos:#x} returned a bad length {}", layer.path().display(), e.len),
+                ));
+            }
+            seg = e.len;
+            if !matches!(e.map, Mapping::Unallocated) {
+                map = e.map;
+                break;
+            }
+        }
+        push_merged(&mut out, Extent { len: seg, map });
+        pos += seg;
+    }
+    Ok(out)
+}
+
+/// Appends, merging with the previous extent when they continue each other.
+fn push_merged(out: &mut Vec<Extent>, e: Extent) {
+    if let Some(last) = out.last_mut() {
+        match (&mut last.map, &e.map) {
+            (Mapping::Zero, Mapping::Zero) => {
+                last.len += e.len;
+                return;
+            }
+            (Mapping::Data { file: f1, host_off: h1 }, Mapping::Data { file: f2, host_off: h2 })
+                if f1.id() == f2.id() && *h1 + last.len == *h2 =>
+            {
+                last.len += e.len;
+                return;
+            }
+            _ => {}
+        }
+    }
+    out.push(e);
+}
+
+/// Reads through `layers` without the resolved-extent cache (copy-on-write fills).
+pub fn read_uncached(layers: &[Arc<dyn Layer>], off: u64, buf: &mut [u8], clusters: &Arc<ByteCache>) -> Result<()> {
+    if layers.is_empty() {
+        buf.fill(0);
+        return Ok(());
+    }
+    let size = layers[0].virtual_size();
+    let inside = if off >= size { 0 } else { (buf.len() as u64).min(size - off) as usize };
+    buf[inside..].fill(0);
+    if inside == 0 {
+        return Ok(());
+    }
+    let tmp = View::new(layers.to_vec(), size, clusters.clone(), 16);
+    let mut pieces = Vec::new();
+    let mut ext_start = off;
+    for e in resolve(layers, off, inside as u64)? {
+        pieces.push(Piece { map: e.map, skip: 0, dst: (ext_start - off) as usize, len: e.len as usize });
+        ext_start += e.len;
+    }
+    tmp.read_pieces(pieces, &mut buf[..inside])
+}
