@@ -234,7 +234,7 @@ fn block_signals_and_watch(tx: Sender<Event>) -> Result<(), String> {
 
 fn fuse_config(s: &Settings, opened: &Opened) -> Config {
     let mut options = vec![
-        MountOption::FSName(s.fsname.clone().unwrap_or_else(|| opened.live.spec.layers[0].path().display().to_string().replace(',', "_"))),
+        MountOption::FSName(s.fsname.clone().unwrap_or_else(|| source_name(opened))),
         MountOption::CUSTOM(format!("subtype={}", s.subtype.as_deref().unwrap_or("vmfs-mount"))),
     ];
     if !opened.live.writable {
@@ -266,6 +266,25 @@ fn fuse_config(s: &Settings, opened: &Opened) -> Config {
     config.n_threads = Some(s.threads);
     config.clone_fd = true;
     config
+}
+
+/// The image's absolute path, shown as the mount's source (commas would split option lists).
+fn source_name(opened: &Opened) -> String {
+    let path = opened.live.spec.layers[0].path();
+    let abs = std::fs::canonicalize(path).unwrap_or_else(|_| path.to_path_buf());
+    abs.display().to_string().replace(',', "_")
+}
+
+/// Closes every descriptor above stderr that the caller left open to us, so that the daemon
+/// holds none of the caller's pipes. Called first thing, before we open anything ourselves.
+pub fn close_inherited_fds() {
+    let Ok(dir) = std::fs::read_dir("/proc/self/fd") else { return };
+    let fds: Vec<i32> = dir.filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok()).filter(|fd| *fd > 2).collect();
+    for fd in fds {
+        // SAFETY: nothing in this process owns these descriptors yet (the one read_dir used is
+        // already closed, and closing it again just fails with EBADF).
+        unsafe { libc::close(fd) };
+    }
 }
 
 /// Points stdin at /dev/null and stdout/stderr at `out`.

@@ -20,6 +20,9 @@ fn main() {
             std::process::exit(2);
         }
     };
+    if !settings.foreground && !settings.list {
+        daemon::close_inherited_fds();
+    }
     init_logging(settings.verbose);
     std::process::exit(run(&settings));
 }
