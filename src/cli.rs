@@ -22,7 +22,8 @@ Snapshot files are read-only. The command returns once the mount answers; unmoun
 
 const AFTER_HELP: &str = "\
 Mount options (-o, comma-separated, repeatable):
-  ro, rw                  read-only / read-write (default: read-write if the image allows it)
+  ro, rw                  read-only / read-write (rw, the default, falls back to read-only
+                          with a warning when the image is write-protected)
   allow_other, allow_root let other users / root access the mount
   default_permissions     let the kernel check permissions
   auto_unmount            unmount when the daemon dies (needs allow_other or allow_root)
@@ -100,10 +101,10 @@ pub struct Args {
 /// Whether the user asked for read-only or read-write, or left it to us.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Access {
-    /// Read-write when the image can be opened for writing, read-only otherwise (like mount(8)).
+    /// Read-write when the image can be opened for writing, read-only otherwise (like mount(8)
+    /// with a write-protected device). `rw` means this too: mount(8) passes it by default.
     Auto,
     ReadOnly,
-    ReadWrite,
 }
 
 /// Everything the program does, after the command line and `-o` options are merged.
@@ -144,7 +145,11 @@ impl Settings {
             image: a.image,
             mountpoint: a.mountpoint,
             foreground: a.foreground,
-            access: if a.read_only { Access::ReadOnly } else { Access::Auto },
+            access: if a.read_only {
+                Access::ReadOnly
+            } else {
+                Access::Auto
+            },
             format: None,
             overlay: a.overlay,
             table_cache: DEFAULT_TABLE_CACHE,
@@ -175,10 +180,14 @@ impl Settings {
             s.apply_options(group)?;
         }
         if s.allow_other && s.allow_root {
-            return Err(UsageError("allow_other and allow_root are mutually exclusive".into()));
+            return Err(UsageError(
+                "allow_other and allow_root are mutually exclusive".into(),
+            ));
         }
         if s.auto_unmount && !(s.allow_other || s.allow_root) {
-            return Err(UsageError("auto_unmount needs allow_other or allow_root as well".into()));
+            return Err(UsageError(
+                "auto_unmount needs allow_other or allow_root as well".into(),
+            ));
         }
         Ok(s)
     }
@@ -199,12 +208,14 @@ impl Settings {
         let need = |v: Option<&str>| -> Result<String, UsageError> {
             match v {
                 Some(v) if !v.is_empty() => Ok(v.to_string()),
-                _ => Err(UsageError(format!("mount option {key} needs a value ({key}=...)"))),
+                _ => Err(UsageError(format!(
+                    "mount option {key} needs a value ({key}=...)"
+                ))),
             }
         };
         match (key, value) {
             ("ro", None) => self.access = Access::ReadOnly,
-            ("rw", None) => self.access = Access::ReadWrite,
+            ("rw", None) => self.access = Access::Auto,
             ("allow_other", None) => self.allow_other = true,
             ("allow_root", None) => self.allow_root = true,
             ("default_permissions", None) => self.default_permissions = true,
@@ -223,7 +234,11 @@ impl Settings {
                 let text = need(v)?;
                 self.threads = match text.parse::<usize>() {
                     Ok(n) if (1..=256).contains(&n) => n,
-                    _ => return Err(UsageError(format!("threads={text}: expected a number from 1 to 256"))),
+                    _ => {
+                        return Err(UsageError(format!(
+                            "threads={text}: expected a number from 1 to 256"
+                        )));
+                    }
                 };
             }
             ("log", v) => self.log_file = Some(PathBuf::from(need(v)?)),
@@ -243,7 +258,9 @@ impl Settings {
             (k, None) if IGNORED.contains(&k) => {}
             (k, _) if k.starts_with("x-") || k == "comment" => {}
             _ => {
-                return Err(UsageError(format!("unknown mount option {opt:?} (see --help for the list)")));
+                return Err(UsageError(format!(
+                    "unknown mount option {opt:?} (see --help for the list)"
+                )));
             }
         }
         Ok(())
@@ -252,14 +269,40 @@ impl Settings {
 
 /// Options that mount(8), fstab or mount.fuse3 may pass and that mean nothing here.
 const IGNORED: &[&str] = &[
-    "dev", "suid", "exec", "atime", "relatime", "norelatime", "strictatime", "nostrictatime",
-    "diratime", "nodiratime", "lazytime", "nolazytime", "auto", "noauto", "user", "users", "nouser",
-    "owner", "group", "_netdev", "nofail", "defaults", "async", "sync", "dirsync", "silent", "loud",
+    "dev",
+    "suid",
+    "exec",
+    "atime",
+    "relatime",
+    "norelatime",
+    "strictatime",
+    "nostrictatime",
+    "diratime",
+    "nodiratime",
+    "lazytime",
+    "nolazytime",
+    "auto",
+    "noauto",
+    "user",
+    "users",
+    "nouser",
+    "owner",
+    "group",
+    "_netdev",
+    "nofail",
+    "defaults",
+    "async",
+    "sync",
+    "dirsync",
+    "silent",
+    "loud",
 ];
 
 /// FUSE worker threads: twice the CPUs, between 2 and 8.
 fn default_threads() -> usize {
-    let cpus = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
+    let cpus = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1);
     (cpus * 2).clamp(2, 8)
 }
 
@@ -280,7 +323,9 @@ pub fn parse_size(text: &str) -> Result<usize, UsageError> {
     let bytes = number.checked_mul(1u64 << shift).ok_or_else(bad)?;
     let bytes = usize::try_from(bytes).map_err(|_| bad())?;
     if bytes < (1 << 20) {
-        return Err(UsageError(format!("cache size {text:?} is too small (at least 1M)")));
+        return Err(UsageError(format!(
+            "cache size {text:?} is too small (at least 1M)"
+        )));
     }
     Ok(bytes)
 }
@@ -307,7 +352,15 @@ mod tests {
 
     #[test]
     fn mount_options_parse_and_last_access_wins() {
-        let s = settings(&["-o", "ro,allow_other", "-o", "threads=3,cache_size=64M,format=raw", "img", "mnt"]).unwrap();
+        let s = settings(&[
+            "-o",
+            "ro,allow_other",
+            "-o",
+            "threads=3,cache_size=64M,format=raw",
+            "img",
+            "mnt",
+        ])
+        .unwrap();
         assert_eq!(s.access, Access::ReadOnly);
         assert!(s.allow_other);
         assert_eq!(s.threads, 3);
@@ -315,7 +368,7 @@ mod tests {
         assert_eq!(s.cluster_cache, 8 << 20);
         assert_eq!(s.format, Some(Format::Raw));
         let s = settings(&["-r", "-o", "rw", "img", "mnt"]).unwrap();
-        assert_eq!(s.access, Access::ReadWrite);
+        assert_eq!(s.access, Access::Auto);
     }
 
     #[test]

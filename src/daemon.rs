@@ -29,7 +29,11 @@ const SIGNALS: [i32; 3] = [libc::SIGTERM, libc::SIGINT, libc::SIGHUP];
 /// Mounts `opened` on `mountpoint` (canonical) and serves until unmounted. Returns the exit code.
 pub fn run(settings: &Settings, mountpoint: PathBuf, opened: Opened) -> i32 {
     let log = match &settings.log_file {
-        Some(path) => match std::fs::OpenOptions::new().create(true).append(true).open(path) {
+        Some(path) => match std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(path)
+        {
             Ok(f) => Some(f),
             Err(e) => {
                 eprintln!("vmfs-mount: log file {}: {e}", path.display());
@@ -91,13 +95,21 @@ fn wait_for_readiness(read_end: File, child: libc::pid_t) -> i32 {
             let mut status = 0;
             // SAFETY: plain waitpid on our own child.
             unsafe { libc::waitpid(child, &mut status, 0) };
-            eprintln!("vmfs-mount: the daemon exited before the mount was ready (status {status:#x})");
+            eprintln!(
+                "vmfs-mount: the daemon exited before the mount was ready (status {status:#x})"
+            );
             1
         }
     }
 }
 
-fn daemon_child(mountpoint: &Path, opened: &Opened, config: &Config, ready: File, log: Option<File>) -> i32 {
+fn daemon_child(
+    mountpoint: &Path,
+    opened: &Opened,
+    config: &Config,
+    ready: File,
+    log: Option<File>,
+) -> i32 {
     // SAFETY: setsid and chdir have no memory-safety preconditions.
     unsafe {
         libc::setsid();
@@ -109,7 +121,12 @@ fn daemon_child(mountpoint: &Path, opened: &Opened, config: &Config, ready: File
         // caller reading our output to EOF returns as soon as the parent exits.
         match &log {
             Some(f) => redirect_output(f),
-            None => redirect_output(&File::options().write(true).open("/dev/null").map_err(|e| format!("/dev/null: {e}"))?),
+            None => redirect_output(
+                &File::options()
+                    .write(true)
+                    .open("/dev/null")
+                    .map_err(|e| format!("/dev/null: {e}"))?,
+            ),
         }
         if let Some(mut pipe) = ready.take() {
             let _ = pipe.write_all(&[0]);
@@ -119,9 +136,13 @@ fn daemon_child(mountpoint: &Path, opened: &Opened, config: &Config, ready: File
     match result {
         Ok(()) => 0,
         Err(e) => {
-            log::error!("{e}");
-            if let Some(mut pipe) = ready.take() {
-                let _ = pipe.write_all(e.as_bytes());
+            // Before readiness the parent prints the message (one line, on the caller's
+            // stderr); after it, only the log can tell.
+            match ready.take() {
+                Some(mut pipe) => {
+                    let _ = pipe.write_all(e.as_bytes());
+                }
+                None => log::error!("{e}"),
             }
             1
         }
@@ -152,9 +173,16 @@ fn serve(
         .map_err(|e| format!("cannot start the FUSE session: {e}"))?;
     if let Err(e) = std::fs::metadata(mountpoint.join(tree::DISK_FILE_NAME)) {
         unmount(&mut unmounter, mountpoint);
-        return Err(format!("{} was mounted but does not answer: {e}", mountpoint.display()));
+        return Err(format!(
+            "{} was mounted but does not answer: {e}",
+            mountpoint.display()
+        ));
     }
-    log::info!("mounted {} on {}", opened.live.spec.layers[0].path().display(), mountpoint.display());
+    log::info!(
+        "mounted {} on {}",
+        opened.live.spec.layers[0].path().display(),
+        mountpoint.display()
+    );
     if let Err(e) = on_ready(mountpoint) {
         unmount(&mut unmounter, mountpoint);
         return Err(e);
@@ -163,13 +191,19 @@ fn serve(
     loop {
         match rx.recv() {
             Ok(Event::Signal(sig)) if !signalled => {
-                log::info!("signal {sig}: flushing and unmounting {}", mountpoint.display());
+                log::info!(
+                    "signal {sig}: flushing and unmounting {}",
+                    mountpoint.display()
+                );
                 signalled = true;
                 DiskFs::flush_all(&writable);
                 unmount(&mut unmounter, mountpoint);
             }
             Ok(Event::Signal(sig)) => {
-                log::warn!("signal {sig} again: exiting while {} is still busy", mountpoint.display());
+                log::warn!(
+                    "signal {sig} again: exiting while {} is still busy",
+                    mountpoint.display()
+                );
                 DiskFs::flush_all(&writable);
                 return Ok(());
             }
@@ -198,7 +232,10 @@ fn lazy_detach(mountpoint: &Path) {
             return;
         }
     }
-    let status = std::process::Command::new("fusermount3").args(["-u", "-z", "--"]).arg(mountpoint).status();
+    let status = std::process::Command::new("fusermount3")
+        .args(["-u", "-z", "--"])
+        .arg(mountpoint)
+        .status();
     if !status.is_ok_and(|s| s.success()) {
         log::error!("could not detach {}", mountpoint.display());
     }
@@ -223,7 +260,9 @@ fn block_signals_and_watch(tx: Sender<Event>) -> Result<(), String> {
             loop {
                 let mut sig = 0;
                 // SAFETY: set is a valid sigset_t; sig is a valid out pointer.
-                if unsafe { libc::sigwait(&set, &mut sig) } == 0 && tx.send(Event::Signal(sig)).is_err() {
+                if unsafe { libc::sigwait(&set, &mut sig) } == 0
+                    && tx.send(Event::Signal(sig)).is_err()
+                {
                     return;
                 }
             }
@@ -235,7 +274,10 @@ fn block_signals_and_watch(tx: Sender<Event>) -> Result<(), String> {
 fn fuse_config(s: &Settings, opened: &Opened) -> Config {
     let mut options = vec![
         MountOption::FSName(s.fsname.clone().unwrap_or_else(|| source_name(opened))),
-        MountOption::CUSTOM(format!("subtype={}", s.subtype.as_deref().unwrap_or("vmfs-mount"))),
+        MountOption::CUSTOM(format!(
+            "subtype={}",
+            s.subtype.as_deref().unwrap_or("vmfs-mount")
+        )),
     ];
     if !opened.live.writable {
         options.push(MountOption::RO);
@@ -278,8 +320,13 @@ fn source_name(opened: &Opened) -> String {
 /// Closes every descriptor above stderr that the caller left open to us, so that the daemon
 /// holds none of the caller's pipes. Called first thing, before we open anything ourselves.
 pub fn close_inherited_fds() {
-    let Ok(dir) = std::fs::read_dir("/proc/self/fd") else { return };
-    let fds: Vec<i32> = dir.filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok()).filter(|fd| *fd > 2).collect();
+    let Ok(dir) = std::fs::read_dir("/proc/self/fd") else {
+        return;
+    };
+    let fds: Vec<i32> = dir
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
+        .filter(|fd| *fd > 2)
+        .collect();
     for fd in fds {
         // SAFETY: nothing in this process owns these descriptors yet (the one read_dir used is
         // already closed, and closing it again just fails with EBADF).
@@ -307,5 +354,10 @@ fn pipe() -> std::io::Result<(File, File)> {
         return Err(std::io::Error::last_os_error());
     }
     // SAFETY: both descriptors are fresh and owned by nobody else.
-    unsafe { Ok((File::from(OwnedFd::from_raw_fd(fds[0])), File::from(OwnedFd::from_raw_fd(fds[1])))) }
+    unsafe {
+        Ok((
+            File::from(OwnedFd::from_raw_fd(fds[0])),
+            File::from(OwnedFd::from_raw_fd(fds[1])),
+        ))
+    }
 }

@@ -31,7 +31,10 @@ fn layer_row(layer: &dyn Layer) -> LayerRow {
         ParentRef::Path { raw, path, .. } => Some((raw, path.display().to_string())),
         ParentRef::Search { dir, wanted, .. } => Some((wanted, dir.display().to_string())),
     };
-    let mtime = std::fs::metadata(layer.path()).and_then(|m| m.modified()).map(secs).unwrap_or(0);
+    let mtime = std::fs::metadata(layer.path())
+        .and_then(|m| m.modified())
+        .map(secs)
+        .unwrap_or(0);
     LayerRow {
         file: layer.path().display().to_string(),
         format: layer.format().name().to_string(),
@@ -49,7 +52,11 @@ fn view_row(e: &Exposed, live: bool) -> ViewRow {
         Origin::Snapshot { .. } => "snapshot",
     };
     ViewRow {
-        path: if live { "disk.raw".into() } else { format!("snapshots/{}/disk.raw", e.spec.name) },
+        path: if live {
+            "disk.raw".into()
+        } else {
+            format!("snapshots/{}/disk.raw", e.spec.name)
+        },
         name: e.spec.name.clone(),
         kind,
         size: e.spec.size,
@@ -75,11 +82,22 @@ fn rows(opened: &Opened) -> (Vec<LayerRow>, Vec<ViewRow>) {
 pub fn text(image: &Path, opened: &Opened) -> String {
     let (layers, views) = rows(opened);
     let mut out = String::new();
-    let _ = writeln!(out, "Image {} ({} layer{}, top first):", image.display(), layers.len(), plural(layers.len()));
+    let _ = writeln!(
+        out,
+        "Image {} ({} layer{}, top first):",
+        image.display(),
+        layers.len(),
+        plural(layers.len())
+    );
     for (i, l) in layers.iter().enumerate() {
         let _ = writeln!(out, "  [{i}] {}", l.file);
         let _ = writeln!(out, "      format:        {}", l.format);
-        let _ = writeln!(out, "      virtual size:  {} ({} bytes)", human(l.virtual_size), l.virtual_size);
+        let _ = writeln!(
+            out,
+            "      virtual size:  {} ({} bytes)",
+            human(l.virtual_size),
+            l.virtual_size
+        );
         if let Some((raw, resolved)) = &l.backing {
             let _ = writeln!(out, "      backing file:  {raw} ({resolved})");
         }
@@ -88,11 +106,23 @@ pub fn text(image: &Path, opened: &Opened) -> String {
             let _ = writeln!(out, "      {:<14} {v}", format!("{k}:"));
         }
     }
-    let _ = writeln!(out, "Mounted tree ({} file{}):", views.len(), plural(views.len()));
+    let _ = writeln!(
+        out,
+        "Mounted tree ({} file{}):",
+        views.len(),
+        plural(views.len())
+    );
     let width = views.iter().map(|v| v.path.len()).max().unwrap_or(0);
     for v in &views {
         let access = if v.writable { "rw" } else { "ro" };
-        let _ = writeln!(out, "  {:<width$}  {:>10}  {}  {access}  {}", v.path, human(v.size), iso8601(v.date), v.kind);
+        let _ = writeln!(
+            out,
+            "  {:<width$}  {:>10}  {}  {access}  {}",
+            v.path,
+            human(v.size),
+            iso8601(v.date),
+            v.kind
+        );
     }
     out
 }
@@ -100,7 +130,11 @@ pub fn text(image: &Path, opened: &Opened) -> String {
 pub fn json(image: &Path, opened: &Opened) -> String {
     let (layers, views) = rows(opened);
     let mut out = String::new();
-    let _ = write!(out, "{{\"image\":{},\"layers\":[", quote(&image.display().to_string()));
+    let _ = write!(
+        out,
+        "{{\"image\":{},\"layers\":[",
+        quote(&image.display().to_string())
+    );
     for (i, l) in layers.iter().enumerate() {
         if i > 0 {
             out.push(',');
@@ -109,7 +143,11 @@ pub fn json(image: &Path, opened: &Opened) -> String {
             Some((raw, resolved)) => format!("{},\"backing_path\":{}", quote(raw), quote(resolved)),
             None => "null,\"backing_path\":null".into(),
         };
-        let details: Vec<String> = l.details.iter().map(|(k, v)| format!("{}:{}", quote(k), quote(v))).collect();
+        let details: Vec<String> = l
+            .details
+            .iter()
+            .map(|(k, v)| format!("{}:{}", quote(k), quote(v)))
+            .collect();
         let _ = write!(
             out,
             "{{\"file\":{},\"format\":{},\"virtual_size\":{},\"backing_file\":{backing},\"mtime\":{},\"mtime_iso\":{},\"details\":{{{}}}}}",
@@ -176,7 +214,11 @@ pub fn human(bytes: u64) -> String {
         value /= 1024.0;
         unit += 1;
     }
-    if unit == 0 { format!("{bytes} B") } else { format!("{value:.1} {}", UNITS[unit]) }
+    if unit == 0 {
+        format!("{bytes} B")
+    } else {
+        format!("{value:.1} {}", UNITS[unit])
+    }
 }
 
 /// Seconds since the epoch as `YYYY-MM-DDTHH:MM:SSZ` (UTC, proleptic Gregorian).
@@ -184,7 +226,12 @@ pub fn iso8601(secs: i64) -> String {
     let days = secs.div_euclid(86_400);
     let rem = secs.rem_euclid(86_400);
     let (y, m, d) = civil_from_days(days);
-    format!("{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z", rem / 3600, rem % 3600 / 60, rem % 60)
+    format!(
+        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60
+    )
 }
 
 /// Howard Hinnant's days-to-civil algorithm.

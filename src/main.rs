@@ -53,14 +53,20 @@ fn run(s: &Settings) -> i32 {
         req.access = Access::ReadOnly;
         return match open_for_mount(&req) {
             Ok(opened) => {
-                let out = if s.json { list::json(&s.image, &opened) } else { list::text(&s.image, &opened) };
+                let out = if s.json {
+                    list::json(&s.image, &opened)
+                } else {
+                    list::text(&s.image, &opened)
+                };
                 print!("{out}");
                 0
             }
             Err(e) => fail(&e.to_string()),
         };
     }
-    let Some(mnt) = &s.mountpoint else { return fail("a mount point is needed (or use --list)") };
+    let Some(mnt) = &s.mountpoint else {
+        return fail("a mount point is needed (or use --list)");
+    };
     let mountpoint = match mountpoint::check(mnt) {
         Ok(p) => p,
         Err(e) => return fail(&e),

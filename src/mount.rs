@@ -52,13 +52,15 @@ pub fn open_for_mount(req: &MountRequest) -> Result<Opened> {
     let tables = Arc::new(ByteCache::new(req.table_cache));
     let clusters = Arc::new(ByteCache::new(req.cluster_cache));
     let open = |writable: bool| {
-        let ctx = OpenCtx { tables: tables.clone(), writable };
+        let ctx = OpenCtx {
+            tables: tables.clone(),
+            writable,
+        };
         vmfs_mount::chain::open_chain(&req.image, req.format, &ctx)
     };
     let mut fell_back = None;
     let layers = match req.access {
         Access::ReadOnly => open(false)?,
-        Access::ReadWrite => open(true)?,
         Access::Auto => match open(true) {
             Ok(l) => l,
             Err(e) if is_write_protected(&e) => {
@@ -70,9 +72,18 @@ pub fn open_for_mount(req: &MountRequest) -> Result<Opened> {
     };
     let (live, snaps) = tree::plan(&layers)?;
     let expose = |spec: ViewSpec, live: bool| {
-        let view = Arc::new(View::new(spec.layers.clone(), spec.size, clusters.clone(), CHUNK_ENTRIES));
+        let view = Arc::new(View::new(
+            spec.layers.clone(),
+            spec.size,
+            clusters.clone(),
+            CHUNK_ENTRIES,
+        ));
         let writable = live && req.access != Access::ReadOnly && view.is_writable();
-        Exposed { spec, view, writable }
+        Exposed {
+            spec,
+            view,
+            writable,
+        }
     };
     Ok(Opened {
         live: expose(live, true),

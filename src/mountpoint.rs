@@ -8,7 +8,9 @@ pub fn check(mountpoint: &Path) -> Result<PathBuf, String> {
     let shown = mountpoint.display();
     let meta = match std::fs::metadata(mountpoint) {
         Ok(m) => m,
-        Err(e) if e.kind() == ErrorKind::NotFound => return Err(format!("mount point {shown} does not exist")),
+        Err(e) if e.kind() == ErrorKind::NotFound => {
+            return Err(format!("mount point {shown} does not exist"));
+        }
         Err(e) if e.raw_os_error() == Some(libc::ENOTCONN) => {
             return Err(format!(
                 "mount point {shown}: a dead FUSE mount is still there (transport endpoint is not \
@@ -20,10 +22,14 @@ pub fn check(mountpoint: &Path) -> Result<PathBuf, String> {
     if !meta.is_dir() {
         return Err(format!("mount point {shown} is not a directory"));
     }
-    let canonical = mountpoint.canonicalize().map_err(|e| format!("mount point {shown}: {e}"))?;
+    let canonical = mountpoint
+        .canonicalize()
+        .map_err(|e| format!("mount point {shown}: {e}"))?;
     let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
     if let Some(fstype) = mounted_at(&mountinfo, &canonical) {
-        return Err(format!("mount point {shown} is already mounted ({fstype}); unmount it first"));
+        return Err(format!(
+            "mount point {shown} is already mounted ({fstype}); unmount it first"
+        ));
     }
     Ok(canonical)
 }
@@ -49,7 +55,9 @@ fn unescape(field: &str) -> String {
     let mut out = Vec::with_capacity(b.len());
     let mut i = 0;
     while i < b.len() {
-        let octal = b.get(i + 1..i + 4).filter(|d| b[i] == b'\\' && d.iter().all(|c| (b'0'..=b'7').contains(c)));
+        let octal = b
+            .get(i + 1..i + 4)
+            .filter(|d| b[i] == b'\\' && d.iter().all(|c| (b'0'..=b'7').contains(c)));
         match octal {
             Some(d) => {
                 let v = d.iter().fold(0u32, |acc, c| acc * 8 + u32::from(c - b'0'));
@@ -76,8 +84,14 @@ mod tests {
 
     #[test]
     fn finds_mounts_with_escaped_paths_and_optional_fields() {
-        assert_eq!(mounted_at(INFO, Path::new("/mnt/my vm")).as_deref(), Some("fuse.vmfs-mount"));
-        assert_eq!(mounted_at(INFO, Path::new("/mnt/other")).as_deref(), Some("tmpfs"));
+        assert_eq!(
+            mounted_at(INFO, Path::new("/mnt/my vm")).as_deref(),
+            Some("fuse.vmfs-mount")
+        );
+        assert_eq!(
+            mounted_at(INFO, Path::new("/mnt/other")).as_deref(),
+            Some("tmpfs")
+        );
         assert_eq!(mounted_at(INFO, Path::new("/")).as_deref(), Some("ext4"));
         assert_eq!(mounted_at(INFO, Path::new("/mnt")), None);
         assert_eq!(mounted_at("garbage\n\n1 2 3", Path::new("/")), None);
@@ -96,10 +110,18 @@ mod tests {
         std::fs::create_dir_all(&dir).unwrap();
         let file = dir.join("f");
         std::fs::write(&file, b"x").unwrap();
-        assert!(check(&dir.join("missing")).unwrap_err().contains("does not exist"));
+        assert!(
+            check(&dir.join("missing"))
+                .unwrap_err()
+                .contains("does not exist")
+        );
         assert!(check(&file).unwrap_err().contains("is not a directory"));
         assert_eq!(check(&dir).unwrap(), dir.canonicalize().unwrap());
-        assert!(check(Path::new("/")).unwrap_err().contains("already mounted"));
+        assert!(
+            check(Path::new("/"))
+                .unwrap_err()
+                .contains("already mounted")
+        );
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -8,11 +8,19 @@ use std::process::{Command, Output, Stdio};
 const BIN: &str = env!("CARGO_BIN_EXE_vmfs-mount");
 
 fn vmfs(args: &[&Path]) -> Output {
-    Command::new(BIN).args(args).stdin(Stdio::null()).output().unwrap()
+    Command::new(BIN)
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .unwrap()
 }
 
 fn vmfs_str(args: &[&str]) -> Output {
-    Command::new(BIN).args(args).stdin(Stdio::null()).output().unwrap()
+    Command::new(BIN)
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .unwrap()
 }
 
 /// Asserts a failure with `code` and exactly one stderr line containing `needle`.
@@ -21,7 +29,11 @@ fn assert_one_line_error(out: &Output, code: i32, needle: &str) {
     assert_eq!(out.status.code(), Some(code), "stderr: {err}");
     assert!(err.starts_with("vmfs-mount: "), "{err}");
     assert!(err.contains(needle), "expected {needle:?} in {err}");
-    assert_eq!(err.trim_end().lines().count(), 1, "one line expected: {err}");
+    assert_eq!(
+        err.trim_end().lines().count(),
+        1,
+        "one line expected: {err}"
+    );
     assert!(out.stdout.is_empty());
 }
 
@@ -59,11 +71,26 @@ fn bad_mount_points_are_refused() {
 #[test]
 fn unknown_mount_option_exits_2() {
     let (_s, img, mnt) = scratch_with_image("cli-badopt", 4096);
-    let out = vmfs_str(&["-o", "ro,frobnicate", img.to_str().unwrap(), mnt.to_str().unwrap()]);
+    let out = vmfs_str(&[
+        "-o",
+        "ro,frobnicate",
+        img.to_str().unwrap(),
+        mnt.to_str().unwrap(),
+    ]);
     assert_one_line_error(&out, 2, "unknown mount option \"frobnicate\"");
-    let out = vmfs_str(&["-o", "threads=lots", img.to_str().unwrap(), mnt.to_str().unwrap()]);
+    let out = vmfs_str(&[
+        "-o",
+        "threads=lots",
+        img.to_str().unwrap(),
+        mnt.to_str().unwrap(),
+    ]);
     assert_one_line_error(&out, 2, "threads=lots");
-    let out = vmfs_str(&["--format", "floppy", img.to_str().unwrap(), mnt.to_str().unwrap()]);
+    let out = vmfs_str(&[
+        "--format",
+        "floppy",
+        img.to_str().unwrap(),
+        mnt.to_str().unwrap(),
+    ]);
     assert_one_line_error(&out, 2, "unknown format");
 }
 
@@ -82,7 +109,11 @@ fn overlay_is_not_supported_yet() {
 fn list_prints_the_chain_and_the_tree() {
     let (_s, img, _mnt) = scratch_with_image("cli-list", 3 * 1024 * 1024 + 512);
     let out = vmfs_str(&["--list", img.to_str().unwrap()]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let text = String::from_utf8(out.stdout).unwrap();
     assert!(text.contains(&format!("[0] {}", img.display())), "{text}");
     assert!(text.contains("format:        raw"), "{text}");
@@ -98,7 +129,11 @@ fn list_json_is_escaped_and_complete() {
     let img = s.path("we\"ird\\name.img");
     std::fs::write(&img, Rng::new(1).bytes(1 << 20)).unwrap();
     let out = vmfs_str(&["--list", "--json", img.to_str().unwrap()]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let json = String::from_utf8(out.stdout).unwrap();
     assert!(json.contains("we\\\"ird\\\\name.img"), "{json}");
     for needle in [
@@ -129,7 +164,14 @@ fn help_and_usage() {
     let out = vmfs_str(&["--help"]);
     assert!(out.status.success());
     let help = String::from_utf8(out.stdout).unwrap();
-    for needle in ["--foreground", "--read-only", "--overlay", "--list", "allow_other", "snapshots/<name>/disk.raw"] {
+    for needle in [
+        "--foreground",
+        "--read-only",
+        "--overlay",
+        "--list",
+        "allow_other",
+        "snapshots/<name>/disk.raw",
+    ] {
         assert!(help.contains(needle), "{needle} missing from --help");
     }
     let out = vmfs_str(&["only-an-image"]);

@@ -47,7 +47,11 @@ fn unmount(mnt: &Path) {
 }
 
 fn vmfs(args: &[&str]) -> Output {
-    Command::new(BIN).args(args).stdin(Stdio::null()).output().unwrap()
+    Command::new(BIN)
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .unwrap()
 }
 
 /// A scratch dir with a raw image of `data` and an empty mount point (canonical paths).
@@ -64,7 +68,11 @@ fn setup(name: &str, data: &[u8]) -> Setup {
     let mnt = scratch.path("mnt");
     std::fs::create_dir(&mnt).unwrap();
     let mnt = mnt.canonicalize().unwrap();
-    Setup { img, mnt, _scratch: scratch }
+    Setup {
+        img,
+        mnt,
+        _scratch: scratch,
+    }
 }
 
 /// Mounts with `extra` options; panics with the daemon's message if it fails.
@@ -73,7 +81,11 @@ fn mount(s: &Setup, extra: &[&str]) -> MountGuard {
     args.push(s.img.to_str().unwrap());
     args.push(s.mnt.to_str().unwrap());
     let out = vmfs(&args);
-    assert!(out.status.success(), "mount failed: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "mount failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     MountGuard(s.mnt.clone())
 }
 
@@ -81,8 +93,12 @@ fn mount(s: &Setup, extra: &[&str]) -> MountGuard {
 fn daemon_pid(mnt: &Path) -> Option<i32> {
     let want = mnt.to_str().unwrap();
     for entry in std::fs::read_dir("/proc").unwrap().flatten() {
-        let Ok(pid) = entry.file_name().to_string_lossy().parse::<i32>() else { continue };
-        let Ok(cmd) = std::fs::read(entry.path().join("cmdline")) else { continue };
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<i32>() else {
+            continue;
+        };
+        let Ok(cmd) = std::fs::read(entry.path().join("cmdline")) else {
+            continue;
+        };
         let args: Vec<&[u8]> = cmd.split(|b| *b == 0).collect();
         let is_ours = args.first().is_some_and(|a| a.ends_with(b"vmfs-mount"));
         if is_ours && args.iter().any(|a| *a == want.as_bytes()) && !is_zombie(pid) {
@@ -94,7 +110,9 @@ fn daemon_pid(mnt: &Path) -> Option<i32> {
 
 fn is_zombie(pid: i32) -> bool {
     match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
-        Ok(stat) => stat.rsplit_once(") ").is_some_and(|(_, rest)| rest.starts_with('Z') || rest.starts_with('X')),
+        Ok(stat) => stat
+            .rsplit_once(") ")
+            .is_some_and(|(_, rest)| rest.starts_with('Z') || rest.starts_with('X')),
         Err(_) => true,
     }
 }
@@ -127,18 +145,27 @@ fn mount_answers_when_the_command_returns_and_shows_the_image() {
     // SAFETY: getuid/getgid have no preconditions.
     let (uid, gid) = unsafe { (libc::getuid(), libc::getgid()) };
     assert_eq!((meta.uid(), meta.gid()), (uid, gid));
-    assert_same("disk.raw", &std::fs::read(&disk).unwrap(), &qemu_raw(&s.img, Some("raw"), &[]));
+    assert_same(
+        "disk.raw",
+        &std::fs::read(&disk).unwrap(),
+        &qemu_raw(&s.img, Some("raw"), &[]),
+    );
 
     let root = std::fs::metadata(&s.mnt).unwrap();
     assert_eq!(root.mode() & 0o7777, 0o555);
     let snaps = s.mnt.join("snapshots");
     assert_eq!(std::fs::metadata(&snaps).unwrap().mode() & 0o7777, 0o555);
     assert_eq!(std::fs::read_dir(&snaps).unwrap().count(), 0);
-    let mut names: Vec<String> =
-        std::fs::read_dir(&s.mnt).unwrap().map(|e| e.unwrap().file_name().into_string().unwrap()).collect();
+    let mut names: Vec<String> = std::fs::read_dir(&s.mnt)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
     names.sort();
     assert_eq!(names, ["disk.raw", "snapshots"]);
-    assert_eq!(std::fs::metadata(s.mnt.join("nope")).unwrap_err().kind(), ErrorKind::NotFound);
+    assert_eq!(
+        std::fs::metadata(s.mnt.join("nope")).unwrap_err().kind(),
+        ErrorKind::NotFound
+    );
 }
 
 #[test]
@@ -166,12 +193,20 @@ fn read_only_files_refuse_writes_truncation_and_new_names() {
     let _m = mount(&s, &["-o", "ro"]);
     let disk = s.mnt.join("disk.raw");
     for (w, rw) in [(true, false), (true, true), (false, true)] {
-        let e = OpenOptions::new().read(rw).write(w || rw).open(&disk).unwrap_err();
+        let e = OpenOptions::new()
+            .read(rw)
+            .write(w || rw)
+            .open(&disk)
+            .unwrap_err();
         assert_eq!(errno_of(&e), libc::EROFS, "open write={w} read={rw}: {e}");
     }
     let c = std::ffi::CString::new(disk.to_str().unwrap()).unwrap();
     // SAFETY: c is a valid path.
-    assert_ne!(unsafe { libc::truncate(c.as_ptr(), 4096) }, 0, "truncate must fail");
+    assert_ne!(
+        unsafe { libc::truncate(c.as_ptr(), 4096) },
+        0,
+        "truncate must fail"
+    );
     assert!(File::create(s.mnt.join("new")).is_err());
     assert!(std::fs::create_dir(s.mnt.join("newdir")).is_err());
     assert!(std::fs::remove_file(&disk).is_err());
@@ -185,7 +220,8 @@ fn seek_data_and_hole_agree_with_the_library() {
     {
         let f = OpenOptions::new().write(true).open(&s.img).unwrap();
         f.set_len(8 << 20).unwrap();
-        f.write_all_at(&Rng::new(5).bytes(300_000), 1 << 20).unwrap();
+        f.write_all_at(&Rng::new(5).bytes(300_000), 1 << 20)
+            .unwrap();
     }
     let view = open_view(&s.img).unwrap();
     let _m = mount(&s, &["-r"]);
@@ -193,13 +229,25 @@ fn seek_data_and_hole_agree_with_the_library() {
     let seek = |off: i64, whence: i32| -> Result<i64, i32> {
         // SAFETY: f is an open descriptor.
         let r = unsafe { libc::lseek(f.as_raw_fd(), off, whence) };
-        if r < 0 { Err(std::io::Error::last_os_error().raw_os_error().unwrap()) } else { Ok(r) }
+        if r < 0 {
+            Err(std::io::Error::last_os_error().raw_os_error().unwrap())
+        } else {
+            Ok(r)
+        }
     };
     let size = 8i64 << 20;
     for off in [0i64, 4096, (1 << 20) + 5, size - 1] {
-        let want_data = view.next_data(off as u64).unwrap().map(|o| o as i64).ok_or(libc::ENXIO);
+        let want_data = view
+            .next_data(off as u64)
+            .unwrap()
+            .map(|o| o as i64)
+            .ok_or(libc::ENXIO);
         assert_eq!(seek(off, libc::SEEK_DATA), want_data, "SEEK_DATA {off}");
-        assert_eq!(seek(off, libc::SEEK_HOLE), Ok(view.next_hole(off as u64).unwrap() as i64), "SEEK_HOLE {off}");
+        assert_eq!(
+            seek(off, libc::SEEK_HOLE),
+            Ok(view.next_hole(off as u64).unwrap() as i64),
+            "SEEK_HOLE {off}"
+        );
     }
     assert_eq!(seek(size, libc::SEEK_DATA), Err(libc::ENXIO));
     assert_eq!(seek(size + 4096, libc::SEEK_HOLE), Err(libc::ENXIO));
@@ -255,11 +303,23 @@ fn the_daemon_does_not_hold_the_callers_output_open() {
     let _m = MountGuard(s.mnt.clone());
     std::thread::spawn(move || {
         // output() reads stdout and stderr to EOF: it returns only once no process holds them.
-        let out = Command::new(BIN).arg("-v").arg(&img).arg(&mnt).stdin(Stdio::null()).output();
+        let out = Command::new(BIN)
+            .arg("-v")
+            .arg(&img)
+            .arg(&mnt)
+            .stdin(Stdio::null())
+            .output();
         let _ = tx.send(out);
     });
-    let out = rx.recv_timeout(Duration::from_secs(30)).expect("the caller's pipes stayed open").unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let out = rx
+        .recv_timeout(Duration::from_secs(30))
+        .expect("the caller's pipes stayed open")
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert!(is_mounted(&s.mnt));
 }
 
@@ -270,7 +330,10 @@ fn a_second_mount_on_the_same_point_is_refused() {
     let out = vmfs(&[s.img.to_str().unwrap(), s.mnt.to_str().unwrap()]);
     assert_eq!(out.status.code(), Some(1));
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.starts_with("vmfs-mount: ") && err.contains("already mounted"), "{err}");
+    assert!(
+        err.starts_with("vmfs-mount: ") && err.contains("already mounted"),
+        "{err}"
+    );
     assert_eq!(err.lines().count(), 1, "{err}");
 }
 
@@ -279,13 +342,24 @@ fn generic_mount_options_are_accepted_and_restrictive_ones_applied() {
     let s = setup("mount-opts", &Rng::new(11).bytes(1 << 20));
     let _m = mount(
         &s,
-        &["-o", "ro,noexec,nosuid,nodev,noatime,relatime,defaults,_netdev,nofail,x-systemd.automount,comment=x", "-o", "threads=2,cache_size=16M"],
+        &[
+            "-o",
+            "ro,noexec,nosuid,nodev,noatime,relatime,defaults,_netdev,nofail,x-systemd.automount,comment=x",
+            "-o",
+            "threads=2,cache_size=16M",
+        ],
     );
     let info = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
-    let line = info.lines().find(|l| l.split(' ').nth(4) == s.mnt.to_str()).unwrap();
+    let line = info
+        .lines()
+        .find(|l| l.split(' ').nth(4) == s.mnt.to_str())
+        .unwrap();
     let opts = line.split(' ').nth(5).unwrap();
     for want in ["ro", "noexec", "nosuid", "nodev", "noatime"] {
-        assert!(opts.split(',').any(|o| o == want), "{want} missing from {opts}");
+        assert!(
+            opts.split(',').any(|o| o == want),
+            "{want} missing from {opts}"
+        );
     }
     assert!(line.contains(" - fuse.vmfs-mount "), "{line}");
 }
@@ -303,14 +377,43 @@ fn mount_helper_passes_ro_through_mount_fuse3() {
     // `prog#source` form instead of relying on `-t fuse.vmfs-mount` finding it.
     let source = format!("{BIN}#{}", s.img.display());
     let out = Command::new("mount")
-        .args(["-t", "fuse", &source, s.mnt.to_str().unwrap(), "-o", "ro,noatime,nofail"])
+        .args([
+            "-t",
+            "fuse",
+            &source,
+            s.mnt.to_str().unwrap(),
+            "-o",
+            "ro,noatime,nofail",
+        ])
         .output()
         .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let info = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
-    let line = info.lines().find(|l| l.split(' ').nth(4) == s.mnt.to_str()).unwrap();
-    assert!(line.split(' ').nth(5).unwrap().split(',').any(|o| o == "ro"), "{line}");
-    assert_same("via mount", &std::fs::read(s.mnt.join("disk.raw")).unwrap(), &data);
-    let e = OpenOptions::new().write(true).custom_flags(0).open(s.mnt.join("disk.raw")).unwrap_err();
+    let line = info
+        .lines()
+        .find(|l| l.split(' ').nth(4) == s.mnt.to_str())
+        .unwrap();
+    assert!(
+        line.split(' ')
+            .nth(5)
+            .unwrap()
+            .split(',')
+            .any(|o| o == "ro"),
+        "{line}"
+    );
+    assert_same(
+        "via mount",
+        &std::fs::read(s.mnt.join("disk.raw")).unwrap(),
+        &data,
+    );
+    let e = OpenOptions::new()
+        .write(true)
+        .custom_flags(0)
+        .open(s.mnt.join("disk.raw"))
+        .unwrap_err();
     assert_eq!(errno_of(&e), libc::EROFS);
 }

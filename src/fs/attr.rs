@@ -16,7 +16,12 @@ pub struct Owner {
 impl Owner {
     pub fn current() -> Owner {
         // SAFETY: getuid/getgid cannot fail and touch no memory.
-        unsafe { Owner { uid: libc::getuid(), gid: libc::getgid() } }
+        unsafe {
+            Owner {
+                uid: libc::getuid(),
+                gid: libc::getgid(),
+            }
+        }
     }
 }
 
@@ -42,7 +47,14 @@ pub fn dir(ino: u64, mtime: SystemTime, subdirs: usize, owner: Owner) -> FileAtt
 }
 
 /// A disk file of `size` bytes of which `allocated` hold data.
-pub fn disk_file(ino: u64, size: u64, allocated: u64, mtime: SystemTime, writable: bool, owner: Owner) -> FileAttr {
+pub fn disk_file(
+    ino: u64,
+    size: u64,
+    allocated: u64,
+    mtime: SystemTime,
+    writable: bool,
+    owner: Owner,
+) -> FileAttr {
     FileAttr {
         ino: INodeNo(ino),
         size,
@@ -67,12 +79,18 @@ mod tests {
     use super::*;
     use std::time::UNIX_EPOCH;
 
-    const ME: Owner = Owner { uid: 1000, gid: 100 };
+    const ME: Owner = Owner {
+        uid: 1000,
+        gid: 100,
+    };
 
     #[test]
     fn read_only_files_are_0444_and_writable_0644() {
         let a = disk_file(2, 10 << 20, 1000, UNIX_EPOCH, false, ME);
-        assert_eq!((a.perm, a.kind, a.size, a.blocks), (0o444, FileType::RegularFile, 10 << 20, 2));
+        assert_eq!(
+            (a.perm, a.kind, a.size, a.blocks),
+            (0o444, FileType::RegularFile, 10 << 20, 2)
+        );
         assert_eq!((a.uid, a.gid, a.nlink), (1000, 100, 1));
         assert_eq!(disk_file(2, 1, 0, UNIX_EPOCH, true, ME).perm, 0o644);
     }

@@ -4,143 +4,22 @@
 //! errno here and nowhere else, with a log line.
 
 pub mod attr;
+mod state;
 pub mod tree;
 
-use crate::mount::{Exposed, Opened};
-use attr::Owner;
+pub use state::DiskFs;
+use state::{FH_WRITE, MAX_READ, READ_BUF, fail, nanos};
+
 use fuser::{
-    AccessFlags, Errno, FileHandle, FileType, Filesystem, FopenFlags, Generation, INodeNo, InitFlags,
+    AccessFlags, Errno, FileHandle, Filesystem, FopenFlags, Generation, INodeNo, InitFlags,
     KernelConfig, LockOwner, OpenAccMode, OpenFlags, ReplyAttr, ReplyData, ReplyDirectory,
     ReplyDirectoryPlus, ReplyEmpty, ReplyEntry, ReplyLseek, ReplyOpen, ReplyStatfs, ReplyWrite,
     ReplyXattr, Request, TimeOrNow, WriteFlags,
 };
-use std::cell::RefCell;
 use std::ffi::OsStr;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
-use tree::{NodeKind, Tree};
-use vmfs_mount::error::Error;
-use vmfs_mount::view::View;
-
-/// Nodes, names and read-only attributes never change while mounted.
-const STATIC_TTL: Duration = Duration::from_secs(3600);
-/// A writable disk's allocation and mtime change with writes.
-const WRITABLE_TTL: Duration = Duration::from_secs(1);
-/// Largest read we serve in one request (the kernel asks for at most max_pages).
-const MAX_READ: usize = 16 << 20;
-/// File handle of an open for writing (flush/fsync then reach the disk).
-const FH_WRITE: u64 = 1;
-
-/// One disk file of the mount.
-struct Disk {
-    view: Arc<View>,
-    writable: bool,
-    /// Nanoseconds since the epoch: the layer's mtime or snapshot date, then the last write.
-    mtime_ns: AtomicU64,
-    /// For log lines: where in the mount this file is.
-    path: String,
-}
-
-pub struct DiskFs {
-    tree: Tree,
-    disks: Vec<Disk>,
-    owner: Owner,
-    mounted_at: SystemTime,
-}
-
-thread_local! {
-    static READ_BUF: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };
-}
-
-impl DiskFs {
-    pub fn new(opened: &Opened) -> DiskFs {
-        let disk = |e: &Exposed, path: String| Disk {
-            view: e.view.clone(),
-            writable: e.writable,
-            mtime_ns: AtomicU64::new(nanos(e.spec.mtime)),
-            path,
-        };
-        let mut disks = vec![disk(&opened.live, tree::DISK_FILE_NAME.to_string())];
-        for s in &opened.snapshots {
-            disks.push(disk(s, format!("snapshots/{}/{}", s.spec.name, tree::DISK_FILE_NAME)));
-        }
-        let names: Vec<String> = opened.snapshots.iter().map(|s| s.spec.name.clone()).collect();
-        DiskFs {
-            tree: Tree::build(&names),
-            disks,
-            owner: Owner::current(),
-            mounted_at: SystemTime::now(),
-        }
-    }
-
-    /// Flushes every writable view; returns false if one failed (each failure is logged).
-    pub fn flush_all(disks: &[Arc<View>]) -> bool {
-        let mut ok = true;
-        for v in disks {
-            if let Err(e) = v.flush() {
-                log::error!("flush failed: {e}");
-                ok = false;
-            }
-        }
-        ok
-    }
-
-    /// The views whose data a flush may have to make durable.
-    pub fn writable_views(&self) -> Vec<Arc<View>> {
-        self.disks.iter().filter(|d| d.writable).map(|d| d.view.clone()).collect()
-    }
-
-    fn attr(&self, ino: u64) -> Option<(fuser::FileAttr, Duration)> {
-        let node = self.tree.get(ino)?;
-        Some(match &node.kind {
-            NodeKind::Dir(_) => (attr::dir(ino, self.mounted_at, self.tree.subdirs(ino), self.owner), STATIC_TTL),
-            NodeKind::File { view } => {
-                let d = self.disks.get(*view)?;
-                let allocated = d.view.allocated_bytes().unwrap_or_else(|e| {
-                    log::warn!("{}: cannot count allocated blocks: {e}", d.path);
-                    0
-                });
-                let mtime = UNIX_EPOCH + Duration::from_nanos(d.mtime_ns.load(Ordering::Relaxed));
-                let a = attr::disk_file(ino, d.view.size(), allocated, mtime, d.writable, self.owner);
-                (a, if d.writable { WRITABLE_TTL } else { STATIC_TTL })
-            }
-        })
-    }
-
-    fn disk(&self, ino: INodeNo) -> Result<&Disk, Errno> {
-        match self.tree.get(ino.0).map(|n| &n.kind) {
-            Some(NodeKind::File { view }) => self.disks.get(*view).ok_or(Errno::ENOENT),
-            Some(NodeKind::Dir(_)) => Err(Errno::EISDIR),
-            None => Err(Errno::ENOENT),
-        }
-    }
-
-    /// Directory entries of `ino` including "." and "..", in a stable order.
-    fn entries(&self, ino: u64) -> Result<Vec<(u64, FileType, String)>, Errno> {
-        let node = self.tree.get(ino).ok_or(Errno::ENOENT)?;
-        let NodeKind::Dir(children) = &node.kind else { return Err(Errno::ENOTDIR) };
-        let mut out = vec![(ino, FileType::Directory, ".".into()), (node.parent, FileType::Directory, "..".into())];
-        for (name, child) in children {
-            let kind = match self.tree.get(*child).map(|n| &n.kind) {
-                Some(NodeKind::Dir(_)) => FileType::Directory,
-                _ => FileType::RegularFile,
-            };
-            out.push((*child, kind, name.clone()));
-        }
-        Ok(out)
-    }
-}
-
-fn nanos(t: SystemTime) -> u64 {
-    t.duration_since(UNIX_EPOCH).map(|d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX)).unwrap_or(0)
-}
-
-/// The errno for a library error, with the log line this boundary owes.
-fn fail(path: &str, op: &str, e: &Error) -> Errno {
-    log::error!("{path}: {op}: {e}");
-    Errno::from_i32(e.errno())
-}
+use std::sync::atomic::Ordering;
+use std::time::SystemTime;
+use tree::NodeKind;
 
 impl Filesystem for DiskFs {
     fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> std::io::Result<()> {
@@ -168,7 +47,10 @@ impl Filesystem for DiskFs {
     }
 
     fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
-        let found = name.to_str().and_then(|n| self.tree.lookup(parent.0, n)).and_then(|ino| self.attr(ino));
+        let found = name
+            .to_str()
+            .and_then(|n| self.tree.lookup(parent.0, n))
+            .and_then(|ino| self.attr(ino));
         match found {
             Some((a, ttl)) => reply.entry(&ttl, &a, Generation(0)),
             None => reply.error(Errno::ENOENT),
@@ -200,10 +82,14 @@ impl Filesystem for DiskFs {
         _flags: Option<fuser::BsdFileFlags>,
         reply: ReplyAttr,
     ) {
-        let Some((a, ttl)) = self.attr(ino.0) else { return reply.error(Errno::ENOENT) };
+        let Some((a, ttl)) = self.attr(ino.0) else {
+            return reply.error(Errno::ENOENT);
+        };
         if let Some(new_size) = size.filter(|s| *s != a.size) {
             let path = self.disk(ino).map(|d| d.path.as_str()).unwrap_or("?");
-            log::warn!("{path}: refused to change the size to {new_size} bytes: a disk's size never changes");
+            log::warn!(
+                "{path}: refused to change the size to {new_size} bytes: a disk's size never changes"
+            );
             return reply.error(Errno::EPERM);
         }
         // Modes, owners and times are fixed; answering with the attributes keeps tools like
@@ -248,7 +134,11 @@ impl Filesystem for DiskFs {
             }
             match d.view.read(offset, &mut buf[..len]) {
                 Ok(n) => reply.data(&buf[..n]),
-                Err(e) => reply.error(fail(&d.path, &format!("read {len} bytes at {offset:#x}"), &e)),
+                Err(e) => reply.error(fail(
+                    &d.path,
+                    &format!("read {len} bytes at {offset:#x}"),
+                    &e,
+                )),
             }
         });
     }
@@ -274,14 +164,26 @@ impl Filesystem for DiskFs {
         }
         match d.view.write(offset, data) {
             Ok(()) => {
-                d.mtime_ns.store(nanos(SystemTime::now()), Ordering::Relaxed);
+                d.mtime_ns
+                    .store(nanos(SystemTime::now()), Ordering::Relaxed);
                 reply.written(u32::try_from(data.len()).unwrap_or(u32::MAX));
             }
-            Err(e) => reply.error(fail(&d.path, &format!("write {} bytes at {offset:#x}", data.len()), &e)),
+            Err(e) => reply.error(fail(
+                &d.path,
+                &format!("write {} bytes at {offset:#x}", data.len()),
+                &e,
+            )),
         }
     }
 
-    fn flush(&self, _req: &Request, ino: INodeNo, fh: FileHandle, _lock_owner: LockOwner, reply: ReplyEmpty) {
+    fn flush(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        fh: FileHandle,
+        _lock_owner: LockOwner,
+        reply: ReplyEmpty,
+    ) {
         match self.disk(ino) {
             Ok(d) if d.writable && fh.0 == FH_WRITE => match d.view.flush() {
                 Ok(()) => reply.ok(),
@@ -292,7 +194,14 @@ impl Filesystem for DiskFs {
         }
     }
 
-    fn fsync(&self, _req: &Request, ino: INodeNo, _fh: FileHandle, _datasync: bool, reply: ReplyEmpty) {
+    fn fsync(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        _datasync: bool,
+        reply: ReplyEmpty,
+    ) {
         match self.disk(ino) {
             Ok(d) if d.writable => match d.view.flush() {
                 Ok(()) => reply.ok(),
@@ -327,19 +236,34 @@ impl Filesystem for DiskFs {
         }
         match d.view.discard(offset, length) {
             Ok(()) => {
-                d.mtime_ns.store(nanos(SystemTime::now()), Ordering::Relaxed);
+                d.mtime_ns
+                    .store(nanos(SystemTime::now()), Ordering::Relaxed);
                 reply.ok()
             }
-            Err(e) => reply.error(fail(&d.path, &format!("discard {length} bytes at {offset:#x}"), &e)),
+            Err(e) => reply.error(fail(
+                &d.path,
+                &format!("discard {length} bytes at {offset:#x}"),
+                &e,
+            )),
         }
     }
 
-    fn lseek(&self, _req: &Request, ino: INodeNo, _fh: FileHandle, offset: i64, whence: i32, reply: ReplyLseek) {
+    fn lseek(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        offset: i64,
+        whence: i32,
+        reply: ReplyLseek,
+    ) {
         let d = match self.disk(ino) {
             Ok(d) => d,
             Err(e) => return reply.error(e),
         };
-        let Ok(off) = u64::try_from(offset) else { return reply.error(Errno::EINVAL) };
+        let Ok(off) = u64::try_from(offset) else {
+            return reply.error(Errno::EINVAL);
+        };
         if off >= d.view.size() && (whence == libc::SEEK_DATA || whence == libc::SEEK_HOLE) {
             return reply.error(Errno::ENXIO);
         }
@@ -357,13 +281,23 @@ impl Filesystem for DiskFs {
 
     fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
         match self.tree.get(ino.0).map(|n| &n.kind) {
-            Some(NodeKind::Dir(_)) => reply.opened(FileHandle(0), FopenFlags::FOPEN_CACHE_DIR | FopenFlags::FOPEN_KEEP_CACHE),
+            Some(NodeKind::Dir(_)) => reply.opened(
+                FileHandle(0),
+                FopenFlags::FOPEN_CACHE_DIR | FopenFlags::FOPEN_KEEP_CACHE,
+            ),
             Some(NodeKind::File { .. }) => reply.error(Errno::ENOTDIR),
             None => reply.error(Errno::ENOENT),
         }
     }
 
-    fn readdir(&self, _req: &Request, ino: INodeNo, _fh: FileHandle, offset: u64, mut reply: ReplyDirectory) {
+    fn readdir(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        offset: u64,
+        mut reply: ReplyDirectory,
+    ) {
         let entries = match self.entries(ino.0) {
             Ok(e) => e,
             Err(e) => return reply.error(e),
@@ -376,14 +310,30 @@ impl Filesystem for DiskFs {
         reply.ok();
     }
 
-    fn readdirplus(&self, _req: &Request, ino: INodeNo, _fh: FileHandle, offset: u64, mut reply: ReplyDirectoryPlus) {
+    fn readdirplus(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        offset: u64,
+        mut reply: ReplyDirectoryPlus,
+    ) {
         let entries = match self.entries(ino.0) {
             Ok(e) => e,
             Err(e) => return reply.error(e),
         };
         for (i, (child, _kind, name)) in entries.iter().enumerate().skip(offset as usize) {
-            let Some((a, ttl)) = self.attr(*child) else { continue };
-            if reply.add(INodeNo(*child), (i + 1) as u64, name, &ttl, &a, Generation(0)) {
+            let Some((a, ttl)) = self.attr(*child) else {
+                continue;
+            };
+            if reply.add(
+                INodeNo(*child),
+                (i + 1) as u64,
+                name,
+                &ttl,
+                &a,
+                Generation(0),
+            ) {
                 break;
             }
         }
@@ -391,12 +341,27 @@ impl Filesystem for DiskFs {
     }
 
     fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
-        let bytes: u64 = self.disks.iter().map(|d| d.view.size()).fold(0, u64::saturating_add);
-        reply.statfs(bytes.div_ceil(4096), 0, 0, self.tree.len() as u64, 0, 4096, 255, 4096);
+        let bytes: u64 = self
+            .disks
+            .iter()
+            .map(|d| d.view.size())
+            .fold(0, u64::saturating_add);
+        reply.statfs(
+            bytes.div_ceil(4096),
+            0,
+            0,
+            self.tree.len() as u64,
+            0,
+            4096,
+            255,
+            4096,
+        );
     }
 
     fn access(&self, _req: &Request, ino: INodeNo, mask: AccessFlags, reply: ReplyEmpty) {
-        let Some(node) = self.tree.get(ino.0) else { return reply.error(Errno::ENOENT) };
+        let Some(node) = self.tree.get(ino.0) else {
+            return reply.error(Errno::ENOENT);
+        };
         let writable = match node.kind {
             NodeKind::File { view } => self.disks.get(view).is_some_and(|d| d.writable),
             NodeKind::Dir(_) => false,
@@ -407,15 +372,35 @@ impl Filesystem for DiskFs {
         reply.ok();
     }
 
-    fn getxattr(&self, _req: &Request, _ino: INodeNo, _name: &OsStr, _size: u32, reply: ReplyXattr) {
+    fn getxattr(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _name: &OsStr,
+        _size: u32,
+        reply: ReplyXattr,
+    ) {
         reply.error(Errno::from_i32(libc::ENODATA));
     }
 
     fn listxattr(&self, _req: &Request, _ino: INodeNo, size: u32, reply: ReplyXattr) {
-        if size == 0 { reply.size(0) } else { reply.data(&[]) }
+        if size == 0 {
+            reply.size(0)
+        } else {
+            reply.data(&[])
+        }
     }
 
-    fn setxattr(&self, _r: &Request, _i: INodeNo, _n: &OsStr, _v: &[u8], _f: i32, _p: u32, reply: ReplyEmpty) {
+    fn setxattr(
+        &self,
+        _r: &Request,
+        _i: INodeNo,
+        _n: &OsStr,
+        _v: &[u8],
+        _f: i32,
+        _p: u32,
+        reply: ReplyEmpty,
+    ) {
         reply.error(Errno::from_i32(libc::ENOTSUP));
     }
 
@@ -424,7 +409,16 @@ impl Filesystem for DiskFs {
     }
 
     // The tree is fixed: nothing can be created, removed or renamed.
-    fn mknod(&self, _r: &Request, _p: INodeNo, _n: &OsStr, _m: u32, _u: u32, _d: u32, reply: ReplyEntry) {
+    fn mknod(
+        &self,
+        _r: &Request,
+        _p: INodeNo,
+        _n: &OsStr,
+        _m: u32,
+        _u: u32,
+        _d: u32,
+        reply: ReplyEntry,
+    ) {
         reply.error(Errno::EACCES);
     }
 
@@ -432,11 +426,27 @@ impl Filesystem for DiskFs {
         reply.error(Errno::EACCES);
     }
 
-    fn create(&self, _r: &Request, _p: INodeNo, _n: &OsStr, _m: u32, _u: u32, _f: i32, reply: fuser::ReplyCreate) {
+    fn create(
+        &self,
+        _r: &Request,
+        _p: INodeNo,
+        _n: &OsStr,
+        _m: u32,
+        _u: u32,
+        _f: i32,
+        reply: fuser::ReplyCreate,
+    ) {
         reply.error(Errno::EACCES);
     }
 
-    fn symlink(&self, _r: &Request, _p: INodeNo, _n: &OsStr, _t: &std::path::Path, reply: ReplyEntry) {
+    fn symlink(
+        &self,
+        _r: &Request,
+        _p: INodeNo,
+        _n: &OsStr,
+        _t: &std::path::Path,
+        reply: ReplyEntry,
+    ) {
         reply.error(Errno::EACCES);
     }
 

@@ -43,15 +43,27 @@ impl Tree {
         };
         let mut snaps = BTreeMap::new();
         let mut nodes = vec![
-            dir(ROOT, &[(DISK_FILE_NAME, LIVE_FILE), (SNAPSHOTS_DIR_NAME, SNAPSHOTS_DIR)]),
-            Node { parent: ROOT, kind: NodeKind::File { view: 0 } },
+            dir(
+                ROOT,
+                &[
+                    (DISK_FILE_NAME, LIVE_FILE),
+                    (SNAPSHOTS_DIR_NAME, SNAPSHOTS_DIR),
+                ],
+            ),
+            Node {
+                parent: ROOT,
+                kind: NodeKind::File { view: 0 },
+            },
             dir(ROOT, &[]),
         ];
         for (i, name) in snapshot_names.iter().enumerate() {
             let dir_ino = snapshot_dir_ino(i);
             snaps.insert(name.clone(), dir_ino);
             nodes.push(dir(SNAPSHOTS_DIR, &[(DISK_FILE_NAME, dir_ino + 1)]));
-            nodes.push(Node { parent: dir_ino, kind: NodeKind::File { view: i + 1 } });
+            nodes.push(Node {
+                parent: dir_ino,
+                kind: NodeKind::File { view: i + 1 },
+            });
         }
         nodes[(SNAPSHOTS_DIR - 1) as usize].kind = NodeKind::Dir(snaps);
         Tree { nodes }
