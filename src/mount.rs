@@ -70,15 +70,28 @@ pub fn open_for_mount(req: &MountRequest) -> Result<Opened> {
             Err(e) => return Err(e),
         },
     };
+    let read_only = req.access == Access::ReadOnly;
+    let mut opened = expose(layers, read_only, &clusters)?;
+    opened.fell_back_to_read_only = fell_back;
+    Ok(opened)
+}
+
+/// Plans the views of an open chain (top first) and makes each one a `View`. Only the live
+/// view can be writable, and only if the top layer can write and `read_only` is not set.
+pub fn expose(
+    layers: Vec<Arc<dyn Layer>>,
+    read_only: bool,
+    clusters: &Arc<ByteCache>,
+) -> Result<Opened> {
     let (live, snaps) = tree::plan(&layers)?;
-    let expose = |spec: ViewSpec, live: bool| {
+    let make = |spec: ViewSpec, live: bool| {
         let view = Arc::new(View::new(
             spec.layers.clone(),
             spec.size,
             clusters.clone(),
             CHUNK_ENTRIES,
         ));
-        let writable = live && req.access != Access::ReadOnly && view.is_writable();
+        let writable = live && !read_only && view.is_writable();
         Exposed {
             spec,
             view,
@@ -86,10 +99,10 @@ pub fn open_for_mount(req: &MountRequest) -> Result<Opened> {
         }
     };
     Ok(Opened {
-        live: expose(live, true),
-        snapshots: snaps.into_iter().map(|s| expose(s, false)).collect(),
+        live: make(live, true),
+        snapshots: snaps.into_iter().map(|s| make(s, false)).collect(),
         layers,
-        fell_back_to_read_only: fell_back,
+        fell_back_to_read_only: None,
     })
 }
 

@@ -5,6 +5,8 @@
 
 pub mod attr;
 mod state;
+#[cfg(test)]
+mod tests;
 pub mod tree;
 
 pub use state::DiskFs;
