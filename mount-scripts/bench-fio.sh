@@ -9,7 +9,7 @@
 set -e
 file=$1
 secs=${2:-10}
-for job in "seqread 1M 1" "seqread 1M 32" "randread 4k 1" "randread 4k 32"; do
+for job in "read 1M 1" "read 1M 32" "randread 4k 1" "randread 4k 32"; do
     set -- $job
     result=$(fio --name=bench --filename="$file" --readonly --rw="$1" --bs="$2" --iodepth="$3" \
         --ioengine=libaio --direct=1 --runtime="$secs" --time_based --group_reporting \
