@@ -101,7 +101,7 @@ fn daemon_pid(mnt: &Path) -> Option<i32> {
         };
         let args: Vec<&[u8]> = cmd.split(|b| *b == 0).collect();
         let is_ours = args.first().is_some_and(|a| a.ends_with(b"vmfs-mount"));
-        if is_ours && args.iter().any(|a| *a == want.as_bytes()) && !is_zombie(pid) {
+        if is_ours && args.contains(&want.as_bytes()) && !is_zombie(pid) {
             return Some(pid);
         }
     }
