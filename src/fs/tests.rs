@@ -4,7 +4,8 @@
 
 use super::DiskFs;
 use crate::mount::expose;
-use std::os::unix::fs::MetadataExt;
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::{FileExt, MetadataExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, UNIX_EPOCH};
@@ -13,6 +14,7 @@ use vmfs_mount::error::Result;
 use vmfs_mount::format::raw::RawLayer;
 use vmfs_mount::format::{Extent, Format, Layer, OpenCtx, SnapshotInfo};
 use vmfs_mount::host::HostFile;
+use vmfs_mount::write::{BelowReader, LayerWriter};
 
 /// A layer that reads like `inner` and lists `snaps` as its internal snapshots.
 #[derive(Debug)]
@@ -56,6 +58,14 @@ fn bytes(seed: u64, n: usize) -> Vec<u8> {
             x as u8
         })
         .collect()
+}
+
+/// Compares without dumping megabytes into the failure message.
+fn same(what: &str, got: &[u8], want: &[u8]) {
+    assert_eq!(got.len(), want.len(), "{what}: length");
+    if let Some(i) = got.iter().zip(want).position(|(a, b)| a != b) {
+        panic!("{what}: first difference at {i:#x} of {:#x}", want.len());
+    }
 }
 
 struct Dir(PathBuf);
@@ -143,7 +153,7 @@ fn snapshot_tree_shows_every_view_read_only() {
     ];
     for (path, idx) in expect {
         let p = mnt.join(path);
-        assert_eq!(std::fs::read(&p).unwrap(), data[idx], "{path}");
+        same(path, &std::fs::read(&p).unwrap(), &data[idx]);
         let m = std::fs::metadata(&p).unwrap();
         assert_eq!(m.mode() & 0o777, 0o444, "{path}");
         assert_eq!(m.len(), data[idx].len() as u64, "{path}");
@@ -172,5 +182,152 @@ fn snapshot_tree_shows_every_view_read_only() {
     assert_eq!((sdir.mode() & 0o777, sdir.is_dir()), (0o555, true));
     assert_eq!(std::fs::metadata(&snaps).unwrap().nlink(), 5);
     assert!(std::fs::metadata(snaps.join("s1/other")).is_err());
+    session.umount_and_join().unwrap();
+}
+
+/// A raw layer written in place: enough to drive the write handlers until a real writer exists.
+#[derive(Debug)]
+struct InPlace {
+    file: Arc<HostFile>,
+}
+
+impl Layer for InPlace {
+    fn format(&self) -> Format {
+        Format::Raw
+    }
+    fn path(&self) -> &Path {
+        self.file.path()
+    }
+    fn virtual_size(&self) -> u64 {
+        self.file.len()
+    }
+    fn map(&self, off: u64, len: u64) -> Result<Extent> {
+        let map = vmfs_mount::format::Mapping::Data {
+            file: self.file.clone(),
+            host_off: off,
+        };
+        Ok(Extent { len, map })
+    }
+    fn files(&self) -> Vec<Arc<HostFile>> {
+        vec![self.file.clone()]
+    }
+    fn writer(&self) -> Option<&dyn LayerWriter> {
+        Some(self)
+    }
+}
+
+impl LayerWriter for InPlace {
+    fn write(&self, off: u64, data: &[u8], _below: BelowReader<'_>) -> Result<()> {
+        self.file.write_all_at(data, off)
+    }
+    fn discard(&self, off: u64, len: u64, _below: BelowReader<'_>) -> Result<()> {
+        self.file.write_all_at(&vec![0; len as usize], off)
+    }
+    fn flush(&self) -> Result<()> {
+        self.file.sync_data()
+    }
+}
+
+#[test]
+fn writable_disk_takes_writes_discards_and_refuses_resizing() {
+    if std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/fuse")
+        .is_err()
+    {
+        eprintln!("skipped: /dev/fuse is not accessible");
+        return;
+    }
+    let dir = Dir(std::env::temp_dir().join(format!("vmfs-fs-unit-w-{}", std::process::id())));
+    std::fs::create_dir_all(dir.0.join("mnt")).unwrap();
+    let img = dir.0.join("rw.img");
+    let mut model = bytes(99, 4 << 20);
+    std::fs::write(&img, &model).unwrap();
+    let old = UNIX_EPOCH + Duration::from_secs(1_000_000_000);
+    std::fs::File::options()
+        .write(true)
+        .open(&img)
+        .unwrap()
+        .set_modified(old)
+        .unwrap();
+    let layer: Arc<dyn Layer> = Arc::new(InPlace {
+        file: HostFile::open(&img, true).unwrap(),
+    });
+    let clusters = Arc::new(ByteCache::new(1 << 20));
+    assert!(
+        !expose(vec![layer.clone()], true, &clusters)
+            .unwrap()
+            .live
+            .writable,
+        "-r wins"
+    );
+    let opened = expose(vec![layer], false, &clusters).unwrap();
+    assert!(opened.live.writable);
+    let mnt = dir.0.join("mnt");
+    let session =
+        fuser::spawn_mount(DiskFs::new(&opened), &mnt, &fuser::Config::default()).unwrap();
+    let disk = mnt.join("disk.raw");
+    assert_eq!(std::fs::metadata(&disk).unwrap().mode() & 0o777, 0o644);
+    assert_eq!(std::fs::metadata(&disk).unwrap().modified().unwrap(), old);
+
+    let f = std::fs::File::options()
+        .read(true)
+        .write(true)
+        .open(&disk)
+        .unwrap();
+    let mut seed = 1;
+    for _ in 0..40 {
+        seed += 1;
+        let chunk = bytes(seed, 1 + (seed as usize * 7919) % 200_000);
+        let off = (seed as usize * 104_729) % (model.len() - chunk.len());
+        f.write_all_at(&chunk, off as u64).unwrap();
+        model[off..off + chunk.len()].copy_from_slice(&chunk);
+    }
+    f.sync_all().unwrap();
+    let fd = f.as_raw_fd();
+    // SAFETY: fd is open for the duration of these calls.
+    let fallocate =
+        |mode, off: usize, len: usize| unsafe { libc::fallocate(fd, mode, off as i64, len as i64) };
+    assert_eq!(
+        fallocate(
+            libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+            100_000,
+            70_000
+        ),
+        0
+    );
+    model[100_000..170_000].fill(0);
+    assert_eq!(fallocate(libc::FALLOC_FL_ZERO_RANGE, 1 << 20, 5000), 0);
+    model[1 << 20..(1 << 20) + 5000].fill(0);
+    assert_ne!(
+        fallocate(0, 0, 4096),
+        0,
+        "plain preallocation is not supported"
+    );
+    assert_eq!(
+        std::io::Error::last_os_error().raw_os_error(),
+        Some(libc::EOPNOTSUPP)
+    );
+
+    let e = f.set_len(1 << 20).unwrap_err();
+    assert_eq!(e.raw_os_error(), Some(libc::EPERM));
+    f.set_len(model.len() as u64).unwrap();
+    // A write straddling the end writes what fits (like a block device) and no more.
+    let end = model.len();
+    let n = f.write_at(&[1; 100], end as u64 - 10).unwrap_or(0);
+    assert!(n <= 10, "only the part inside the disk may be written");
+    model[end - 10..end - 10 + n].fill(1);
+    assert!(
+        f.write_at(&[1; 10], end as u64).is_err(),
+        "nothing is written past the end"
+    );
+    drop(f);
+
+    same("through the mount", &std::fs::read(&disk).unwrap(), &model);
+    same("in the image", &std::fs::read(&img).unwrap(), &model);
+    let meta = std::fs::metadata(&disk).unwrap();
+    assert_eq!(meta.len(), model.len() as u64);
+    assert!(meta.modified().unwrap() > old, "a write moves the mtime");
     session.umount_and_join().unwrap();
 }
