@@ -110,7 +110,7 @@ fn resolve_location(vbox_dir: &Path, location: &str) -> Vec<PathBuf> {
 pub fn parent_hints(child: &Path, wanted: &Uuid) -> Vec<PathBuf> {
     let child_dir = child.parent().map(Path::to_path_buf).unwrap_or_else(|| PathBuf::from("."));
     let child_dir = if child_dir.as_os_str().is_empty() { PathBuf::from(".") } else { child_dir };
-    let upper = child_dir.join("..");
+    let upper = upper_dir(&child_dir);
     let mut hints = Vec::new();
     for dir in [&child_dir, &upper] {
         for vbox in files_in(dir).into_iter().filter(|p| p.extension().is_some_and(|e| e == "vbox")) {
@@ -124,6 +124,17 @@ pub fn parent_hints(child: &Path, wanted: &Uuid) -> Vec<PathBuf> {
     let mut seen = HashSet::new();
     hints.retain(|p| p.is_file() && seen.insert(p.clone()));
     hints
+}
+
+/// The directory above `dir`, without `..` when the path allows.
+fn upper_dir(dir: &Path) -> PathBuf {
+    match dir.components().next_back() {
+        Some(Component::Normal(_)) => match dir.parent() {
+            Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+            _ => PathBuf::from("."),
+        },
+        _ => dir.join(".."),
+    }
 }
 
 fn files_in(dir: &Path) -> Vec<PathBuf> {
@@ -206,5 +217,13 @@ mod tests {
         assert_eq!(resolve_location(d, r"C:\VMs\y.vdi")[0], PathBuf::from("/vm/y.vdi"));
         assert_eq!(resolve_location(d, "../../z.vdi")[0], PathBuf::from("/vm/z.vdi"));
         assert!(resolve_location(d, "..").is_empty());
+    }
+
+    #[test]
+    fn the_directory_above() {
+        assert_eq!(upper_dir(Path::new("/vm/Snapshots")), PathBuf::from("/vm"));
+        assert_eq!(upper_dir(Path::new("Snapshots")), PathBuf::from("."));
+        assert_eq!(upper_dir(Path::new(".")), PathBuf::from("./.."));
+        assert_eq!(upper_dir(Path::new("/")), PathBuf::from("/.."));
     }
 }
