@@ -37,7 +37,7 @@ fn patch(img: &Path, off: u64, bytes: &[u8]) {
 }
 
 fn open_err(img: &Path) -> vmfs_mount::error::Error {
-    open_chain(img, Some(Format::Vdi), &ctx()).err().expect("open should fail")
+    open_chain(img, Some(Format::Vdi), &ctx()).expect_err("open should fail")
 }
 
 #[test]
@@ -45,7 +45,14 @@ fn dynamic_image_matches_qemu() {
     let s = Scratch::new("vdi-dynamic");
     let img = s.path("dyn.vdi");
     let size = 23 * MB + 3 * 512;
-    qemu_img(&["create", "-q", "-f", "vdi", img.to_str().unwrap(), &size.to_string()]);
+    qemu_img(&[
+        "create",
+        "-q",
+        "-f",
+        "vdi",
+        img.to_str().unwrap(),
+        &size.to_string(),
+    ]);
     let mut rng = Rng::new(0x5d1);
     scatter_writes(&img, &mut rng, size, 25);
     // The last, partial block.
@@ -61,12 +68,24 @@ fn static_image_matches_qemu() {
     let s = Scratch::new("vdi-static");
     let img = s.path("fixed.vdi");
     let size = 9 * MB;
-    qemu_img(&["create", "-q", "-f", "vdi", "-o", "static=on", img.to_str().unwrap(), &size.to_string()]);
+    qemu_img(&[
+        "create",
+        "-q",
+        "-f",
+        "vdi",
+        "-o",
+        "static=on",
+        img.to_str().unwrap(),
+        &size.to_string(),
+    ]);
     let mut rng = Rng::new(0x5d2);
     scatter_writes(&img, &mut rng, size, 12);
     compare_with_qemu(&img, "static");
     let details = open_view(&img).unwrap().layers()[0].details();
-    assert!(details.contains(&("image type".to_string(), "fixed".to_string())), "{details:?}");
+    assert!(
+        details.contains(&("image type".to_string(), "fixed".to_string())),
+        "{details:?}"
+    );
 }
 
 #[test]
@@ -82,7 +101,16 @@ fn converted_image_with_holes_matches_qemu_and_reports_them() {
     }
     std::fs::write(&raw, &data).unwrap();
     let img = s.path("conv.vdi");
-    qemu_img(&["convert", "-q", "-f", "raw", "-O", "vdi", raw.to_str().unwrap(), img.to_str().unwrap()]);
+    qemu_img(&[
+        "convert",
+        "-q",
+        "-f",
+        "raw",
+        "-O",
+        "vdi",
+        raw.to_str().unwrap(),
+        img.to_str().unwrap(),
+    ]);
     compare_with_qemu(&img, "converted");
     let view = open_view(&img).unwrap();
     assert_same("converted vs source", &read_all(&view), &data);
@@ -117,7 +145,10 @@ fn block_index_past_the_end_of_the_file_fails_the_read() {
     assert_eq!(view.read(0, &mut buf).unwrap(), 4096);
     let e = view.read(2 * MB, &mut buf).unwrap_err();
     assert_eq!(e.kind(), Kind::Corrupt);
-    assert!(e.message().contains("block map entry at offset 0x208") && e.message().contains("block 2"), "{e}");
+    assert!(
+        e.message().contains("block map entry at offset 0x208") && e.message().contains("block 2"),
+        "{e}"
+    );
 }
 
 #[test]
@@ -129,17 +160,72 @@ fn damaged_headers_fail_with_clear_errors() {
         qemu_img(&["create", "-q", "-f", "vdi", img.to_str().unwrap(), "8M"]);
     };
     let cases: &[(u64, &[u8], Kind, &str)] = &[
-        (0x40, &0x11111111u32.to_le_bytes(), Kind::Corrupt, "signature at offset 0x40"),
-        (0x44, &0x00020000u32.to_le_bytes(), Kind::Unsupported, "VDI version 2.0"),
-        (0x48, &0x7fff_ffffu32.to_le_bytes(), Kind::Corrupt, "header size at offset 0x48"),
-        (0x4c, &7u32.to_le_bytes(), Kind::Corrupt, "image type at offset 0x4c"),
-        (0x178, &12345u32.to_le_bytes(), Kind::Corrupt, "block size at offset 0x178"),
-        (0x178, &0x8000_0000u32.to_le_bytes(), Kind::Corrupt, "block size at offset 0x178"),
-        (0x170, &(1u64 << 50).to_le_bytes(), Kind::Corrupt, "disk size at offset 0x170"),
-        (0x180, &1u32.to_le_bytes(), Kind::Corrupt, "disk size at offset 0x170"),
-        (0x180, &0x4000_0000u32.to_le_bytes(), Kind::Corrupt, "block count at offset 0x180"),
-        (0x154, &0x10_0000u32.to_le_bytes(), Kind::Corrupt, "data offset at offset 0x158"),
-        (0x184, &9u32.to_le_bytes(), Kind::Corrupt, "allocated block count"),
+        (
+            0x40,
+            &0x11111111u32.to_le_bytes(),
+            Kind::Corrupt,
+            "signature at offset 0x40",
+        ),
+        (
+            0x44,
+            &0x00020000u32.to_le_bytes(),
+            Kind::Unsupported,
+            "VDI version 2.0",
+        ),
+        (
+            0x48,
+            &0x7fff_ffffu32.to_le_bytes(),
+            Kind::Corrupt,
+            "header size at offset 0x48",
+        ),
+        (
+            0x4c,
+            &7u32.to_le_bytes(),
+            Kind::Corrupt,
+            "image type at offset 0x4c",
+        ),
+        (
+            0x178,
+            &12345u32.to_le_bytes(),
+            Kind::Corrupt,
+            "block size at offset 0x178",
+        ),
+        (
+            0x178,
+            &0x8000_0000u32.to_le_bytes(),
+            Kind::Corrupt,
+            "block size at offset 0x178",
+        ),
+        (
+            0x170,
+            &(1u64 << 50).to_le_bytes(),
+            Kind::Corrupt,
+            "disk size at offset 0x170",
+        ),
+        (
+            0x180,
+            &1u32.to_le_bytes(),
+            Kind::Corrupt,
+            "disk size at offset 0x170",
+        ),
+        (
+            0x180,
+            &0x4000_0000u32.to_le_bytes(),
+            Kind::Corrupt,
+            "block count at offset 0x180",
+        ),
+        (
+            0x154,
+            &0x10_0000u32.to_le_bytes(),
+            Kind::Corrupt,
+            "data offset at offset 0x158",
+        ),
+        (
+            0x184,
+            &9u32.to_le_bytes(),
+            Kind::Corrupt,
+            "allocated block count",
+        ),
         (0x4c, &4u32.to_le_bytes(), Kind::Corrupt, "uuidLinkage"),
     ];
     for (off, bytes, kind, text) in cases {
@@ -147,7 +233,10 @@ fn damaged_headers_fail_with_clear_errors() {
         patch(&img, *off, bytes);
         let e = open_err(&img);
         assert_eq!(e.kind(), *kind, "patch at {off:#x}: {e}");
-        assert!(e.message().contains(text) && e.message().contains("h.vdi"), "patch at {off:#x}: {e}");
+        assert!(
+            e.message().contains(text) && e.message().contains("h.vdi"),
+            "patch at {off:#x}: {e}"
+        );
     }
 }
 
@@ -160,7 +249,11 @@ fn block_map_past_the_end_of_the_file_is_refused() {
     patch(&img, 0x154, &0x10_0000u32.to_le_bytes());
     patch(&img, 0x158, &0x20_0000u32.to_le_bytes());
     let e = open_err(&img);
-    assert!(e.message().contains("block map at offset 0x100000") && e.message().contains("past the end"), "{e}");
+    assert!(
+        e.message().contains("block map at offset 0x100000")
+            && e.message().contains("past the end"),
+        "{e}"
+    );
     // A truncated file: the header alone.
     let f = std::fs::OpenOptions::new().write(true).open(&img).unwrap();
     f.set_len(0x100).unwrap();

@@ -58,7 +58,9 @@ impl Spec {
         let n = self.blocks.len();
         let off_blocks = 0x200u64;
         let off_data = (off_blocks + 4 * n as u64).next_multiple_of(512);
-        let data: Vec<usize> = (0..n).filter(|&i| matches!(self.blocks[i], Block::Data(_))).collect();
+        let data: Vec<usize> = (0..n)
+            .filter(|&i| matches!(self.blocks[i], Block::Data(_)))
+            .collect();
         let mut slots: Vec<u32> = (0..data.len() as u32).collect();
         for i in (1..slots.len()).rev() {
             slots.swap(i, rng.below(i as u64 + 1) as usize);
@@ -95,7 +97,9 @@ impl Spec {
             put32(&mut file, (off_blocks + 4 * i as u64) as usize, entry);
         }
         for (k, &i) in data.iter().enumerate() {
-            let Block::Data(bytes) = &self.blocks[i] else { unreachable!() };
+            let Block::Data(bytes) = &self.blocks[i] else {
+                unreachable!()
+            };
             let start = (off_data + slots[k] as u64 * stride) as usize;
             let extra = self.block_extra as usize;
             file[start..start + extra].copy_from_slice(&rng.bytes(extra));
@@ -129,19 +133,36 @@ fn put32(b: &mut [u8], off: usize, v: u32) {
 /// (uuidCreate, uuidModify) of a VDI file, in on-disk byte order.
 fn uuids_of(path: &Path) -> ([u8; 16], [u8; 16]) {
     let b = std::fs::read(path).unwrap();
-    (b[0x188..0x198].try_into().unwrap(), b[0x198..0x1a8].try_into().unwrap())
+    (
+        b[0x188..0x198].try_into().unwrap(),
+        b[0x198..0x1a8].try_into().unwrap(),
+    )
 }
 
 /// The text VirtualBox shows for an on-disk UUID.
 fn uuid_text(d: &[u8; 16]) -> String {
     let h = |r: &[u8]| r.iter().map(|b| format!("{b:02x}")).collect::<String>();
     let rev = |r: &[u8]| h(&r.iter().rev().copied().collect::<Vec<_>>());
-    format!("{}-{}-{}-{}-{}", rev(&d[0..4]), rev(&d[4..6]), rev(&d[6..8]), h(&d[8..10]), h(&d[10..16]))
+    format!(
+        "{}-{}-{}-{}-{}",
+        rev(&d[0..4]),
+        rev(&d[4..6]),
+        rev(&d[6..8]),
+        h(&d[8..10]),
+        h(&d[10..16])
+    )
 }
 
 /// A qemu-made dynamic VDI of `mb` MiB with random data in most blocks (block 2 full).
 fn qemu_parent(path: &Path, mb: u64, rng: &mut Rng) -> Vec<u8> {
-    qemu_img(&["create", "-q", "-f", "vdi", path.to_str().unwrap(), &format!("{mb}M")]);
+    qemu_img(&[
+        "create",
+        "-q",
+        "-f",
+        "vdi",
+        path.to_str().unwrap(),
+        &format!("{mb}M"),
+    ]);
     write_random("vdi", path, rng, 2 * MB, MB as usize);
     for _ in 0..8 {
         let len = 512 * (1 + rng.below(3000));
@@ -163,7 +184,10 @@ fn random_blocks(rng: &mut Rng, pattern: &str) -> Vec<Block> {
 }
 
 fn open_layer(path: &Path) -> std::sync::Arc<dyn Layer> {
-    let ctx = OpenCtx { writable: false, ..ctx() };
+    let ctx = OpenCtx {
+        writable: false,
+        ..ctx()
+    };
     vmfs_mount::format::open_detect(path, None, &ctx).unwrap()
 }
 
@@ -175,9 +199,19 @@ fn child_over_a_qemu_parent_matches_the_model() {
     let parent_bytes = qemu_parent(&base, 10, &mut rng);
     // Files that are not the parent must be passed over.
     std::fs::write(s.path("notes.raw"), rng.bytes(5000)).unwrap();
-    qemu_img(&["create", "-q", "-f", "qcow2", s.path("other.qcow2").to_str().unwrap(), "1M"]);
+    qemu_img(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        s.path("other.qcow2").to_str().unwrap(),
+        "1M",
+    ]);
     // Block 2 is all parent data: a zero block there must hide it.
-    let spec = { let blocks = random_blocks(&mut rng, "DFZDDFZDFD"); Spec::child_of(&base, &mut rng, blocks) };
+    let spec = {
+        let blocks = random_blocks(&mut rng, "DFZDDFZDFD");
+        Spec::child_of(&base, &mut rng, blocks)
+    };
     let child = s.path("child.vdi");
     spec.write(&child, &mut rng);
 
@@ -186,18 +220,35 @@ fn child_over_a_qemu_parent_matches_the_model() {
     assert_eq!(view.layers()[1].path(), base);
     let got = read_all(&view);
     assert_same("child", &got, &spec.model(&parent_bytes));
-    assert!(got[2 * MB as usize..3 * MB as usize].iter().all(|&b| b == 0));
-    assert!(parent_bytes[2 * MB as usize..3 * MB as usize].iter().any(|&b| b != 0));
+    assert!(
+        got[2 * MB as usize..3 * MB as usize]
+            .iter()
+            .all(|&b| b == 0)
+    );
+    assert!(
+        parent_bytes[2 * MB as usize..3 * MB as usize]
+            .iter()
+            .any(|&b| b != 0)
+    );
 
     // The parent's own view, as the mount shows it under snapshots/.
     let (_, snaps) = vmfs_mount::tree::plan(view.layers()).unwrap();
     assert_eq!(snaps[0].name, "base");
-    let pview = vmfs_mount::view::View::new(snaps[0].layers.clone(), snaps[0].size, std::sync::Arc::new(vmfs_mount::cache::ByteCache::new(1 << 20)), 64);
+    let pview = vmfs_mount::view::View::new(
+        snaps[0].layers.clone(),
+        snaps[0].size,
+        std::sync::Arc::new(vmfs_mount::cache::ByteCache::new(1 << 20)),
+        64,
+    );
     assert_same("parent view", &read_all(&pview), &parent_bytes);
 
     let d = view.layers()[0].details();
     let parent_uuid = format!("{{{}}}", uuid_text(&spec.linkage));
-    assert!(d.contains(&("image type".into(), "differencing".into())) && d.contains(&("parent uuid".into(), parent_uuid)), "{d:?}");
+    assert!(
+        d.contains(&("image type".into(), "differencing".into()))
+            && d.contains(&("parent uuid".into(), parent_uuid)),
+        "{d:?}"
+    );
 }
 
 /// VirtualBox's layout: the machine folder holds the .vbox, snapshots live in Snapshots/
@@ -211,12 +262,24 @@ fn three_deep_chain_found_through_the_vbox_file() {
     let base = s.path("vm/disks/system.vdi");
     let base_bytes = qemu_parent(&base, 8, &mut rng);
 
-    let mid_spec = { let blocks = random_blocks(&mut rng, "FDZFFDDF"); Spec::child_of(&base, &mut rng, blocks) };
-    let mid = s.path(&format!("vm/Snapshots/{{{}}}.vdi", uuid_text(&mid_spec.uuid)));
+    let mid_spec = {
+        let blocks = random_blocks(&mut rng, "FDZFFDDF");
+        Spec::child_of(&base, &mut rng, blocks)
+    };
+    let mid = s.path(&format!(
+        "vm/Snapshots/{{{}}}.vdi",
+        uuid_text(&mid_spec.uuid)
+    ));
     mid_spec.write(&mid, &mut rng);
     // The top is 2 MiB larger than the layers below: past their end it reads zeros.
-    let top_spec = { let blocks = random_blocks(&mut rng, "DFFZFFDZFF"); Spec::child_of(&mid, &mut rng, blocks) };
-    let top = s.path(&format!("vm/Snapshots/{{{}}}.vdi", uuid_text(&top_spec.uuid)));
+    let top_spec = {
+        let blocks = random_blocks(&mut rng, "DFFZFFDZFF");
+        Spec::child_of(&mid, &mut rng, blocks)
+    };
+    let top = s.path(&format!(
+        "vm/Snapshots/{{{}}}.vdi",
+        uuid_text(&top_spec.uuid)
+    ));
     top_spec.write(&top, &mut rng);
 
     let vbox = format!(
@@ -240,15 +303,33 @@ fn three_deep_chain_found_through_the_vbox_file() {
         mid = uuid_text(&mid_spec.uuid),
         top = uuid_text(&top_spec.uuid),
     );
-    let err_without_vbox = open_view(&top).err().expect("base only reachable through the .vbox");
-    assert_eq!(err_without_vbox.kind(), Kind::NotFound, "{err_without_vbox}");
-    assert!(err_without_vbox.message().contains(&uuid_text(&uuids_of(&base).0)), "{err_without_vbox}");
+    let err_without_vbox = open_view(&top)
+        .err()
+        .expect("base only reachable through the .vbox");
+    assert_eq!(
+        err_without_vbox.kind(),
+        Kind::NotFound,
+        "{err_without_vbox}"
+    );
+    assert!(
+        err_without_vbox
+            .message()
+            .contains(&uuid_text(&uuids_of(&base).0)),
+        "{err_without_vbox}"
+    );
     std::fs::write(s.path("vm/vm.vbox"), vbox).unwrap();
 
     let view = open_view(&top).unwrap();
-    let paths: Vec<PathBuf> = view.layers().iter().map(|l| l.path().to_path_buf()).collect();
+    let paths: Vec<PathBuf> = view
+        .layers()
+        .iter()
+        .map(|l| l.path().to_path_buf())
+        .collect();
     assert_eq!(paths.len(), 3);
-    assert_eq!((paths[0].clone(), paths[2].canonicalize().unwrap()), (top.clone(), base.canonicalize().unwrap()));
+    assert_eq!(
+        (paths[0].clone(), paths[2].canonicalize().unwrap()),
+        (top.clone(), base.canonicalize().unwrap())
+    );
     let want = top_spec.model(&mid_spec.model(&base_bytes));
     assert_same("top of three", &read_all(&view), &want);
 }
@@ -261,11 +342,18 @@ fn base_in_the_directory_above_is_found_without_a_vbox() {
     std::fs::create_dir_all(s.path("Snapshots")).unwrap();
     let base = s.path("disk.vdi");
     let base_bytes = qemu_parent(&base, 4, &mut rng);
-    let spec = { let blocks = random_blocks(&mut rng, "ZDFD"); Spec::child_of(&base, &mut rng, blocks) };
+    let spec = {
+        let blocks = random_blocks(&mut rng, "ZDFD");
+        Spec::child_of(&base, &mut rng, blocks)
+    };
     let child = s.path("Snapshots/snap.vdi");
     spec.write(&child, &mut rng);
     let view = open_view(&child).unwrap();
-    assert_same("child of upper base", &read_all(&view), &spec.model(&base_bytes));
+    assert_same(
+        "child of upper base",
+        &read_all(&view),
+        &spec.model(&base_bytes),
+    );
 }
 
 #[test]
@@ -274,23 +362,39 @@ fn missing_or_wrong_parent_names_the_uuid() {
     let mut rng = Rng::new(0x5ad);
     let base = s.path("base.vdi");
     qemu_parent(&base, 4, &mut rng);
-    let mut spec = { let blocks = random_blocks(&mut rng, "DFFZ"); Spec::child_of(&base, &mut rng, blocks) };
+    let mut spec = {
+        let blocks = random_blocks(&mut rng, "DFFZ");
+        Spec::child_of(&base, &mut rng, blocks)
+    };
     spec.linkage[15] ^= 0x5a;
     let child = s.path("child.vdi");
     spec.write(&child, &mut rng);
     let wanted = uuid_text(&spec.linkage);
     let e = open_view(&child).err().unwrap();
     assert_eq!(e.kind(), Kind::NotFound);
-    assert!(e.message().contains(&format!("uuid {{{wanted}}}")) && e.message().contains("child.vdi"), "{e}");
+    assert!(
+        e.message().contains(&format!("uuid {{{wanted}}}")) && e.message().contains("child.vdi"),
+        "{e}"
+    );
 
     // Asked directly, the child says what it wanted and what it found.
-    let e = open_layer(&child).verify_parent(&*open_layer(&base)).unwrap_err();
+    let e = open_layer(&child)
+        .verify_parent(&*open_layer(&base))
+        .unwrap_err();
     let found = uuid_text(&uuids_of(&base).0);
-    assert!(e.message().contains(&wanted) && e.message().contains(&found), "{e}");
+    assert!(
+        e.message().contains(&wanted) && e.message().contains(&found),
+        "{e}"
+    );
     let raw = s.path("plain.raw");
     std::fs::write(&raw, [0u8; 4096]).unwrap();
-    let e = open_layer(&child).verify_parent(&*open_layer(&raw)).unwrap_err();
-    assert!(e.message().contains("raw image") && e.message().contains(&wanted), "{e}");
+    let e = open_layer(&child)
+        .verify_parent(&*open_layer(&raw))
+        .unwrap_err();
+    assert!(
+        e.message().contains("raw image") && e.message().contains(&wanted),
+        "{e}"
+    );
 
     // With the parent gone entirely.
     std::fs::remove_file(&base).unwrap();
@@ -306,18 +410,28 @@ fn parent_modified_after_the_child_still_opens() {
     let mut rng = Rng::new(0x30d);
     let base = s.path("base.vdi");
     let base_bytes = qemu_parent(&base, 3, &mut rng);
-    let mut spec = { let blocks = random_blocks(&mut rng, "FDZ"); Spec::child_of(&base, &mut rng, blocks) };
+    let mut spec = {
+        let blocks = random_blocks(&mut rng, "FDZ");
+        Spec::child_of(&base, &mut rng, blocks)
+    };
     spec.parent_modify = rng.bytes(16).try_into().unwrap();
     let child = s.path("child.vdi");
     spec.write(&child, &mut rng);
-    assert_same("modified parent", &read_all(&open_view(&child).unwrap()), &spec.model(&base_bytes));
+    assert_same(
+        "modified parent",
+        &read_all(&open_view(&child).unwrap()),
+        &spec.model(&base_bytes),
+    );
 }
 
 #[test]
 fn uuid_loops_are_reported() {
     let s = Scratch::new("vdi-loop");
     let mut rng = Rng::new(0x100b);
-    let (ua, ub): ([u8; 16], [u8; 16]) = (rng.bytes(16).try_into().unwrap(), rng.bytes(16).try_into().unwrap());
+    let (ua, ub): ([u8; 16], [u8; 16]) = (
+        rng.bytes(16).try_into().unwrap(),
+        rng.bytes(16).try_into().unwrap(),
+    );
     let mk = |uuid: [u8; 16], linkage: [u8; 16], rng: &mut Rng| Spec {
         size: 2 * MB,
         block_size: MB,
@@ -335,7 +449,10 @@ fn uuid_loops_are_reported() {
     mk(ub, ua, &mut rng).write(&s.path("b.vdi"), &mut rng);
     let e = open_view(&s.path("a.vdi")).err().unwrap();
     assert_eq!(e.kind(), Kind::Corrupt, "{e}");
-    assert!(e.message().contains("loop") && e.message().contains(&uuid_text(&ua)), "{e}");
+    assert!(
+        e.message().contains("loop") && e.message().contains(&uuid_text(&ua)),
+        "{e}"
+    );
 
     let s2 = Scratch::new("vdi-selfloop");
     mk(ua, ua, &mut rng).write(&s2.path("self.vdi"), &mut rng);

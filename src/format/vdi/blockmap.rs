@@ -47,17 +47,28 @@ impl BlockMap {
 
     fn entry(&self, block: u64, path: &Path) -> Result<u32> {
         self.next_entry(block).ok_or_else(|| {
-            Error::corrupt(path, "block map", self.offset_blocks, format!("no entry for block {block}"))
+            Error::corrupt(
+                path,
+                "block map",
+                self.offset_blocks,
+                format!("no entry for block {block}"),
+            )
         })
     }
 
     /// Entries looked at while extending a run: a missing one just ends the run.
     fn next_entry(&self, block: u64) -> Option<u32> {
-        usize::try_from(block).ok().and_then(|i| self.entries.get(i).copied())
+        usize::try_from(block)
+            .ok()
+            .and_then(|i| self.entries.get(i).copied())
     }
 
     fn unmapped(&self, entry: u32) -> Run {
-        if entry == FREE && self.has_parent { Run::Unallocated } else { Run::Zero }
+        if entry == FREE && self.has_parent {
+            Run::Unallocated
+        } else {
+            Run::Zero
+        }
     }
 
     /// The run that starts at guest `off`, at most `len` bytes long: blocks with the same
@@ -111,7 +122,9 @@ impl BlockMap {
                 path,
                 "block map entry",
                 self.offset_blocks + block * 4,
-                format!("block {block} points to data block {entry}, past the end of the file ({file_len} bytes)"),
+                format!(
+                    "block {block} points to data block {entry}, past the end of the file ({file_len} bytes)"
+                ),
             )),
         }
     }
@@ -140,24 +153,75 @@ mod tests {
 
     #[test]
     fn decodes_little_endian_entries() {
-        assert_eq!(&*BlockMap::decode(&[1, 0, 0, 0, 0xfe, 0xff, 0xff, 0xff, 9]), &[1, ZERO]);
+        assert_eq!(
+            &*BlockMap::decode(&[1, 0, 0, 0, 0xfe, 0xff, 0xff, 0xff, 9]),
+            &[1, ZERO]
+        );
     }
 
     #[test]
     fn merges_blocks_contiguous_in_the_file() {
         let m = map(&[0, 1, 2, 5, 6, FREE], false);
-        assert_eq!(run(&m, 10, 10 * MB), (3 * MB - 10, Run::Data { host_off: 0x1000 + 10 }));
-        assert_eq!(run(&m, 2 * MB + 7, 10 * MB), (MB - 7, Run::Data { host_off: 0x1000 + 2 * MB + 7 }));
-        assert_eq!(run(&m, 3 * MB, 10 * MB), (2 * MB, Run::Data { host_off: 0x1000 + 5 * MB }));
-        assert_eq!(run(&m, 3 * MB, 100), (100, Run::Data { host_off: 0x1000 + 5 * MB }));
+        assert_eq!(
+            run(&m, 10, 10 * MB),
+            (
+                3 * MB - 10,
+                Run::Data {
+                    host_off: 0x1000 + 10
+                }
+            )
+        );
+        assert_eq!(
+            run(&m, 2 * MB + 7, 10 * MB),
+            (
+                MB - 7,
+                Run::Data {
+                    host_off: 0x1000 + 2 * MB + 7
+                }
+            )
+        );
+        assert_eq!(
+            run(&m, 3 * MB, 10 * MB),
+            (
+                2 * MB,
+                Run::Data {
+                    host_off: 0x1000 + 5 * MB
+                }
+            )
+        );
+        assert_eq!(
+            run(&m, 3 * MB, 100),
+            (
+                100,
+                Run::Data {
+                    host_off: 0x1000 + 5 * MB
+                }
+            )
+        );
     }
 
     #[test]
     fn block_extra_separates_blocks() {
         let mut m = map(&[0, 1], false);
         m.block_extra = 512;
-        assert_eq!(run(&m, 0, 2 * MB), (MB, Run::Data { host_off: 0x1000 + 512 }));
-        assert_eq!(run(&m, MB + 1, MB), (MB - 1, Run::Data { host_off: 0x1000 + (MB + 512) + 512 + 1 }));
+        assert_eq!(
+            run(&m, 0, 2 * MB),
+            (
+                MB,
+                Run::Data {
+                    host_off: 0x1000 + 512
+                }
+            )
+        );
+        assert_eq!(
+            run(&m, MB + 1, MB),
+            (
+                MB - 1,
+                Run::Data {
+                    host_off: 0x1000 + (MB + 512) + 512 + 1
+                }
+            )
+        );
     }
 
     #[test]
@@ -175,10 +239,16 @@ mod tests {
         let m = map(&[0, 1, 2], false);
         let file_len = 0x1000 + MB + 100;
         let p = Path::new("t.vdi");
-        assert_eq!(m.run(0, 3 * MB, file_len, p).unwrap(), (2 * MB, Run::Data { host_off: 0x1000 }));
+        assert_eq!(
+            m.run(0, 3 * MB, file_len, p).unwrap(),
+            (2 * MB, Run::Data { host_off: 0x1000 })
+        );
         assert_eq!(m.run(MB + 200, 10, file_len, p).unwrap(), (10, Run::Zero));
         let e = m.run(2 * MB, 10, file_len, p).unwrap_err().to_string();
-        assert!(e.contains("block map entry at offset 0x208") && e.contains("past the end"), "{e}");
+        assert!(
+            e.contains("block map entry at offset 0x208") && e.contains("past the end"),
+            "{e}"
+        );
         let huge = map(&[u32::MAX - 2], false);
         assert!(huge.run(0, 1, u64::MAX, p).is_ok());
         let mut overflow = map(&[u32::MAX - 2], false);

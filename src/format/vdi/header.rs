@@ -107,12 +107,19 @@ impl Header {
         }
         let sig = le32(buf, 0x40);
         if sig != SIGNATURE {
-            return Err(corrupt("signature", 0x40, format!("{sig:#010x} is not the VDI signature {SIGNATURE:#010x}")));
+            return Err(corrupt(
+                "signature",
+                0x40,
+                format!("{sig:#010x} is not the VDI signature {SIGNATURE:#010x}"),
+            ));
         }
         let version = le32(buf, 0x44);
         let (major, minor) = (version >> 16, version & 0xffff);
         if major != 1 || minor > 1 {
-            return Err(Error::unsupported(path, format!("VDI version {major}.{minor} (only 1.0 and 1.1 are read)")));
+            return Err(Error::unsupported(
+                path,
+                format!("VDI version {major}.{minor} (only 1.0 and 1.1 are read)"),
+            ));
         }
         let header_size = le32(buf, 0x48);
         let type_raw = le32(buf, 0x4c);
@@ -140,7 +147,8 @@ impl Header {
     }
 
     fn validate(&self, buf: &[u8], path: &Path) -> Result<()> {
-        let corrupt = |field: &str, off: u64, what: String| Err(Error::corrupt(path, field, off, what));
+        let corrupt =
+            |field: &str, off: u64, what: String| Err(Error::corrupt(path, field, off, what));
         let header_end = PRE_HEADER_SIZE as u64 + self.header_size as u64;
         if self.header_size < HEADER1_SIZE || header_end > self.offset_blocks as u64 {
             return corrupt(
@@ -156,12 +164,18 @@ impl Header {
         // VirtualBox the LCHS one).
         let legacy_sector = le32(buf, 0x168);
         if legacy_sector != 0 && legacy_sector as u64 != SECTOR {
-            return Err(Error::unsupported(path, format!("sector size {legacy_sector} (only 512 is read)")));
+            return Err(Error::unsupported(
+                path,
+                format!("sector size {legacy_sector} (only 512 is read)"),
+            ));
         }
         if self.header_size >= HEADER1_PLUS_SIZE {
             let lchs_sector = le32(buf, 0x1d4);
             if lchs_sector != 0 && lchs_sector as u64 != SECTOR {
-                return Err(Error::unsupported(path, format!("LCHS sector size {lchs_sector} (only 512 is read)")));
+                return Err(Error::unsupported(
+                    path,
+                    format!("LCHS sector size {lchs_sector} (only 512 is read)"),
+                ));
             }
         }
         let bs = self.block_size;
@@ -173,10 +187,18 @@ impl Header {
             );
         }
         if self.block_extra != 0 && !self.block_extra.is_power_of_two() {
-            return corrupt("block extra size", 0x17c, format!("{} bytes is not a power of two", self.block_extra));
+            return corrupt(
+                "block extra size",
+                0x17c,
+                format!("{} bytes is not a power of two", self.block_extra),
+            );
         }
         if self.blocks > MAX_BLOCKS {
-            return corrupt("block count", 0x180, format!("{} blocks exceed the limit of {MAX_BLOCKS}", self.blocks));
+            return corrupt(
+                "block count",
+                0x180,
+                format!("{} blocks exceed the limit of {MAX_BLOCKS}", self.blocks),
+            );
         }
         let capacity = self.blocks as u64 * bs as u64;
         if self.virtual_size() > capacity {
@@ -193,7 +215,10 @@ impl Header {
             return corrupt(
                 "allocated block count",
                 0x184,
-                format!("{} allocated blocks exceed the {} blocks of the image", self.blocks_allocated, self.blocks),
+                format!(
+                    "{} allocated blocks exceed the {} blocks of the image",
+                    self.blocks_allocated, self.blocks
+                ),
             );
         }
         let map_end = self.offset_blocks as u64 + self.blocks as u64 * 4;
@@ -201,14 +226,20 @@ impl Header {
             return corrupt(
                 "data offset",
                 0x158,
-                format!("{:#x} lies inside the block map ({:#x}..{map_end:#x})", self.offset_data, self.offset_blocks),
+                format!(
+                    "{:#x} lies inside the block map ({:#x}..{map_end:#x})",
+                    self.offset_data, self.offset_blocks
+                ),
             );
         }
         if self.image_type.has_parent() && self.uuid_linkage.is_nil() {
             return corrupt(
                 "parent UUID (uuidLinkage)",
                 0x1a8,
-                format!("a {} image must name its parent, but the UUID is null", self.image_type.name()),
+                format!(
+                    "a {} image must name its parent, but the UUID is null",
+                    self.image_type.name()
+                ),
             );
         }
         Ok(())
@@ -218,7 +249,9 @@ impl Header {
     /// ('VBoxManage convertfromraw' can write odd sizes).
     pub fn virtual_size(&self) -> u64 {
         // disk_size <= u64::MAX - 511 is not guaranteed: saturate, then validation fails.
-        self.disk_size.checked_next_multiple_of(SECTOR).unwrap_or(u64::MAX)
+        self.disk_size
+            .checked_next_multiple_of(SECTOR)
+            .unwrap_or(u64::MAX)
     }
 }
 
@@ -230,7 +263,8 @@ pub(crate) mod tests {
     pub fn sample(size: u64) -> Vec<u8> {
         let mut b = vec![0u8; READ_SIZE];
         b[..35].copy_from_slice(b"<<< QEMU VM Virtual Disk Image >>>\n");
-        let put32 = |b: &mut Vec<u8>, off: usize, v: u32| b[off..off + 4].copy_from_slice(&v.to_le_bytes());
+        let put32 =
+            |b: &mut Vec<u8>, off: usize, v: u32| b[off..off + 4].copy_from_slice(&v.to_le_bytes());
         put32(&mut b, 0x40, SIGNATURE);
         put32(&mut b, 0x44, 0x0001_0001);
         put32(&mut b, 0x48, HEADER1_SIZE);
@@ -252,18 +286,28 @@ pub(crate) mod tests {
     }
 
     fn err(b: &[u8]) -> String {
-        Header::parse(b, Path::new("t.vdi")).unwrap_err().to_string()
+        Header::parse(b, Path::new("t.vdi"))
+            .unwrap_err()
+            .to_string()
     }
 
     #[test]
     fn decodes_a_qemu_header() {
         let mut b = sample(5 << 20);
-        b[0x188..0x198].copy_from_slice(&[0x33, 0x22, 0x11, 0, 0x55, 0x44, 0x77, 0x66, 8, 9, 10, 11, 12, 13, 14, 15]);
+        b[0x188..0x198].copy_from_slice(&[
+            0x33, 0x22, 0x11, 0, 0x55, 0x44, 0x77, 0x66, 8, 9, 10, 11, 12, 13, 14, 15,
+        ]);
         let h = Header::parse(&b, Path::new("t.vdi")).unwrap();
         assert_eq!(h.image_type, ImageType::Normal);
-        assert_eq!((h.block_size, h.blocks, h.offset_blocks, h.offset_data), (1 << 20, 5, 0x200, 0x400));
+        assert_eq!(
+            (h.block_size, h.blocks, h.offset_blocks, h.offset_data),
+            (1 << 20, 5, 0x200, 0x400)
+        );
         assert_eq!(h.virtual_size(), 5 << 20);
-        assert_eq!(h.uuid_create.to_string(), "00112233-4455-6677-0809-0a0b0c0d0e0f");
+        assert_eq!(
+            h.uuid_create.to_string(),
+            "00112233-4455-6677-0809-0a0b0c0d0e0f"
+        );
         assert!(h.uuid_linkage.is_nil());
     }
 
@@ -282,9 +326,16 @@ pub(crate) mod tests {
         assert!(err(&b).contains("signature at offset 0x40"), "{}", err(&b));
         let mut b = sample(1 << 20);
         put32(&mut b, 0x44, 0x0000_0002);
-        assert!(err(&b).contains("unsupported: VDI version 0.2"), "{}", err(&b));
+        assert!(
+            err(&b).contains("unsupported: VDI version 0.2"),
+            "{}",
+            err(&b)
+        );
         put32(&mut b, 0x44, 0x0001_0000);
-        assert!(Header::parse(&b, Path::new("t.vdi")).is_ok(), "1.0 headers use the same layout");
+        assert!(
+            Header::parse(&b, Path::new("t.vdi")).is_ok(),
+            "1.0 headers use the same layout"
+        );
         put32(&mut b, 0x4c, 9);
         assert!(err(&b).contains("image type at offset 0x4c"), "{}", err(&b));
         assert!(err(&b[..100]).contains("too short"));

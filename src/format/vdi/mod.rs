@@ -51,7 +51,12 @@ impl VdiLayer {
             offset_blocks: header.offset_blocks as u64,
             has_parent: header.image_type.has_parent(),
         };
-        Ok(VdiLayer { size: header.virtual_size(), file, header, map })
+        Ok(VdiLayer {
+            size: header.virtual_size(),
+            file,
+            header,
+            map,
+        })
     }
 
     /// The UUID this image was created with (what children store as uuidLinkage).
@@ -80,7 +85,10 @@ impl Layer for VdiLayer {
     fn map(&self, off: u64, len: u64) -> Result<Extent> {
         let (len, run) = self.map.run(off, len, self.file.len(), self.file.path())?;
         let map = match run {
-            Run::Data { host_off } => Mapping::Data { file: self.file.clone(), host_off },
+            Run::Data { host_off } => Mapping::Data {
+                file: self.file.clone(),
+                host_off,
+            },
             Run::Zero => Mapping::Zero,
             Run::Unallocated => Mapping::Unallocated,
         };
@@ -96,7 +104,11 @@ impl Layer for VdiLayer {
             Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
             _ => ".".into(),
         };
-        ParentRef::Search { dir, hints: vbox::parent_hints(self.path(), &wanted), wanted: format!("uuid {{{wanted}}}") }
+        ParentRef::Search {
+            dir,
+            hints: vbox::parent_hints(self.path(), &wanted),
+            wanted: format!("uuid {{{wanted}}}"),
+        }
     }
 
     /// VirtualBox links a differencing image to its parent by uuidLinkage == the parent's
@@ -143,7 +155,11 @@ impl Layer for VdiLayer {
     }
 
     fn identity(&self) -> Identity {
-        Identity { uuid: Some(self.header.uuid_create.0), modify_uuid: Some(self.header.uuid_modify.0), cid: None }
+        Identity {
+            uuid: Some(self.header.uuid_create.0),
+            modify_uuid: Some(self.header.uuid_modify.0),
+            cid: None,
+        }
     }
 
     fn files(&self) -> Vec<Arc<HostFile>> {
@@ -154,7 +170,10 @@ impl Layer for VdiLayer {
         let h = &self.header;
         let mut d = vec![
             ("image type".to_string(), h.image_type.name().to_string()),
-            ("version".into(), format!("{}.{}", h.version >> 16, h.version & 0xffff)),
+            (
+                "version".into(),
+                format!("{}.{}", h.version >> 16, h.version & 0xffff),
+            ),
             ("block size".into(), h.block_size.to_string()),
             ("blocks".into(), h.blocks.to_string()),
             ("blocks allocated".into(), h.blocks_allocated.to_string()),
@@ -169,7 +188,10 @@ impl Layer for VdiLayer {
         }
         if !h.uuid_linkage.is_nil() {
             d.push(("parent uuid".into(), format!("{{{}}}", h.uuid_linkage)));
-            d.push(("parent modify uuid".into(), format!("{{{}}}", h.uuid_parent_modify)));
+            d.push((
+                "parent modify uuid".into(),
+                format!("{{{}}}", h.uuid_parent_modify),
+            ));
         }
         d
     }

@@ -33,7 +33,10 @@ impl Uuid {
     /// (the .vbox files write "{...}"), in either case.
     pub fn parse(text: &str) -> Option<Uuid> {
         let t = text.trim();
-        let t = t.strip_prefix('{').and_then(|s| s.strip_suffix('}')).unwrap_or(t);
+        let t = t
+            .strip_prefix('{')
+            .and_then(|s| s.strip_suffix('}'))
+            .unwrap_or(t);
         let b = t.as_bytes();
         if b.len() != 36 || [8, 13, 18, 23].iter().any(|&i| b[i] != b'-') {
             return None;
@@ -76,7 +79,8 @@ mod tests {
     #[test]
     fn first_three_fields_are_little_endian_on_disk() {
         let disk = [
-            0x33, 0x22, 0x11, 0x00, 0x55, 0x44, 0x77, 0x66, 0x88, 0x99, 0xaa, 0xbb, 0xcc, 0xdd, 0xee, 0xff,
+            0x33, 0x22, 0x11, 0x00, 0x55, 0x44, 0x77, 0x66, 0x88, 0x99, 0xaa, 0xbb, 0xcc, 0xdd,
+            0xee, 0xff,
         ];
         let u = Uuid::from_disk(&disk);
         assert_eq!(u.to_string(), "00112233-4455-6677-8899-aabbccddeeff");

@@ -48,13 +48,19 @@ pub fn parse_media(xml: &str) -> Vec<Medium> {
             }
             continue;
         }
-        let Some(attrs) = tag.strip_prefix("HardDisk") else { continue };
+        let Some(attrs) = tag.strip_prefix("HardDisk") else {
+            continue;
+        };
         if !attrs.starts_with(|c: char| c.is_whitespace() || c == '/') && !attrs.is_empty() {
             continue; // e.g. <HardDisks>
         }
         let uuid = attribute(attrs, "uuid").and_then(|u| Uuid::parse(&u));
         if let (Some(uuid), Some(location)) = (uuid, attribute(attrs, "location")) {
-            out.push(Medium { uuid, location, parent: stack.last().copied().flatten() });
+            out.push(Medium {
+                uuid,
+                location,
+                parent: stack.last().copied().flatten(),
+            });
         }
         if !attrs.trim_end().ends_with('/') {
             stack.push(uuid);
@@ -74,7 +80,9 @@ fn attribute(attrs: &str, name: &str) -> Option<String> {
         if !before_ok {
             continue;
         }
-        let Some(after_eq) = after.strip_prefix('=') else { continue };
+        let Some(after_eq) = after.strip_prefix('=') else {
+            continue;
+        };
         let after_eq = after_eq.trim_start();
         let quote = after_eq.chars().next().filter(|&q| q == '"' || q == '\'')?;
         let body = &after_eq[1..];
@@ -84,7 +92,11 @@ fn attribute(attrs: &str, name: &str) -> Option<String> {
 }
 
 fn unescape(s: &str) -> String {
-    s.replace("&quot;", "\"").replace("&apos;", "'").replace("&lt;", "<").replace("&gt;", ">").replace("&amp;", "&")
+    s.replace("&quot;", "\"")
+        .replace("&apos;", "'")
+        .replace("&lt;", "<")
+        .replace("&gt;", ">")
+        .replace("&amp;", "&")
 }
 
 /// Resolves a registry location against the .vbox directory. Only relative paths that stay
@@ -93,12 +105,17 @@ fn unescape(s: &str) -> String {
 fn resolve_location(vbox_dir: &Path, location: &str) -> Vec<PathBuf> {
     let unix = location.replace('\\', "/");
     let rel = Path::new(&unix);
-    let inside = !unix.contains(':') && rel.components().all(|c| matches!(c, Component::Normal(_) | Component::CurDir));
+    let inside = !unix.contains(':')
+        && rel
+            .components()
+            .all(|c| matches!(c, Component::Normal(_) | Component::CurDir));
     if inside && rel.file_name().is_some() {
         return vec![vbox_dir.join(rel)];
     }
     match rel.file_name() {
-        Some(name) if name != ".." => vec![vbox_dir.join(name), vbox_dir.join("Snapshots").join(name)],
+        Some(name) if name != ".." => {
+            vec![vbox_dir.join(name), vbox_dir.join("Snapshots").join(name)]
+        }
         _ => Vec::new(),
     }
 }
@@ -108,19 +125,35 @@ fn resolve_location(vbox_dir: &Path, location: &str) -> Vec<PathBuf> {
 /// VDI files in the directory above whose header carries that UUID (the child's own
 /// directory is scanned by the chain opener).
 pub fn parent_hints(child: &Path, wanted: &Uuid) -> Vec<PathBuf> {
-    let child_dir = child.parent().map(Path::to_path_buf).unwrap_or_else(|| PathBuf::from("."));
-    let child_dir = if child_dir.as_os_str().is_empty() { PathBuf::from(".") } else { child_dir };
+    let child_dir = child
+        .parent()
+        .map(Path::to_path_buf)
+        .unwrap_or_else(|| PathBuf::from("."));
+    let child_dir = if child_dir.as_os_str().is_empty() {
+        PathBuf::from(".")
+    } else {
+        child_dir
+    };
     let upper = upper_dir(&child_dir);
     let mut hints = Vec::new();
     for dir in [&child_dir, &upper] {
-        for vbox in files_in(dir).into_iter().filter(|p| p.extension().is_some_and(|e| e == "vbox")) {
-            let Some(text) = read_small(&vbox) else { continue };
+        for vbox in files_in(dir)
+            .into_iter()
+            .filter(|p| p.extension().is_some_and(|e| e == "vbox"))
+        {
+            let Some(text) = read_small(&vbox) else {
+                continue;
+            };
             for m in parse_media(&text).into_iter().filter(|m| m.uuid == *wanted) {
                 hints.extend(resolve_location(dir, &m.location));
             }
         }
     }
-    hints.extend(files_in(&upper).into_iter().filter(|p| vdi_uuid_create(p) == Some(*wanted)));
+    hints.extend(
+        files_in(&upper)
+            .into_iter()
+            .filter(|p| vdi_uuid_create(p) == Some(*wanted)),
+    );
     let mut seen = HashSet::new();
     hints.retain(|p| p.is_file() && seen.insert(p.clone()));
     hints
@@ -138,8 +171,15 @@ fn upper_dir(dir: &Path) -> PathBuf {
 }
 
 fn files_in(dir: &Path) -> Vec<PathBuf> {
-    let Ok(rd) = std::fs::read_dir(dir) else { return Vec::new() };
-    let mut v: Vec<PathBuf> = rd.take(MAX_DIR_ENTRIES).filter_map(|e| e.ok()).map(|e| e.path()).filter(|p| p.is_file()).collect();
+    let Ok(rd) = std::fs::read_dir(dir) else {
+        return Vec::new();
+    };
+    let mut v: Vec<PathBuf> = rd
+        .take(MAX_DIR_ENTRIES)
+        .filter_map(|e| e.ok())
+        .map(|e| e.path())
+        .filter(|p| p.is_file())
+        .collect();
     v.sort();
     v
 }
@@ -193,29 +233,60 @@ mod tests {
     fn reads_media_with_their_parents() {
         let m = parse_media(VBOX);
         assert_eq!(m.len(), 4);
-        assert_eq!(m[0], Medium { uuid: u("11111111-0000-0000-0000-000000000000"), location: "vm.vdi".into(), parent: None });
+        assert_eq!(
+            m[0],
+            Medium {
+                uuid: u("11111111-0000-0000-0000-000000000000"),
+                location: "vm.vdi".into(),
+                parent: None
+            }
+        );
         assert_eq!(m[1].parent, Some(m[0].uuid));
         assert_eq!(m[2].location, "Snapshots/a&b.vdi");
         assert_eq!(m[2].parent, Some(m[1].uuid));
         assert_eq!(m[3].location, r"C:\VMs\other.vdi");
-        assert_eq!(m[3].parent, None, "the self-closed child does not stay open");
+        assert_eq!(
+            m[3].parent, None,
+            "the self-closed child does not stay open"
+        );
     }
 
     #[test]
     fn survives_garbage() {
         assert!(parse_media("<HardDisk uuid=\"{x}\" location=\"a\"><<<>").is_empty());
-        assert!(parse_media("<HardDisk uuid=\"{11111111-0000-0000-0000-000000000000}\" location=\"a").is_empty());
+        assert!(
+            parse_media("<HardDisk uuid=\"{11111111-0000-0000-0000-000000000000}\" location=\"a")
+                .is_empty()
+        );
         assert!(parse_media("</HardDisk></HardDisk><HardDisk").is_empty());
-        assert_eq!(attribute(r#" xuuid="1" uuid = '2'"#, "uuid").as_deref(), Some("2"));
+        assert_eq!(
+            attribute(r#" xuuid="1" uuid = '2'"#, "uuid").as_deref(),
+            Some("2")
+        );
     }
 
     #[test]
     fn untrusted_locations_stay_in_the_machine_folder() {
         let d = Path::new("/vm");
-        assert_eq!(resolve_location(d, "Snapshots/x.vdi"), vec![PathBuf::from("/vm/Snapshots/x.vdi")]);
-        assert_eq!(resolve_location(d, "/etc/x.vdi"), vec![PathBuf::from("/vm/x.vdi"), PathBuf::from("/vm/Snapshots/x.vdi")]);
-        assert_eq!(resolve_location(d, r"C:\VMs\y.vdi")[0], PathBuf::from("/vm/y.vdi"));
-        assert_eq!(resolve_location(d, "../../z.vdi")[0], PathBuf::from("/vm/z.vdi"));
+        assert_eq!(
+            resolve_location(d, "Snapshots/x.vdi"),
+            vec![PathBuf::from("/vm/Snapshots/x.vdi")]
+        );
+        assert_eq!(
+            resolve_location(d, "/etc/x.vdi"),
+            vec![
+                PathBuf::from("/vm/x.vdi"),
+                PathBuf::from("/vm/Snapshots/x.vdi")
+            ]
+        );
+        assert_eq!(
+            resolve_location(d, r"C:\VMs\y.vdi")[0],
+            PathBuf::from("/vm/y.vdi")
+        );
+        assert_eq!(
+            resolve_location(d, "../../z.vdi")[0],
+            PathBuf::from("/vm/z.vdi")
+        );
         assert!(resolve_location(d, "..").is_empty());
     }
 
