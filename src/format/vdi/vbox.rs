@@ -288,6 +288,14 @@ mod tests {
             PathBuf::from("/vm/z.vdi")
         );
         assert!(resolve_location(d, "..").is_empty());
+        assert_eq!(
+            resolve_location(d, "./2019.vdi"),
+            vec![PathBuf::from("/vm/./2019.vdi")]
+        );
+        assert_eq!(
+            resolve_location(d, "C:/VMs/vm/Snapshots/{u}.vdi")[1],
+            PathBuf::from("/vm/Snapshots/{u}.vdi")
+        );
     }
 
     #[test]
