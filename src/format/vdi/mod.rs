@@ -107,7 +107,9 @@ impl Layer for VdiLayer {
         ParentRef::Search {
             dir,
             hints: vbox::parent_hints(self.path(), &wanted),
-            wanted: format!("uuid {{{wanted}}}"),
+            wanted: format!(
+                "uuid {{{wanted}}} (the directory above and .vbox media registries were searched too)"
+            ),
         }
     }
 
