@@ -12,7 +12,16 @@ const MIB: u64 = 1 << 20;
 const GRAIN: u64 = 64 * 1024;
 
 fn create(img: &Path, opts: &str, size: u64) {
-    qemu_img(&["create", "-q", "-f", "vmdk", "-o", opts, img.to_str().unwrap(), &size.to_string()]);
+    qemu_img(&[
+        "create",
+        "-q",
+        "-f",
+        "vmdk",
+        "-o",
+        opts,
+        img.to_str().unwrap(),
+        &size.to_string(),
+    ]);
 }
 
 /// Writes seeded random data at the interesting places of a `size`-byte disk: aligned,
@@ -59,12 +68,29 @@ fn monolithic_sparse_matches_qemu() {
     let mut rng = Rng::new(11);
     scatter_writes(&img, &mut rng, size);
     // Zeros written over data stay data (no zeroed_grain flag).
-    qemu_io("vmdk", &img, &[format!("write -z {} {}", GRAIN, GRAIN), format!("write -z {} 1000", 5 * GRAIN + 100)]);
+    qemu_io(
+        "vmdk",
+        &img,
+        &[
+            format!("write -z {} {}", GRAIN, GRAIN),
+            format!("write -z {} 1000", 5 * GRAIN + 100),
+        ],
+    );
     compare_with_qemu("monolithicSparse", &img);
     let layers = vmfs_mount::chain::open_chain(&img, None, &ctx()).unwrap();
     let details = layers[0].details();
-    assert!(details.iter().any(|(k, v)| k == "createType" && v == "monolithicSparse"), "{details:?}");
-    assert!(details.iter().any(|(k, v)| k == "grain size" && v == "65536"), "{details:?}");
+    assert!(
+        details
+            .iter()
+            .any(|(k, v)| k == "createType" && v == "monolithicSparse"),
+        "{details:?}"
+    );
+    assert!(
+        details
+            .iter()
+            .any(|(k, v)| k == "grain size" && v == "65536"),
+        "{details:?}"
+    );
 }
 
 #[test]
@@ -76,18 +102,43 @@ fn zeroed_grains_hide_the_parent() {
     create(&base, "subformat=monolithicSparse", size);
     let mut rng = Rng::new(12);
     write_random("vmdk", &base, &mut rng, 0, size as usize);
-    qemu_img(&["create", "-q", "-f", "vmdk", "-o", "zeroed_grain=on", "-b", "base.vmdk", "-F", "vmdk", top.to_str().unwrap()]);
+    qemu_img(&[
+        "create",
+        "-q",
+        "-f",
+        "vmdk",
+        "-o",
+        "zeroed_grain=on",
+        "-b",
+        "base.vmdk",
+        "-F",
+        "vmdk",
+        top.to_str().unwrap(),
+    ]);
     write_random("vmdk", &top, &mut rng, 3 * GRAIN + 5, 100);
     // Whole grains of zeros become zeroed-grain entries; a partial one is written as data.
-    qemu_io("vmdk", &top, &[format!("write -z {} {}", 8 * GRAIN, 4 * GRAIN), format!("write -z {} 300", 20 * GRAIN + 7)]);
+    qemu_io(
+        "vmdk",
+        &top,
+        &[
+            format!("write -z {} {}", 8 * GRAIN, 4 * GRAIN),
+            format!("write -z {} 300", 20 * GRAIN + 7),
+        ],
+    );
     compare_with_qemu("zeroed grains over a parent", &top);
     let view = open_view(&top).unwrap();
     let mut buf = vec![1u8; 4 * GRAIN as usize];
     view.read(8 * GRAIN, &mut buf).unwrap();
-    assert!(buf.iter().all(|&b| b == 0), "zeroed grains must not show the parent");
+    assert!(
+        buf.iter().all(|&b| b == 0),
+        "zeroed grains must not show the parent"
+    );
     let layers = vmfs_mount::chain::open_chain(&top, None, &ctx()).unwrap();
     let e = layers[0].map(8 * GRAIN, 4 * GRAIN).unwrap();
-    assert!(matches!(e.map, Mapping::Zero) && e.len == 4 * GRAIN, "{e:?}");
+    assert!(
+        matches!(e.map, Mapping::Zero) && e.len == 4 * GRAIN,
+        "{e:?}"
+    );
 }
 
 #[test]
@@ -102,14 +153,30 @@ fn stream_optimized_matches_qemu_including_appended_grains() {
     data[GRAIN as usize..3 * GRAIN as usize].fill(0);
     data[(40 * GRAIN) as usize..(60 * GRAIN) as usize].fill(0);
     std::fs::write(&raw, &data).unwrap();
-    qemu_img(&["convert", "-q", "-f", "raw", "-O", "vmdk", "-o", "subformat=streamOptimized", raw.to_str().unwrap(), img.to_str().unwrap()]);
+    qemu_img(&[
+        "convert",
+        "-q",
+        "-f",
+        "raw",
+        "-O",
+        "vmdk",
+        "-o",
+        "subformat=streamOptimized",
+        raw.to_str().unwrap(),
+        img.to_str().unwrap(),
+    ]);
     compare_with_qemu("streamOptimized", &img);
     // qemu-io appends compressed grains (whole grains only) to unallocated places.
     write_random("vmdk", &img, &mut rng, 41 * GRAIN, 2 * GRAIN as usize);
     write_random("vmdk", &img, &mut rng, 59 * GRAIN, GRAIN as usize);
     compare_with_qemu("streamOptimized with appended grains", &img);
     let layers = vmfs_mount::chain::open_chain(&img, None, &ctx()).unwrap();
-    assert!(layers[0].details().iter().any(|(k, v)| k == "createType" && v == "streamOptimized"));
+    assert!(
+        layers[0]
+            .details()
+            .iter()
+            .any(|(k, v)| k == "createType" && v == "streamOptimized")
+    );
 }
 
 #[test]
@@ -123,7 +190,18 @@ fn stream_optimized_with_gd_at_end() {
     let mut data = rng.bytes(2 * MIB as usize);
     data[..GRAIN as usize].fill(0);
     std::fs::write(&raw, &data).unwrap();
-    qemu_img(&["convert", "-q", "-f", "raw", "-O", "vmdk", "-o", "subformat=streamOptimized", raw.to_str().unwrap(), img.to_str().unwrap()]);
+    qemu_img(&[
+        "convert",
+        "-q",
+        "-f",
+        "raw",
+        "-O",
+        "vmdk",
+        "-o",
+        "subformat=streamOptimized",
+        raw.to_str().unwrap(),
+        img.to_str().unwrap(),
+    ]);
     let want = qemu_raw(&img, None, &[]);
     let mut bytes = std::fs::read(&img).unwrap();
     bytes.truncate(bytes.len().div_ceil(512) * 512);
@@ -157,14 +235,26 @@ fn monolithic_flat_matches_qemu() {
     compare_with_qemu("monolithicFlat", &img);
     // A flat file shorter than its extent reads as zeros past its end, as in QEMU.
     let flat = s.path("flat-flat.vmdk");
-    std::fs::OpenOptions::new().write(true).open(&flat).unwrap().set_len(MIB + 100).unwrap();
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&flat)
+        .unwrap()
+        .set_len(MIB + 100)
+        .unwrap();
     compare_with_qemu("short flat file", &img);
 }
 
 /// Converts `img` to a sparse raw file and compares the listed regions of it with the view.
 fn compare_regions(what: &str, img: &Path, regions: &[(u64, usize)]) {
     let out = img.with_extension("regions.raw");
-    qemu_img(&["convert", "-q", "-O", "raw", img.to_str().unwrap(), out.to_str().unwrap()]);
+    qemu_img(&[
+        "convert",
+        "-q",
+        "-O",
+        "raw",
+        img.to_str().unwrap(),
+        out.to_str().unwrap(),
+    ]);
     let raw = std::fs::File::open(&out).unwrap();
     let view = open_view(img).unwrap();
     assert_eq!(view.size(), raw.metadata().unwrap().len(), "{what}: size");
@@ -185,13 +275,26 @@ fn two_gb_case(subformat: &str, seed: u64) {
     create(&img, &format!("subformat={subformat}"), size);
     let mut rng = Rng::new(seed);
     let boundary = 2048 * MIB;
-    let writes = [(0, 1000), (boundary - 3000, 7000), (boundary - GRAIN, GRAIN as usize), (size - 5000, 5000), (777 * MIB + 3, 70_000)];
+    let writes = [
+        (0, 1000),
+        (boundary - 3000, 7000),
+        (boundary - GRAIN, GRAIN as usize),
+        (size - 5000, 5000),
+        (777 * MIB + 3, 70_000),
+    ];
     for (off, len) in writes {
         write_random("vmdk", &img, &mut rng, off, len);
     }
-    let mut regions: Vec<(u64, usize)> = writes.iter().map(|&(o, l)| (o.saturating_sub(4096), l + 8192)).collect();
+    let mut regions: Vec<(u64, usize)> = writes
+        .iter()
+        .map(|&(o, l)| (o.saturating_sub(4096), l + 8192))
+        .collect();
     regions.retain(|r| r.0 + r.1 as u64 <= size);
-    regions.extend([(boundary - 2 * MIB, 4 * MIB as usize), (size - 2 * MIB, 2 * MIB as usize), (100 * MIB, MIB as usize)]);
+    regions.extend([
+        (boundary - 2 * MIB, 4 * MIB as usize),
+        (size - 2 * MIB, 2 * MIB as usize),
+        (100 * MIB, MIB as usize),
+    ]);
     compare_regions(subformat, &img, &regions);
 }
 
@@ -215,15 +318,40 @@ fn delta_chain_matches_qemu_and_checks_cids() {
     create(&base, "subformat=monolithicSparse", size);
     let mut rng = Rng::new(18);
     scatter_writes(&base, &mut rng, size);
-    qemu_img(&["create", "-q", "-f", "vmdk", "-b", "base.vmdk", "-F", "vmdk", mid.to_str().unwrap()]);
+    qemu_img(&[
+        "create",
+        "-q",
+        "-f",
+        "vmdk",
+        "-b",
+        "base.vmdk",
+        "-F",
+        "vmdk",
+        mid.to_str().unwrap(),
+    ]);
     scatter_writes(&mid, &mut rng, size);
-    qemu_img(&["create", "-q", "-f", "vmdk", "-b", "mid.vmdk", "-F", "vmdk", top.to_str().unwrap()]);
+    qemu_img(&[
+        "create",
+        "-q",
+        "-f",
+        "vmdk",
+        "-b",
+        "mid.vmdk",
+        "-F",
+        "vmdk",
+        top.to_str().unwrap(),
+    ]);
     scatter_writes(&top, &mut rng, size);
     compare_with_qemu("three-layer chain", &top);
     let layers = vmfs_mount::chain::open_chain(&top, None, &ctx()).unwrap();
     assert_eq!(layers.len(), 3);
     let cid = layers[1].identity().cid.unwrap();
-    let parent_cid = layers[0].details().into_iter().find(|(k, _)| k == "parentCID").unwrap().1;
+    let parent_cid = layers[0]
+        .details()
+        .into_iter()
+        .find(|(k, _)| k == "parentCID")
+        .unwrap()
+        .1;
     assert_eq!(parent_cid, format!("{cid:08x}"));
 
     // Writing to the middle layer gives it a new CID: the top no longer matches.
@@ -231,7 +359,10 @@ fn delta_chain_matches_qemu_and_checks_cids() {
     let e = vmfs_mount::chain::open_chain(&top, None, &ctx()).unwrap_err();
     assert_eq!(e.kind(), Kind::Corrupt);
     let msg = e.to_string();
-    assert!(msg.contains("top.vmdk") && msg.contains("mid.vmdk") && msg.contains(&parent_cid), "{msg}");
+    assert!(
+        msg.contains("top.vmdk") && msg.contains("mid.vmdk") && msg.contains(&parent_cid),
+        "{msg}"
+    );
 }
 
 #[test]
@@ -240,7 +371,17 @@ fn missing_parent_is_named() {
     let base = s.path("base.vmdk");
     let top = s.path("top.vmdk");
     create(&base, "subformat=monolithicSparse", MIB);
-    qemu_img(&["create", "-q", "-f", "vmdk", "-b", "base.vmdk", "-F", "vmdk", top.to_str().unwrap()]);
+    qemu_img(&[
+        "create",
+        "-q",
+        "-f",
+        "vmdk",
+        "-b",
+        "base.vmdk",
+        "-F",
+        "vmdk",
+        top.to_str().unwrap(),
+    ]);
     std::fs::remove_file(&base).unwrap();
     let e = open_err(&top);
     assert_eq!(e.kind(), Kind::NotFound);

@@ -10,10 +10,17 @@ use std::path::Path;
 const MIB: u64 = 1 << 20;
 
 /// A descriptor file text; `parent` is (parentCID, parentFileNameHint).
-fn descriptor(create_type: &str, cid: u32, parent: Option<(u32, &str)>, extents: &[String]) -> String {
+fn descriptor(
+    create_type: &str,
+    cid: u32,
+    parent: Option<(u32, &str)>,
+    extents: &[String],
+) -> String {
     let mut s = format!("# Disk DescriptorFile\nversion=1\nCID={cid:08x}\n");
     match parent {
-        Some((pcid, hint)) => s += &format!("parentCID={pcid:08x}\nparentFileNameHint=\"{hint}\"\n"),
+        Some((pcid, hint)) => {
+            s += &format!("parentCID={pcid:08x}\nparentFileNameHint=\"{hint}\"\n")
+        }
         None => s += "parentCID=ffffffff\n",
     }
     s += &format!("createType=\"{create_type}\"\n\n# Extent description\n");
@@ -28,7 +35,11 @@ fn descriptor(create_type: &str, cid: u32, parent: Option<(u32, &str)>, extents:
 fn flat_parent(dir: &Path, data: &[u8], cid: u32) {
     std::fs::write(dir.join("parent-flat.vmdk"), data).unwrap();
     let ext = format!("RW {} FLAT \"parent-flat.vmdk\" 0", data.len() / 512);
-    std::fs::write(dir.join("parent.vmdk"), descriptor("monolithicFlat", cid, None, &[ext])).unwrap();
+    std::fs::write(
+        dir.join("parent.vmdk"),
+        descriptor("monolithicFlat", cid, None, &[ext]),
+    )
+    .unwrap();
 }
 
 fn put(buf: &mut Vec<u8>, off: usize, bytes: &[u8]) {
@@ -46,7 +57,14 @@ fn descriptor_with_mixed_extents_matches_qemu() {
     let flat1 = rng.bytes(3 * MIB as usize);
     std::fs::write(s.path("a.bin"), &flat1).unwrap();
     let sparse = s.path("b.vmdk");
-    qemu_img(&["create", "-q", "-f", "vmdk", sparse.to_str().unwrap(), &(2 * MIB).to_string()]);
+    qemu_img(&[
+        "create",
+        "-q",
+        "-f",
+        "vmdk",
+        sparse.to_str().unwrap(),
+        &(2 * MIB).to_string(),
+    ]);
     write_random("vmdk", &sparse, &mut rng, 12345, 300_000);
     let flat2 = rng.bytes(MIB as usize);
     std::fs::write(s.path("c d.bin"), &flat2).unwrap();
@@ -65,7 +83,11 @@ fn descriptor_with_mixed_extents_matches_qemu() {
     std::fs::write(&img, text).unwrap();
     let want = qemu_raw(&img, None, &[]);
     assert_eq!(want.len() as u64, 5 * MIB);
-    assert_same("model vs qemu", &want[..2 * MIB as usize], &flat1[MIB as usize..]);
+    assert_same(
+        "model vs qemu",
+        &want[..2 * MIB as usize],
+        &flat1[MIB as usize..],
+    );
     assert_same("mixed extents", &read_all(&open_view(&img).unwrap()), &want);
 }
 
@@ -117,7 +139,11 @@ fn cowd(capacity: u32, grain_sectors: u32, grains: &[(u64, Vec<u8>)]) -> Vec<u8>
         });
     }
     for (&i, &at) in &gts {
-        put(&mut f, gd_off + i as usize * 4, &((at / 512) as u32).to_le_bytes());
+        put(
+            &mut f,
+            gd_off + i as usize * 4,
+            &((at / 512) as u32).to_le_bytes(),
+        );
         put(&mut f, at + gtes as usize * 4 - 1, &[0]);
     }
     let mut sorted = grains.to_vec();
@@ -126,7 +152,11 @@ fn cowd(capacity: u32, grain_sectors: u32, grains: &[(u64, Vec<u8>)]) -> Vec<u8>
         let at = next;
         next += grain_sectors as usize * 512;
         put(&mut f, at, &data);
-        put(&mut f, gts[&(g / gtes)] + (g % gtes) as usize * 4, &((at / 512) as u32).to_le_bytes());
+        put(
+            &mut f,
+            gts[&(g / gtes)] + (g % gtes) as usize * 4,
+            &((at / 512) as u32).to_le_bytes(),
+        );
     }
     f
 }
@@ -141,13 +171,30 @@ fn vmfs_sparse_redo_log_over_a_flat_parent() {
     let parent = rng.bytes(capacity as usize * 512);
     flat_parent(&s.0, &parent, 0x1234);
     let mut grains = Vec::new();
-    for g in [0u64, 1, 2, 7, 4095, 4096 * 2 + 5, 4096 * 2 + 6, 4096 * 3 + 49] {
+    for g in [
+        0u64,
+        1,
+        2,
+        7,
+        4095,
+        4096 * 2 + 5,
+        4096 * 2 + 6,
+        4096 * 3 + 49,
+    ] {
         grains.push((g, rng.bytes(gb)));
     }
-    std::fs::write(s.path("child-delta.vmdk"), cowd(capacity, grain_sectors, &grains)).unwrap();
+    std::fs::write(
+        s.path("child-delta.vmdk"),
+        cowd(capacity, grain_sectors, &grains),
+    )
+    .unwrap();
     let ext = format!("RW {capacity} VMFSSPARSE \"child-delta.vmdk\"");
     let child = s.path("child.vmdk");
-    std::fs::write(&child, descriptor("vmfsSparse", 0x99, Some((0x1234, "parent.vmdk")), &[ext])).unwrap();
+    std::fs::write(
+        &child,
+        descriptor("vmfsSparse", 0x99, Some((0x1234, "parent.vmdk")), &[ext]),
+    )
+    .unwrap();
 
     let mut model = parent.clone();
     for (g, data) in &grains {
@@ -205,7 +252,11 @@ fn sesparse(capacity: u64, gts: &[Option<u64>], entries: &[(u64, SeGrain)]) -> V
     put(&mut f, 512, &0xcafe_cafeu64.to_le_bytes());
     for (i, gt) in gts.iter().enumerate() {
         if let Some(n) = gt {
-            put(&mut f, (gd_sec * 512) as usize + i * 8, &(0x1000_0000_0000_0000u64 | n).to_le_bytes());
+            put(
+                &mut f,
+                (gd_sec * 512) as usize + i * 8,
+                &(0x1000_0000_0000_0000u64 | n).to_le_bytes(),
+            );
         }
     }
     put(&mut f, ((grains_sec) * 512) as usize - 1, &[0]);
@@ -222,7 +273,11 @@ fn sesparse(capacity: u64, gts: &[Option<u64>], entries: &[(u64, SeGrain)]) -> V
                 0x3000_0000_0000_0000 | ((idx & 0xfff) << 48) | (idx >> 12)
             }
         };
-        put(&mut f, ((gt_sec + gt * 64) * 512 + (g % 4096) * 8) as usize, &entry.to_le_bytes());
+        put(
+            &mut f,
+            ((gt_sec + gt * 64) * 512 + (g % 4096) * 8) as usize,
+            &entry.to_le_bytes(),
+        );
     }
     f
 }
@@ -234,13 +289,27 @@ fn sesparse_delta_over_a_sparse_parent() {
     let capacity = 2 * 4096 * 8 + 800; // three GTs of 16 MiB, the last partial
     let size = capacity * 512;
     let parent_path = s.path("parent.vmdk");
-    qemu_img(&["create", "-q", "-f", "vmdk", parent_path.to_str().unwrap(), &size.to_string()]);
+    qemu_img(&[
+        "create",
+        "-q",
+        "-f",
+        "vmdk",
+        parent_path.to_str().unwrap(),
+        &size.to_string(),
+    ]);
     let mut model = vec![0u8; size as usize];
-    for (off, len) in [(0u64, 100_000usize), (16 * MIB - 5000, 10_000), (size - 70_000, 70_000)] {
+    for (off, len) in [
+        (0u64, 100_000usize),
+        (16 * MIB - 5000, 10_000),
+        (size - 70_000, 70_000),
+    ] {
         let d = write_random("vmdk", &parent_path, &mut rng, off, len);
         put(&mut model, off as usize, &d);
     }
-    let parent_cid = vmfs_mount::chain::open_chain(&parent_path, None, &ctx()).unwrap()[0].identity().cid.unwrap();
+    let parent_cid = vmfs_mount::chain::open_chain(&parent_path, None, &ctx()).unwrap()[0]
+        .identity()
+        .cid
+        .unwrap();
     let mut entries = Vec::new();
     for g in [0u64, 1, 2, 3, 10, 4095, 4096 * 2, 4096 * 2 + 3] {
         entries.push((g, SeGrain::Data(rng.bytes(4096))));
@@ -256,10 +325,18 @@ fn sesparse_delta_over_a_sparse_parent() {
         }
     }
     // GT 1 of the GD is unallocated (parent shows through); GTs are stored out of order.
-    std::fs::write(s.path("child-sesparse.vmdk"), sesparse(capacity, &[Some(1), None, Some(0)], &entries)).unwrap();
+    std::fs::write(
+        s.path("child-sesparse.vmdk"),
+        sesparse(capacity, &[Some(1), None, Some(0)], &entries),
+    )
+    .unwrap();
     let child = s.path("child.vmdk");
     let ext = format!("RW {capacity} SESPARSE \"child-sesparse.vmdk\"");
-    std::fs::write(&child, descriptor("seSparse", 5, Some((parent_cid, "parent.vmdk")), &[ext])).unwrap();
+    std::fs::write(
+        &child,
+        descriptor("seSparse", 5, Some((parent_cid, "parent.vmdk")), &[ext]),
+    )
+    .unwrap();
     let got = read_all(&open_view(&child).unwrap());
     assert_same("seSparse vs model", &got, &model);
     assert_same("seSparse vs qemu", &got, &qemu_raw(&child, None, &[]));
@@ -273,7 +350,11 @@ fn vmsd_names_snapshot_layers() {
     let child = s.path("vm-000001.vmdk");
     std::fs::write(s.path("vm-000001-delta.vmdk"), cowd(2048, 8, &[])).unwrap();
     let ext = "RW 2048 VMFSSPARSE \"vm-000001-delta.vmdk\"".to_string();
-    std::fs::write(&child, descriptor("vmfsSparse", 0x43, Some((0x42, "parent.vmdk")), &[ext])).unwrap();
+    std::fs::write(
+        &child,
+        descriptor("vmfsSparse", 0x43, Some((0x42, "parent.vmdk")), &[ext]),
+    )
+    .unwrap();
     std::fs::write(
         s.path("vm.vmsd"),
         ".encoding = \"UTF-8\"\nsnapshot0.uid = \"1\"\nsnapshot0.displayName = \"Clean |22install|22\"\n\
@@ -281,7 +362,14 @@ fn vmsd_names_snapshot_layers() {
     )
     .unwrap();
     let layers = vmfs_mount::chain::open_chain(&child, None, &ctx()).unwrap();
-    assert_eq!(layers[1].display_name().as_deref(), Some("Clean \"install\""));
+    assert_eq!(
+        layers[1].display_name().as_deref(),
+        Some("Clean \"install\"")
+    );
     assert_eq!(layers[0].display_name(), None);
-    assert_same("empty COWD child", &read_all(&open_view(&child).unwrap()), &data);
+    assert_same(
+        "empty COWD child",
+        &read_all(&open_view(&child).unwrap()),
+        &data,
+    );
 }

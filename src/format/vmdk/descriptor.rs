@@ -74,7 +74,10 @@ pub struct ExtentLine {
 
 impl ExtentLine {
     pub fn file_name(&self) -> String {
-        self.file.as_deref().map(|b| String::from_utf8_lossy(b).into_owned()).unwrap_or_default()
+        self.file
+            .as_deref()
+            .map(|b| String::from_utf8_lossy(b).into_owned())
+            .unwrap_or_default()
     }
 
     pub fn summary(&self) -> String {
@@ -84,7 +87,13 @@ impl ExtentLine {
             Access::NoAccess => "NOACCESS",
         };
         match &self.file {
-            Some(_) => format!("{access} {} {} {:?} {}", self.sectors, self.kind.name(), self.file_name(), self.start),
+            Some(_) => format!(
+                "{access} {} {} {:?} {}",
+                self.sectors,
+                self.kind.name(),
+                self.file_name(),
+                self.start
+            ),
             None => format!("{access} {} {}", self.sectors, self.kind.name()),
         }
     }
@@ -121,7 +130,9 @@ impl Descriptor {
                 d.extents.push(e);
                 continue;
             }
-            let Some(eq) = line.iter().position(|&b| b == b'=') else { continue };
+            let Some(eq) = line.iter().position(|&b| b == b'=') else {
+                continue;
+            };
             let key = String::from_utf8_lossy(trim(&line[..eq])).to_ascii_lowercase();
             let value = unquote(trim(&line[eq + 1..]));
             let text = || String::from_utf8_lossy(value).into_owned();
@@ -149,32 +160,57 @@ impl Descriptor {
     }
 
     pub fn ddb_value(&self, key: &str) -> Option<&str> {
-        self.ddb.iter().find(|(k, _)| k == key).map(|(_, v)| v.as_str())
+        self.ddb
+            .iter()
+            .find(|(k, _)| k == key)
+            .map(|(_, v)| v.as_str())
     }
 }
 
 fn trim(b: &[u8]) -> &[u8] {
-    let start = b.iter().position(|c| !c.is_ascii_whitespace()).unwrap_or(b.len());
-    let end = b.iter().rposition(|c| !c.is_ascii_whitespace()).map_or(start, |e| e + 1);
+    let start = b
+        .iter()
+        .position(|c| !c.is_ascii_whitespace())
+        .unwrap_or(b.len());
+    let end = b
+        .iter()
+        .rposition(|c| !c.is_ascii_whitespace())
+        .map_or(start, |e| e + 1);
     &b[start..end.max(start)]
 }
 
 fn unquote(b: &[u8]) -> &[u8] {
-    if b.len() >= 2 && b[0] == b'"' && b[b.len() - 1] == b'"' { &b[1..b.len() - 1] } else { b }
+    if b.len() >= 2 && b[0] == b'"' && b[b.len() - 1] == b'"' {
+        &b[1..b.len() - 1]
+    } else {
+        b
+    }
 }
 
 fn parse_cid(v: &[u8], field: &str, file: &Path, off: u64) -> Result<u32> {
     let s = String::from_utf8_lossy(v);
     let s = s.trim();
-    let hex = s.strip_prefix("0x").or_else(|| s.strip_prefix("0X")).unwrap_or(s);
-    u32::from_str_radix(hex, 16)
-        .map_err(|_| Error::corrupt(file, &format!("descriptor {field}"), off, format!("{s:?} is not a 32-bit hex number")))
+    let hex = s
+        .strip_prefix("0x")
+        .or_else(|| s.strip_prefix("0X"))
+        .unwrap_or(s);
+    u32::from_str_radix(hex, 16).map_err(|_| {
+        Error::corrupt(
+            file,
+            &format!("descriptor {field}"),
+            off,
+            format!("{s:?} is not a 32-bit hex number"),
+        )
+    })
 }
 
 /// One whitespace-separated token and the rest of the line.
 fn token(b: &[u8]) -> (&[u8], &[u8]) {
     let b = trim(b);
-    let end = b.iter().position(|c| c.is_ascii_whitespace()).unwrap_or(b.len());
+    let end = b
+        .iter()
+        .position(|c| c.is_ascii_whitespace())
+        .unwrap_or(b.len());
     (&b[..end], &b[end..])
 }
 
@@ -187,18 +223,28 @@ fn parse_extent(line: &[u8], lineno: usize, file: &Path, off: u64) -> Result<Opt
         b"NOACCESS" => Access::NoAccess,
         _ => return Ok(None),
     };
-    let bad = |what: String| Error::corrupt(file, &format!("descriptor extent line {lineno}"), off, what);
+    let bad =
+        |what: String| Error::corrupt(file, &format!("descriptor extent line {lineno}"), off, what);
     let (sectors, rest) = token(rest);
     let sectors = std::str::from_utf8(sectors)
         .ok()
         .and_then(|s| s.parse::<u64>().ok())
-        .ok_or_else(|| bad(format!("sector count {:?} is not a number", String::from_utf8_lossy(sectors))))?;
+        .ok_or_else(|| {
+            bad(format!(
+                "sector count {:?} is not a number",
+                String::from_utf8_lossy(sectors)
+            ))
+        })?;
     if sectors == 0 || sectors.checked_mul(512).is_none_or(|b| b > i64::MAX as u64) {
         return Err(bad(format!("absurd sector count {sectors}")));
     }
     let (kind_tok, rest) = token(rest);
-    let kind = ExtentType::parse(&String::from_utf8_lossy(kind_tok))
-        .ok_or_else(|| bad(format!("unknown extent type {:?}", String::from_utf8_lossy(kind_tok))))?;
+    let kind = ExtentType::parse(&String::from_utf8_lossy(kind_tok)).ok_or_else(|| {
+        bad(format!(
+            "unknown extent type {:?}",
+            String::from_utf8_lossy(kind_tok)
+        ))
+    })?;
     let rest = trim(rest);
     let (name, rest) = if rest.first() == Some(&b'"') {
         let close = rest[1..]
@@ -218,21 +264,39 @@ fn parse_extent(line: &[u8], lineno: usize, file: &Path, off: u64) -> Result<Opt
         std::str::from_utf8(start_tok)
             .ok()
             .and_then(|s| s.parse::<u64>().ok())
-            .ok_or_else(|| bad(format!("start sector {:?} is not a number", String::from_utf8_lossy(start_tok))))?
+            .ok_or_else(|| {
+                bad(format!(
+                    "start sector {:?} is not a number",
+                    String::from_utf8_lossy(start_tok)
+                ))
+            })?
     };
     match (&name, kind) {
         (None, ExtentType::Zero) | (None, ExtentType::Device) => {}
         (None, _) => return Err(bad(format!("a {} extent needs a file name", kind.name()))),
-        (Some(n), _) if n.is_empty() || n.contains(&0) => return Err(bad("empty file name".into())),
+        (Some(n), _) if n.is_empty() || n.contains(&0) => {
+            return Err(bad("empty file name".into()));
+        }
         _ => {}
     }
-    Ok(Some(ExtentLine { access, sectors, kind, file: name, start, line: lineno }))
+    Ok(Some(ExtentLine {
+        access,
+        sectors,
+        kind,
+        file: name,
+        start,
+        line: lineno,
+    }))
 }
 
 /// Turns a stored extent name into a path beside `descriptor` (absolute names stay).
 pub fn extent_path(descriptor: &Path, name: &[u8]) -> std::path::PathBuf {
     let p = std::path::PathBuf::from(OsString::from_vec(name.to_vec()));
-    if p.is_absolute() { p } else { descriptor.parent().unwrap_or(Path::new(".")).join(p) }
+    if p.is_absolute() {
+        p
+    } else {
+        descriptor.parent().unwrap_or(Path::new(".")).join(p)
+    }
 }
 
 #[cfg(test)]
@@ -262,7 +326,9 @@ mod tests {
 
     #[test]
     fn stops_at_nul_and_reads_parent() {
-        let mut b = b"CID=00000002\nparentCID=0000000a\nparentFileNameHint=\"C:\\VMs\\base.vmdk\"\n".to_vec();
+        let mut b =
+            b"CID=00000002\nparentCID=0000000a\nparentFileNameHint=\"C:\\VMs\\base.vmdk\"\n"
+                .to_vec();
         b.extend_from_slice(&[0, b'R', b'W']);
         let d = Descriptor::parse(&b, Path::new("d"), 0).unwrap();
         assert_eq!(d.parent(), Some((&b"C:\\VMs\\base.vmdk"[..], 10)));
@@ -291,7 +357,13 @@ mod tests {
 
     #[test]
     fn extent_names_resolve_beside_the_descriptor() {
-        assert_eq!(extent_path(Path::new("/a/b/d.vmdk"), b"x-flat.vmdk"), Path::new("/a/b/x-flat.vmdk"));
-        assert_eq!(extent_path(Path::new("/a/b/d.vmdk"), b"/abs/x"), Path::new("/abs/x"));
+        assert_eq!(
+            extent_path(Path::new("/a/b/d.vmdk"), b"x-flat.vmdk"),
+            Path::new("/a/b/x-flat.vmdk")
+        );
+        assert_eq!(
+            extent_path(Path::new("/a/b/d.vmdk"), b"/abs/x"),
+            Path::new("/abs/x")
+        );
     }
 }

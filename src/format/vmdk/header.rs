@@ -55,7 +55,8 @@ impl SparseHeader {
     }
     /// The redundant GD, when the flags say it is maintained.
     pub fn redundant_gd(&self) -> Option<u64> {
-        (!self.cowd && self.flags & FLAG_REDUNDANT_GD != 0 && self.rgd_offset != 0).then_some(self.rgd_offset)
+        (!self.cowd && self.flags & FLAG_REDUNDANT_GD != 0 && self.rgd_offset != 0)
+            .then_some(self.rgd_offset)
     }
 }
 
@@ -73,7 +74,12 @@ pub fn read(file: &HostFile) -> Result<SparseHeader> {
             validate(h, file)
         }
         b"COWD" => validate(decode_cowd(&b, file)?, file),
-        _ => Err(Error::corrupt(file.path(), "sparse extent magic", 0, "neither KDMV nor COWD")),
+        _ => Err(Error::corrupt(
+            file.path(),
+            "sparse extent magic",
+            0,
+            "neither KDMV nor COWD",
+        )),
     }
 }
 
@@ -83,7 +89,10 @@ pub fn decode_kdmv(b: &[u8], file: &HostFile, off: u64) -> Result<SparseHeader> 
     ensure_corrupt!(&b[..4] == b"KDMV", path, "KDMV magic", off, "missing");
     let version = le32(b, 4);
     if version > 3 {
-        return Err(Error::unsupported(path, format!("hosted sparse extent version {version}")));
+        return Err(Error::unsupported(
+            path,
+            format!("hosted sparse extent version {version}"),
+        ));
     }
     let flags = le32(b, 8);
     if flags & FLAG_NEWLINE_TEST != 0 {
@@ -117,7 +126,10 @@ pub fn decode_kdmv(b: &[u8], file: &HostFile, off: u64) -> Result<SparseHeader> 
 fn decode_cowd(b: &[u8], file: &HostFile) -> Result<SparseHeader> {
     let version = le32(b, 4);
     if version != 1 {
-        return Err(Error::unsupported(file.path(), format!("COWD version {version}")));
+        return Err(Error::unsupported(
+            file.path(),
+            format!("COWD version {version}"),
+        ));
     }
     Ok(SparseHeader {
         cowd: true,
@@ -143,7 +155,13 @@ fn decode_cowd(b: &[u8], file: &HostFile) -> Result<SparseHeader> {
 fn read_footer(file: &HostFile) -> Result<SparseHeader> {
     let path = file.path();
     let len = file.len();
-    ensure_corrupt!(len >= 1536 + 512, path, "streamOptimized footer", len, "file too short for a footer");
+    ensure_corrupt!(
+        len >= 1536 + 512,
+        path,
+        "streamOptimized footer",
+        len,
+        "file too short for a footer"
+    );
     let off = len - 1536;
     let mut b = vec![0u8; 1536];
     file.read_exact_at(&mut b, off, "streamOptimized footer")?;
@@ -166,7 +184,13 @@ fn read_footer(file: &HostFile) -> Result<SparseHeader> {
         "missing"
     );
     let mut h = decode_kdmv(footer, file, off + 512)?;
-    ensure_corrupt!(h.gd_offset != GD_AT_END, path, "footer gdOffset", off + 512 + 56, "still GD_AT_END");
+    ensure_corrupt!(
+        h.gd_offset != GD_AT_END,
+        path,
+        "footer gdOffset",
+        off + 512 + 56,
+        "still GD_AT_END"
+    );
     h.from_footer = true;
     Ok(h)
 }
@@ -191,7 +215,9 @@ fn validate(mut h: SparseHeader, file: &HostFile) -> Result<SparseHeader> {
         h.gtes_per_gt
     );
     ensure_corrupt!(
-        h.capacity.checked_mul(SECTOR).is_some_and(|b| b <= i64::MAX as u64),
+        h.capacity
+            .checked_mul(SECTOR)
+            .is_some_and(|b| b <= i64::MAX as u64),
         path,
         "capacity",
         12,
@@ -201,11 +227,25 @@ fn validate(mut h: SparseHeader, file: &HostFile) -> Result<SparseHeader> {
     let gt_span = h.gtes_per_gt * h.grain_sectors;
     let needed = h.capacity.div_ceil(gt_span);
     if h.cowd {
-        ensure_corrupt!(h.gd_entries >= needed, path, "numGDEntries", 24, "{} entries cannot cover {needed} grain tables", h.gd_entries);
+        ensure_corrupt!(
+            h.gd_entries >= needed,
+            path,
+            "numGDEntries",
+            24,
+            "{} entries cannot cover {needed} grain tables",
+            h.gd_entries
+        );
     } else {
         h.gd_entries = needed;
     }
-    ensure_corrupt!(h.gd_entries <= MAX_GD_ENTRIES, path, "grain directory", h.gd_offset, "{} entries is too big", h.gd_entries);
+    ensure_corrupt!(
+        h.gd_entries <= MAX_GD_ENTRIES,
+        path,
+        "grain directory",
+        h.gd_offset,
+        "{} entries is too big",
+        h.gd_entries
+    );
     let min_len = h.overhead.checked_mul(SECTOR);
     ensure_corrupt!(
         min_len.is_some_and(|m| m <= file.len()),

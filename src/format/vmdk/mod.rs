@@ -64,7 +64,12 @@ impl VmdkLayer {
                 let h = header::read(&file)?;
                 let len = h.capacity * SECTOR;
                 let ext = SparseExtent::open(file.clone(), h, len, ctx.tables.clone())?;
-                Self::assemble(path, Descriptor::default(), vec![(len, Backing::Sparse(ext))], vec![file])?
+                Self::assemble(
+                    path,
+                    Descriptor::default(),
+                    vec![(len, Backing::Sparse(ext))],
+                    vec![file],
+                )?
             }
             _ => {
                 let len = file.len().min(MAX_DESCRIPTOR);
@@ -87,7 +92,9 @@ impl VmdkLayer {
             0 => Descriptor::default(),
             off => {
                 let field = "embedded descriptor";
-                let at = off.checked_mul(SECTOR).ok_or_else(|| Error::corrupt(file.path(), field, 28, "offset overflows"))?;
+                let at = off
+                    .checked_mul(SECTOR)
+                    .ok_or_else(|| Error::corrupt(file.path(), field, 28, "offset overflows"))?;
                 let len = raw.desc_size.saturating_mul(SECTOR).min(MAX_DESCRIPTOR);
                 let text = file.read_table(at, len, MAX_DESCRIPTOR, field)?;
                 Descriptor::parse(&text, file.path(), at)?
@@ -104,7 +111,12 @@ impl VmdkLayer {
     }
 
     /// Opens every extent a descriptor lists.
-    fn open_extents(path: &Path, desc: Descriptor, desc_file: Arc<HostFile>, ctx: &OpenCtx) -> Result<VmdkLayer> {
+    fn open_extents(
+        path: &Path,
+        desc: Descriptor,
+        desc_file: Arc<HostFile>,
+        ctx: &OpenCtx,
+    ) -> Result<VmdkLayer> {
         if desc.extents.is_empty() {
             return Err(Error::corrupt(path, "descriptor", 0, "lists no extents"));
         }
@@ -117,7 +129,12 @@ impl VmdkLayer {
         Self::assemble(path, desc, parts, files)
     }
 
-    fn assemble(path: &Path, desc: Descriptor, parts: Vec<(u64, Backing)>, files: Vec<Arc<HostFile>>) -> Result<VmdkLayer> {
+    fn assemble(
+        path: &Path,
+        desc: Descriptor,
+        parts: Vec<(u64, Backing)>,
+        files: Vec<Arc<HostFile>>,
+    ) -> Result<VmdkLayer> {
         let mut slots = Vec::with_capacity(parts.len());
         let mut size = 0u64;
         for (len, backing) in parts {
@@ -127,10 +144,21 @@ impl VmdkLayer {
                 .filter(|&s| s <= i64::MAX as u64)
                 .ok_or_else(|| Error::corrupt(path, "extent sizes", 0, "their sum overflows"))?;
             if len > 0 {
-                slots.push(Slot { start, len, backing });
+                slots.push(Slot {
+                    start,
+                    len,
+                    backing,
+                });
             }
         }
-        Ok(VmdkLayer { path: path.to_path_buf(), desc, slots, size, files, display_name: None })
+        Ok(VmdkLayer {
+            path: path.to_path_buf(),
+            desc,
+            slots,
+            size,
+            files,
+            display_name: None,
+        })
     }
 
     /// The name VMware's `.vmsd` gives the snapshot that froze this layer.
@@ -147,25 +175,51 @@ impl VmdkLayer {
     }
 }
 
-fn open_extent(desc_path: &Path, line: &ExtentLine, ctx: &OpenCtx, files: &mut Vec<Arc<HostFile>>) -> Result<Backing> {
-    let what = || format!("{}: extent on line {} ({})", desc_path.display(), line.line, line.summary());
+fn open_extent(
+    desc_path: &Path,
+    line: &ExtentLine,
+    ctx: &OpenCtx,
+    files: &mut Vec<Arc<HostFile>>,
+) -> Result<Backing> {
+    let what = || {
+        format!(
+            "{}: extent on line {} ({})",
+            desc_path.display(),
+            line.line,
+            line.summary()
+        )
+    };
     if line.access == Access::NoAccess {
-        return Err(Error::unsupported(desc_path, format!("NOACCESS extent on line {}", line.line)));
+        return Err(Error::unsupported(
+            desc_path,
+            format!("NOACCESS extent on line {}", line.line),
+        ));
     }
     match line.kind {
         ExtentType::Zero => return Ok(Backing::Zero),
         ExtentType::Device => {
-            return Err(Error::unsupported(desc_path, format!("device-backed extent on line {}", line.line)));
+            return Err(Error::unsupported(
+                desc_path,
+                format!("device-backed extent on line {}", line.line),
+            ));
         }
         _ => {}
     }
     let Some(name) = &line.file else {
-        return Err(Error::corrupt(desc_path, "extent", 0, format!("line {} has no file name", line.line)));
+        return Err(Error::corrupt(
+            desc_path,
+            "extent",
+            0,
+            format!("line {} has no file name", line.line),
+        ));
     };
     let ext_path = descriptor::extent_path(desc_path, name);
     let file = HostFile::open(&ext_path, false).map_err(|e| {
         if e.kind() == Kind::NotFound {
-            Error::new(Kind::NotFound, format!("{}: file not found (tried {})", what(), ext_path.display()))
+            Error::new(
+                Kind::NotFound,
+                format!("{}: file not found (tried {})", what(), ext_path.display()),
+            )
         } else {
             e.context(what())
         }
@@ -178,24 +232,47 @@ fn open_extent(desc_path: &Path, line: &ExtentLine, ctx: &OpenCtx, files: &mut V
                 .start
                 .checked_mul(SECTOR)
                 .filter(|s| s.checked_add(len).is_some())
-                .ok_or_else(|| Error::corrupt(desc_path, "extent start sector", 0, format!("line {}: overflows", line.line)))?;
+                .ok_or_else(|| {
+                    Error::corrupt(
+                        desc_path,
+                        "extent start sector",
+                        0,
+                        format!("line {}: overflows", line.line),
+                    )
+                })?;
             Backing::Flat { file, start }
         }
         ExtentType::Sparse | ExtentType::VmfsSparse => {
             let h = header::read(&file).map_err(|e| e.context(what()))?;
             if h.capacity != line.sectors {
-                log::warn!("{}: header capacity {} sectors, descriptor says {}", what(), h.capacity, line.sectors);
+                log::warn!(
+                    "{}: header capacity {} sectors, descriptor says {}",
+                    what(),
+                    h.capacity,
+                    line.sectors
+                );
             }
-            Backing::Sparse(SparseExtent::open(file, h, len, ctx.tables.clone()).map_err(|e| e.context(what()))?)
+            Backing::Sparse(
+                SparseExtent::open(file, h, len, ctx.tables.clone())
+                    .map_err(|e| e.context(what()))?,
+            )
         }
         ExtentType::SeSparse => {
-            let e = SeSparseExtent::open(file, ctx.tables.clone()).map_err(|e| e.context(what()))?;
+            let e =
+                SeSparseExtent::open(file, ctx.tables.clone()).map_err(|e| e.context(what()))?;
             if e.capacity != line.sectors {
-                log::warn!("{}: header capacity {} sectors, descriptor says {}", what(), e.capacity, line.sectors);
+                log::warn!(
+                    "{}: header capacity {} sectors, descriptor says {}",
+                    what(),
+                    e.capacity,
+                    line.sectors
+                );
             }
             Backing::SeSparse(e)
         }
-        ExtentType::Zero | ExtentType::Device => return Err(Error::invalid("unreachable extent type")),
+        ExtentType::Zero | ExtentType::Device => {
+            return Err(Error::invalid("unreachable extent type"));
+        }
     };
     Ok(backing)
 }
@@ -204,7 +281,7 @@ fn open_extent(desc_path: &Path, line: &ExtentLine, ctx: &OpenCtx, files: &mut V
 /// (looked up beside the child), relative ones get `/` separators.
 fn hint_path(child: &Path, hint: &[u8]) -> PathBuf {
     let s = String::from_utf8_lossy(hint).into_owned();
-    if !s.contains('\\') && !s.get(1..2).is_some_and(|c| c == ":") {
+    if !s.contains('\\') && s.get(1..2).is_none_or(|c| c != ":") {
         return crate::chain::resolve_relative(child, &s);
     }
     let unix = s.replace('\\', "/");
@@ -232,20 +309,33 @@ impl Layer for VmdkLayer {
     fn map(&self, off: u64, len: u64) -> Result<Extent> {
         let i = self.slots.partition_point(|s| s.start + s.len <= off);
         let Some(slot) = self.slots.get(i) else {
-            return Err(Error::invalid(format!("{}: offset {off:#x} is past the disk end", self.path.display())));
+            return Err(Error::invalid(format!(
+                "{}: offset {off:#x} is past the disk end",
+                self.path.display()
+            )));
         };
         let rel = off - slot.start;
         let len = len.min(slot.len - rel);
         match &slot.backing {
-            Backing::Zero => Ok(Extent { len, map: Mapping::Zero }),
+            Backing::Zero => Ok(Extent {
+                len,
+                map: Mapping::Zero,
+            }),
             Backing::Flat { file, start } => {
                 let host = start + rel;
                 // Bytes past the end of a short flat file read as zeros, as in QEMU.
                 match file.len().checked_sub(host) {
-                    Some(avail) if avail > 0 => {
-                        Ok(Extent { len: len.min(avail), map: Mapping::Data { file: file.clone(), host_off: host } })
-                    }
-                    _ => Ok(Extent { len, map: Mapping::Zero }),
+                    Some(avail) if avail > 0 => Ok(Extent {
+                        len: len.min(avail),
+                        map: Mapping::Data {
+                            file: file.clone(),
+                            host_off: host,
+                        },
+                    }),
+                    _ => Ok(Extent {
+                        len,
+                        map: Mapping::Zero,
+                    }),
                 }
             }
             Backing::Sparse(e) => e.map(rel, len),
@@ -258,34 +348,49 @@ impl Layer for VmdkLayer {
             Some((hint, _)) => ParentRef::Path {
                 raw: String::from_utf8_lossy(hint).into_owned(),
                 path: hint_path(&self.path, hint),
-                format: None,
+                // QEMU opens the parent as VMDK too; never probe a parent as something else.
+                format: Some(Format::Vmdk),
             },
             None => ParentRef::None,
         }
     }
 
     fn verify_parent(&self, parent: &dyn Layer) -> Result<()> {
-        let Some((_, want)) = self.desc.parent() else { return Ok(()) };
+        let Some((_, want)) = self.desc.parent() else {
+            return Ok(());
+        };
         let fail = |what: String| {
             Err(Error::new(
                 Kind::Corrupt,
-                format!("{}: parent {}: {what}", self.path.display(), parent.path().display()),
+                format!(
+                    "{}: parent {}: {what}",
+                    self.path.display(),
+                    parent.path().display()
+                ),
             ))
         };
         if parent.format() != Format::Vmdk {
-            return fail(format!("is {}, not VMDK, so parentCID {want:08x} cannot match", parent.format()));
+            return fail(format!(
+                "is {}, not VMDK, so parentCID {want:08x} cannot match",
+                parent.format()
+            ));
         }
         match parent.identity().cid {
             Some(cid) if cid == want => Ok(()),
             Some(cid) => fail(format!(
                 "its CID {cid:08x} differs from the child's parentCID {want:08x} (the parent was modified after the child was made)"
             )),
-            None => fail(format!("has no CID to match the child's parentCID {want:08x}")),
+            None => fail(format!(
+                "has no CID to match the child's parentCID {want:08x}"
+            )),
         }
     }
 
     fn identity(&self) -> Identity {
-        Identity { cid: self.desc.cid, ..Identity::default() }
+        Identity {
+            cid: self.desc.cid,
+            ..Identity::default()
+        }
     }
 
     fn files(&self) -> Vec<Arc<HostFile>> {
@@ -334,9 +439,21 @@ mod tests {
     fn windows_parent_hints_resolve_beside_the_child() {
         let child = Path::new("/vm/disk-000001.vmdk");
         assert_eq!(hint_path(child, b"disk.vmdk"), Path::new("/vm/disk.vmdk"));
-        assert_eq!(hint_path(child, b"C:\\VMs\\x\\disk.vmdk"), Path::new("/vm/disk.vmdk"));
-        assert_eq!(hint_path(child, b"..\\base\\disk.vmdk"), Path::new("/vm/../base/disk.vmdk"));
-        assert_eq!(hint_path(child, b"/abs/disk.vmdk"), Path::new("/abs/disk.vmdk"));
-        assert_eq!(hint_path(child, b"\\\\srv\\share\\d.vmdk"), Path::new("/vm/d.vmdk"));
+        assert_eq!(
+            hint_path(child, b"C:\\VMs\\x\\disk.vmdk"),
+            Path::new("/vm/disk.vmdk")
+        );
+        assert_eq!(
+            hint_path(child, b"..\\base\\disk.vmdk"),
+            Path::new("/vm/../base/disk.vmdk")
+        );
+        assert_eq!(
+            hint_path(child, b"/abs/disk.vmdk"),
+            Path::new("/abs/disk.vmdk")
+        );
+        assert_eq!(
+            hint_path(child, b"\\\\srv\\share\\d.vmdk"),
+            Path::new("/vm/d.vmdk")
+        );
     }
 }

@@ -37,7 +37,10 @@ enum Grain {
 
 impl std::fmt::Debug for SeSparseExtent {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("SeSparseExtent").field("file", &self.file.path()).field("capacity", &self.capacity).finish_non_exhaustive()
+        f.debug_struct("SeSparseExtent")
+            .field("file", &self.file.path())
+            .field("capacity", &self.capacity)
+            .finish_non_exhaustive()
     }
 }
 
@@ -47,26 +50,61 @@ impl SeSparseExtent {
         let mut h = [0u8; 512];
         file.read_exact_at(&mut h, 0, "seSparse header")?;
         let f = |i: usize| le64(&h, i * 8);
-        ensure_corrupt!(f(0) == MAGIC, path, "seSparse magic", 0, "{:#x} is not {MAGIC:#x}", f(0));
+        ensure_corrupt!(
+            f(0) == MAGIC,
+            path,
+            "seSparse magic",
+            0,
+            "{:#x} is not {MAGIC:#x}",
+            f(0)
+        );
         if f(1) != VERSION {
-            return Err(Error::unsupported(path, format!("seSparse version {:#x}", f(1))));
+            return Err(Error::unsupported(
+                path,
+                format!("seSparse version {:#x}", f(1)),
+            ));
         }
-        ensure_corrupt!(f(3) == GRAIN_SECTORS, path, "seSparse grain_size", 24, "{} sectors, expected 8", f(3));
-        ensure_corrupt!(f(4) == GT_SECTORS, path, "seSparse grain_table_size", 32, "{} sectors, expected 64", f(4));
+        ensure_corrupt!(
+            f(3) == GRAIN_SECTORS,
+            path,
+            "seSparse grain_size",
+            24,
+            "{} sectors, expected 8",
+            f(3)
+        );
+        ensure_corrupt!(
+            f(4) == GT_SECTORS,
+            path,
+            "seSparse grain_table_size",
+            32,
+            "{} sectors, expected 64",
+            f(4)
+        );
         if f(5) != 0 {
-            return Err(Error::unsupported(path, format!("seSparse flags {:#x}", f(5))));
+            return Err(Error::unsupported(
+                path,
+                format!("seSparse flags {:#x}", f(5)),
+            ));
         }
         let capacity = f(2);
         ensure_corrupt!(
-            capacity.checked_mul(SECTOR).is_some_and(|b| b <= i64::MAX as u64),
+            capacity
+                .checked_mul(SECTOR)
+                .is_some_and(|b| b <= i64::MAX as u64),
             path,
             "seSparse capacity",
             16,
             "{capacity} sectors is absurd"
         );
         let sectors = |i: usize, field: &str| {
-            f(i).checked_mul(SECTOR)
-                .ok_or_else(|| Error::corrupt(path, field, i as u64 * 8, format!("{} sectors overflows", f(i))))
+            f(i).checked_mul(SECTOR).ok_or_else(|| {
+                Error::corrupt(
+                    path,
+                    field,
+                    i as u64 * 8,
+                    format!("{} sectors overflows", f(i)),
+                )
+            })
         };
         let volatile_off = sectors(10, "seSparse volatile_header_offset")?;
         let gd_off = sectors(16, "seSparse grain_dir_offset")?;
@@ -76,17 +114,46 @@ impl SeSparseExtent {
 
         let mut v = [0u8; 32];
         file.read_exact_at(&mut v, volatile_off, "seSparse volatile header")?;
-        ensure_corrupt!(le64(&v, 0) == VOLATILE_MAGIC, path, "seSparse volatile header magic", volatile_off, "{:#x}", le64(&v, 0));
+        ensure_corrupt!(
+            le64(&v, 0) == VOLATILE_MAGIC,
+            path,
+            "seSparse volatile header magic",
+            volatile_off,
+            "{:#x}",
+            le64(&v, 0)
+        );
         if le64(&v, 24) != 0 {
-            return Err(Error::unsupported(path, "seSparse journal needs replay (replay_journal is set)"));
+            return Err(Error::unsupported(
+                path,
+                "seSparse journal needs replay (replay_journal is set)",
+            ));
         }
 
         let needed = (capacity / GRAIN_SECTORS).div_ceil(GT_ENTRIES);
         let entries = gd_bytes / 8;
-        ensure_corrupt!(entries >= needed, path, "seSparse grain directory", gd_off, "{entries} entries cannot cover {needed} grain tables");
-        let raw = file.read_table(gd_off, needed * 8, MAX_GD_ENTRIES * 8, "seSparse grain directory")?;
+        ensure_corrupt!(
+            entries >= needed,
+            path,
+            "seSparse grain directory",
+            gd_off,
+            "{entries} entries cannot cover {needed} grain tables"
+        );
+        let raw = file.read_table(
+            gd_off,
+            needed * 8,
+            MAX_GD_ENTRIES * 8,
+            "seSparse grain directory",
+        )?;
         let gd = raw.chunks_exact(8).map(|c| le64(c, 0)).collect();
-        Ok(SeSparseExtent { file, capacity, gd, gd_off, tables_off, grains_off, tables })
+        Ok(SeSparseExtent {
+            file,
+            capacity,
+            gd,
+            gd_off,
+            tables_off,
+            grains_off,
+            tables,
+        })
     }
 
     pub fn map(&self, off: u64, len: u64) -> Result<Extent> {
@@ -97,20 +164,39 @@ impl SeSparseExtent {
         let gt_end = ((gd_idx + 1) * GT_ENTRIES * GRAIN).min(end);
         let gde_off = self.gd_off + gd_idx * 8;
         let Some(&gde) = self.gd.get(gd_idx as usize) else {
-            return Err(Error::corrupt(path, "seSparse grain directory", gde_off, "offset outside the directory"));
+            return Err(Error::corrupt(
+                path,
+                "seSparse grain directory",
+                gde_off,
+                "offset outside the directory",
+            ));
         };
         if gde == 0 {
-            return Ok(Extent { len: gt_end - off, map: Mapping::Unallocated });
+            return Ok(Extent {
+                len: gt_end - off,
+                map: Mapping::Unallocated,
+            });
         }
-        ensure_corrupt!(gde >> 32 == 0x1000_0000, path, "seSparse grain directory entry", gde_off, "{gde:#x} is invalid");
+        ensure_corrupt!(
+            gde >> 32 == 0x1000_0000,
+            path,
+            "seSparse grain directory entry",
+            gde_off,
+            "{gde:#x} is invalid"
+        );
         let gt_off = (gde & 0xffff_ffff)
             .checked_mul(GT_SECTORS * SECTOR)
             .and_then(|o| o.checked_add(self.tables_off))
-            .ok_or_else(|| Error::corrupt(path, "seSparse grain directory entry", gde_off, "overflows"))?;
+            .ok_or_else(|| {
+                Error::corrupt(path, "seSparse grain directory entry", gde_off, "overflows")
+            })?;
         let bytes = GT_ENTRIES * 8;
-        let gt = self.tables.get_or_load(Key::new(self.file.id(), gt_off, GT_TAG), || {
-            self.file.read_table(gt_off, bytes, bytes, "seSparse grain table")
-        })?;
+        let gt = self
+            .tables
+            .get_or_load(Key::new(self.file.id(), gt_off, GT_TAG), || {
+                self.file
+                    .read_table(gt_off, bytes, bytes, "seSparse grain table")
+            })?;
         let entry = |g: u64| {
             let i = g % GT_ENTRIES;
             self.classify(le64(&gt, i as usize * 8), gt_off + i * 8)
@@ -132,9 +218,15 @@ impl SeSparseExtent {
         let map = match first {
             Grain::Unallocated => Mapping::Unallocated,
             Grain::Zero => Mapping::Zero,
-            Grain::Data(host) => Mapping::Data { file: self.file.clone(), host_off: host + off % GRAIN },
+            Grain::Data(host) => Mapping::Data {
+                file: self.file.clone(),
+                host_off: host + off % GRAIN,
+            },
         };
-        Ok(Extent { len: grain_end(g) - off, map })
+        Ok(Extent {
+            len: grain_end(g) - off,
+            map,
+        })
     }
 
     fn classify(&self, e: u64, at: u64) -> Result<Grain> {
@@ -148,10 +240,22 @@ impl SeSparseExtent {
                     .checked_mul(GRAIN)
                     .and_then(|o| o.checked_add(self.grains_off))
                     .filter(|&h| h < self.file.len())
-                    .ok_or_else(|| Error::corrupt(path, "seSparse grain table entry", at, format!("grain {idx} is past the end of the file")))?;
+                    .ok_or_else(|| {
+                        Error::corrupt(
+                            path,
+                            "seSparse grain table entry",
+                            at,
+                            format!("grain {idx} is past the end of the file"),
+                        )
+                    })?;
                 Ok(Grain::Data(host))
             }
-            _ => Err(Error::corrupt(path, "seSparse grain table entry", at, format!("{e:#x} is invalid"))),
+            _ => Err(Error::corrupt(
+                path,
+                "seSparse grain table entry",
+                at,
+                format!("{e:#x} is invalid"),
+            )),
         }
     }
 }

@@ -37,24 +37,44 @@ enum Grain {
 
 impl std::fmt::Debug for SparseExtent {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("SparseExtent").field("file", &self.file.path()).field("header", &self.header).finish_non_exhaustive()
+        f.debug_struct("SparseExtent")
+            .field("file", &self.file.path())
+            .field("header", &self.header)
+            .finish_non_exhaustive()
     }
 }
 
 impl SparseExtent {
     /// Opens the sparse extent in `file`; `len` is its guest length in bytes.
-    pub fn open(file: Arc<HostFile>, header: SparseHeader, len: u64, tables: Arc<ByteCache>) -> Result<SparseExtent> {
+    pub fn open(
+        file: Arc<HostFile>,
+        header: SparseHeader,
+        len: u64,
+        tables: Arc<ByteCache>,
+    ) -> Result<SparseExtent> {
         let primary = load_gd(&file, &header, header.gd_offset, "grain directory");
-        let rgd = header.redundant_gd().and_then(|off| load_gd(&file, &header, off, "redundant grain directory").ok());
+        let rgd = header
+            .redundant_gd()
+            .and_then(|off| load_gd(&file, &header, off, "redundant grain directory").ok());
         let gd = match (primary, &rgd) {
             (Ok(gd), _) => gd,
             (Err(e), Some(r)) => {
-                log::warn!("{}: primary grain directory unreadable ({e}); using the redundant one", file.path().display());
+                log::warn!(
+                    "{}: primary grain directory unreadable ({e}); using the redundant one",
+                    file.path().display()
+                );
                 r.clone()
             }
             (Err(e), None) => return Err(e),
         };
-        Ok(SparseExtent { file, header, len, gd, rgd, tables })
+        Ok(SparseExtent {
+            file,
+            header,
+            len,
+            gd,
+            rgd,
+            tables,
+        })
     }
 
     pub fn header(&self) -> &SparseHeader {
@@ -73,13 +93,22 @@ impl SparseExtent {
                 self.file.path(),
                 "grain directory",
                 self.header.gd_offset.saturating_mul(SECTOR),
-                format!("offset {off:#x} needs entry {gd_idx}, the directory has {}", self.gd.len()),
+                format!(
+                    "offset {off:#x} needs entry {gd_idx}, the directory has {}",
+                    self.gd.len()
+                ),
             ));
         };
         // Guest end of this grain table's span (saturating: capped by `end` anyway).
-        let gt_end = (gd_idx + 1).saturating_mul(gtes).saturating_mul(gb).min(end);
+        let gt_end = (gd_idx + 1)
+            .saturating_mul(gtes)
+            .saturating_mul(gb)
+            .min(end);
         if gt_sector == 0 {
-            return Ok(Extent { len: gt_end - off, map: Mapping::Unallocated });
+            return Ok(Extent {
+                len: gt_end - off,
+                map: Mapping::Unallocated,
+            });
         }
         let (gt, gt_off) = self.grain_table(gd_idx, gt_sector)?;
         let entry = |g: u64| {
@@ -93,8 +122,13 @@ impl SparseExtent {
         let map = match first {
             Grain::Unallocated => Mapping::Unallocated,
             Grain::Zero => Mapping::Zero,
-            Grain::Data(host) => Mapping::Data { file: self.file.clone(), host_off: host + in_grain },
-            Grain::Compressed(host) => return self.compressed(host, grain, in_grain, grain_end(grain) - off),
+            Grain::Data(host) => Mapping::Data {
+                file: self.file.clone(),
+                host_off: host + in_grain,
+            },
+            Grain::Compressed(host) => {
+                return self.compressed(host, grain, in_grain, grain_end(grain) - off);
+            }
         };
         // Extend over the following grains of this table while they continue the run.
         let mut g = grain;
@@ -127,10 +161,17 @@ impl SparseExtent {
                 self.file.path(),
                 "grain table entry",
                 at,
-                format!("grain at {host:#x} is past the end of the file ({} bytes)", self.file.len()),
+                format!(
+                    "grain at {host:#x} is past the end of the file ({} bytes)",
+                    self.file.len()
+                ),
             ));
         }
-        Ok(if self.header.compressed { Grain::Compressed(host) } else { Grain::Data(host) })
+        Ok(if self.header.compressed {
+            Grain::Compressed(host)
+        } else {
+            Grain::Data(host)
+        })
     }
 
     /// One compressed grain (never merged: each is its own zlib stream).
@@ -178,7 +219,9 @@ impl SparseExtent {
             Ok(t) => return Ok((t, off)),
             Err(e) => e,
         };
-        let Some(&r) = self.rgd.as_ref().and_then(|r| r.get(gd_idx as usize)) else { return Err(e) };
+        let Some(&r) = self.rgd.as_ref().and_then(|r| r.get(gd_idx as usize)) else {
+            return Err(e);
+        };
         let roff = r as u64 * SECTOR;
         if r == 0 || roff == off {
             return Err(e);
@@ -198,7 +241,9 @@ impl SparseExtent {
     fn load_gt(&self, off: u64, field: &str) -> Result<Arc<[u8]>> {
         let bytes = self.header.gtes_per_gt * 4;
         self.tables
-            .get_or_load(Key::new(self.file.id(), off, GT_TAG), || self.file.read_table(off, bytes, bytes, field))
+            .get_or_load(Key::new(self.file.id(), off, GT_TAG), || {
+                self.file.read_table(off, bytes, bytes, field)
+            })
     }
 }
 

@@ -10,12 +10,19 @@ const MAX_VMSD: u64 = 1 << 20;
 pub fn display_name(layer: &Path) -> Option<String> {
     let dir = layer.parent()?;
     let name = layer.file_name()?.to_str()?;
-    let mut vmsds: Vec<_> = std::fs::read_dir(if dir.as_os_str().is_empty() { Path::new(".") } else { dir })
-        .ok()?
-        .filter_map(|e| e.ok())
-        .map(|e| e.path())
-        .filter(|p| p.extension().is_some_and(|x| x.eq_ignore_ascii_case("vmsd")))
-        .collect();
+    let mut vmsds: Vec<_> = std::fs::read_dir(if dir.as_os_str().is_empty() {
+        Path::new(".")
+    } else {
+        dir
+    })
+    .ok()?
+    .filter_map(|e| e.ok())
+    .map(|e| e.path())
+    .filter(|p| {
+        p.extension()
+            .is_some_and(|x| x.eq_ignore_ascii_case("vmsd"))
+    })
+    .collect();
     vmsds.sort();
     vmsds.into_iter().find_map(|p| {
         if std::fs::metadata(&p).ok()?.len() > MAX_VMSD {
@@ -33,9 +40,14 @@ pub fn lookup(text: &str, file: &str) -> Option<String> {
         if line.starts_with('#') {
             continue;
         }
-        let Some((k, v)) = line.split_once('=') else { continue };
+        let Some((k, v)) = line.split_once('=') else {
+            continue;
+        };
         let v = v.trim();
-        let v = v.strip_prefix('"').and_then(|v| v.strip_suffix('"')).unwrap_or(v);
+        let v = v
+            .strip_prefix('"')
+            .and_then(|v| v.strip_suffix('"'))
+            .unwrap_or(v);
         values.insert(k.trim().to_ascii_lowercase(), unescape(v));
     }
     let mut hits: Vec<(&str, &String)> = values
@@ -61,12 +73,13 @@ fn unescape(v: &str) -> String {
     let mut i = 0;
     while i < b.len() {
         let hex = |c: u8| (c as char).to_digit(16);
-        if b[i] == b'|' && i + 2 < b.len() {
-            if let (Some(h), Some(l)) = (hex(b[i + 1]), hex(b[i + 2])) {
-                out.push((h * 16 + l) as u8);
-                i += 3;
-                continue;
-            }
+        if b[i] == b'|'
+            && i + 2 < b.len()
+            && let (Some(h), Some(l)) = (hex(b[i + 1]), hex(b[i + 2]))
+        {
+            out.push((h * 16 + l) as u8);
+            i += 3;
+            continue;
         }
         out.push(b[i]);
         i += 1;
@@ -85,7 +98,10 @@ mod tests {
 
     #[test]
     fn names_the_disk_each_snapshot_froze() {
-        assert_eq!(lookup(VMSD, "vm.vmdk").as_deref(), Some("Before \"update\""));
+        assert_eq!(
+            lookup(VMSD, "vm.vmdk").as_deref(),
+            Some("Before \"update\"")
+        );
         assert_eq!(lookup(VMSD, "vm-000001.vmdk").as_deref(), Some("after"));
         assert_eq!(lookup(VMSD, "vm-000002.vmdk"), None);
         assert_eq!(lookup(VMSD, "vm-Snapshot1.vmsn"), None);
