@@ -78,6 +78,22 @@ fn monolithic_sparse_matches_qemu() {
     );
     compare_with_qemu("monolithicSparse", &img);
     let layers = vmfs_mount::chain::open_chain(&img, None, &ctx()).unwrap();
+    // One big write lands in consecutive grains: map answers with one run across them.
+    let small = s.path("small.vmdk");
+    create(&small, "subformat=monolithicSparse", 4 * MIB);
+    let run = 20 * GRAIN;
+    write_random("vmdk", &small, &mut rng, 30 * GRAIN, run as usize);
+    let one = vmfs_mount::chain::open_chain(&small, None, &ctx()).unwrap();
+    let e = one[0].map(30 * GRAIN + 100, run).unwrap();
+    assert!(
+        matches!(e.map, Mapping::Data { .. }) && e.len == run - 100,
+        "{e:?}"
+    );
+    let e = one[0].map(GRAIN + 1, 40 * GRAIN).unwrap();
+    assert!(
+        matches!(e.map, Mapping::Unallocated) && e.len == 29 * GRAIN - 1,
+        "{e:?}"
+    );
     let details = layers[0].details();
     assert!(
         details
@@ -216,6 +232,11 @@ fn stream_optimized_with_gd_at_end() {
     std::fs::write(&img, &bytes).unwrap();
     assert_same("GD_AT_END", &read_all(&open_view(&img).unwrap()), &want);
     assert_same("GD_AT_END (qemu)", &qemu_raw(&img, None, &[]), &want);
+    // qemu-io appends a grain after the footer; QEMU then refuses the file ("Invalid
+    // footer") and so do we.
+    write_random("vmdk", &img, &mut rng, 0, GRAIN as usize);
+    let e = open_err(&img);
+    assert!(e.to_string().contains("footer marker"), "{e}");
     // A broken footer is refused.
     let n = bytes.len();
     bytes[n - 512 + 12] = 9;

@@ -373,3 +373,33 @@ fn vmsd_names_snapshot_layers() {
         &data,
     );
 }
+
+#[test]
+fn descriptor_wrapped_in_a_sparse_header() {
+    // capacity 0 with a descriptor offset: the KDMV file only carries a descriptor.
+    let s = Scratch::new("vmdk-wrapper");
+    let data = Rng::new(26).bytes(MIB as usize + 512);
+    std::fs::write(s.path("w-flat.vmdk"), &data).unwrap();
+    let text = descriptor(
+        "monolithicFlat",
+        9,
+        None,
+        &["RW 2049 FLAT \"w-flat.vmdk\" 0".into()],
+    );
+    let mut f = vec![0u8; 512];
+    f[..4].copy_from_slice(b"KDMV");
+    f[4..8].copy_from_slice(&1u32.to_le_bytes());
+    f[28..36].copy_from_slice(&1u64.to_le_bytes());
+    f[36..44].copy_from_slice(&20u64.to_le_bytes());
+    f.extend_from_slice(text.as_bytes());
+    f.resize(21 * 512, 0);
+    let img = s.path("w.vmdk");
+    std::fs::write(&img, &f).unwrap();
+    let got = read_all(&open_view(&img).unwrap());
+    assert_same("wrapped descriptor", &got, &data);
+    assert_same(
+        "wrapped descriptor (qemu)",
+        &got,
+        &qemu_raw(&img, None, &[]),
+    );
+}
