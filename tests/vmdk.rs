@@ -387,6 +387,32 @@ fn delta_chain_matches_qemu_and_checks_cids() {
 }
 
 #[test]
+fn split_sparse_delta_over_a_monolithic_base() {
+    let s = Scratch::new("vmdk-splitdelta");
+    let base = s.path("base.vmdk");
+    let top = s.path("top.vmdk");
+    let size = 8 * MIB;
+    create(&base, "subformat=monolithicSparse", size);
+    let mut rng = Rng::new(19);
+    scatter_writes(&base, &mut rng, size);
+    qemu_img(&[
+        "create",
+        "-q",
+        "-f",
+        "vmdk",
+        "-o",
+        "subformat=twoGbMaxExtentSparse",
+        "-b",
+        "base.vmdk",
+        "-F",
+        "vmdk",
+        top.to_str().unwrap(),
+    ]);
+    scatter_writes(&top, &mut rng, size);
+    compare_with_qemu("twoGbMaxExtentSparse delta", &top);
+}
+
+#[test]
 fn missing_parent_is_named() {
     let s = Scratch::new("vmdk-noparent");
     let base = s.path("base.vmdk");

@@ -235,7 +235,7 @@ impl SeSparseExtent {
             0 if e == 0 => Ok(Grain::Unallocated),
             1 | 2 => Ok(Grain::Zero), // SCSI-unmapped or zeroed grain
             3 => {
-                let idx = ((e & 0x0fff_0000_0000_0000) >> 48) | ((e & 0x0000_ffff_ffff_ffff) << 12);
+                let idx = grain_index(e);
                 let host = idx
                     .checked_mul(GRAIN)
                     .and_then(|o| o.checked_add(self.grains_off))
@@ -257,5 +257,25 @@ impl SeSparseExtent {
                 format!("{e:#x} is invalid"),
             )),
         }
+    }
+}
+
+/// The grain number of an allocated entry: its low 12 bits are stored in bits 48..60, the
+/// rest in bits 0..48.
+fn grain_index(e: u64) -> u64 {
+    ((e & 0x0fff_0000_0000_0000) >> 48) | ((e & 0x0000_ffff_ffff_ffff) << 12)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn allocated_entries_decode_their_grain_number() {
+        for idx in [0u64, 1, 0xfff, 0x1000, 0x1234_5678, (1 << 60) - 1] {
+            let e = 0x3000_0000_0000_0000 | ((idx & 0xfff) << 48) | (idx >> 12);
+            assert_eq!(grain_index(e), idx);
+        }
+        assert_eq!(grain_index(0x3001_0000_0000_0002), 0x2001);
     }
 }
