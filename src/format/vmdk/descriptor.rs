@@ -356,6 +356,17 @@ mod tests {
     }
 
     #[test]
+    fn legacy_code_page_names_keep_their_bytes() {
+        let text = b"encoding=\"windows-1252\"\nRW 8 FLAT \"caf\xe9-flat.vmdk\" 0\n";
+        let d = Descriptor::parse(text, Path::new("d"), 0).unwrap();
+        let name = d.extents[0].file.clone().unwrap();
+        assert_eq!(name, b"caf\xe9-flat.vmdk");
+        let p = extent_path(Path::new("/x/d.vmdk"), &name);
+        use std::os::unix::ffi::OsStrExt;
+        assert_eq!(p.as_os_str().as_bytes(), b"/x/caf\xe9-flat.vmdk");
+    }
+
+    #[test]
     fn extent_names_resolve_beside_the_descriptor() {
         assert_eq!(
             extent_path(Path::new("/a/b/d.vmdk"), b"x-flat.vmdk"),
