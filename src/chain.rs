@@ -85,14 +85,32 @@ fn search_parent(
         all.sort();
         candidates.extend(all);
     }
+    let mut in_chain = Vec::new();
     for cand in candidates {
         match file_key(&cand) {
             Ok(k) if !seen.contains(&k) => {}
-            _ => continue,
+            Ok(_) => {
+                in_chain.push(cand);
+                continue;
+            }
+            Err(_) => continue,
         }
         let Ok(layer) = format::open_detect(&cand, None, ctx) else { continue };
         if child.verify_parent(&*layer).is_ok() {
             return Ok(layer);
+        }
+    }
+    // Only a file already in the chain matches: identities that point at each other.
+    for cand in in_chain {
+        if format::open_detect(&cand, None, ctx).is_ok_and(|layer| child.verify_parent(&*layer).is_ok()) {
+            return Err(Error::new(
+                Kind::Corrupt,
+                format!(
+                    "{}: backing chain loop: its parent ({wanted}) is {}, already in the chain",
+                    child.path().display(),
+                    cand.display()
+                ),
+            ));
         }
     }
     Err(Error::new(

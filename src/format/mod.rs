@@ -8,6 +8,8 @@
 pub mod compress;
 pub mod probe;
 pub mod raw;
+pub mod vdi;
+pub mod vmdk;
 
 use crate::cache::ByteCache;
 use crate::error::{Error, Result};
@@ -164,6 +166,11 @@ pub trait Layer: Send + Sync + fmt::Debug {
     fn details(&self) -> Vec<(String, String)> {
         Vec::new()
     }
+    /// A name for this layer's snapshot directory from the hypervisor's own snapshot list
+    /// (VMware .vmsd), if one names it.
+    fn display_name(&self) -> Option<String> {
+        None
+    }
     /// In-place writing, for the top layer only.
     fn writer(&self) -> Option<&dyn crate::write::LayerWriter> {
         None
@@ -183,6 +190,8 @@ pub struct OpenCtx {
 pub fn open_layer(path: &Path, format: Format, ctx: &OpenCtx) -> Result<Arc<dyn Layer>> {
     match format {
         Format::Raw => raw::RawLayer::open(path, ctx),
+        Format::Vdi => vdi::VdiLayer::open(path, ctx),
+        Format::Vmdk => vmdk::VmdkLayer::open(path, ctx),
         other => Err(Error::unsupported(path, format!("format {other} is not implemented yet"))),
     }
 }

@@ -1,0 +1,405 @@
+//! VMDK layouts qemu-img cannot make: hand-written descriptors (multiple extent types, ZERO,
+//! RDONLY, start offsets), ESX redo logs (COWD) and ESXi seSparse deltas built from the spec,
+//! compared with a model (parent bytes overridden by the child's grains) and with QEMU where
+//! QEMU reads them.
+
+mod common;
+use common::*;
+use std::path::Path;
+
+const MIB: u64 = 1 << 20;
+
+/// A descriptor file text; `parent` is (parentCID, parentFileNameHint).
+fn descriptor(
+    create_type: &str,
+    cid: u32,
+    parent: Option<(u32, &str)>,
+    extents: &[String],
+) -> String {
+    let mut s = format!("# Disk DescriptorFile\nversion=1\nCID={cid:08x}\n");
+    match parent {
+        Some((pcid, hint)) => {
+            s += &format!("parentCID={pcid:08x}\nparentFileNameHint=\"{hint}\"\n")
+        }
+        None => s += "parentCID=ffffffff\n",
+    }
+    s += &format!("createType=\"{create_type}\"\n\n# Extent description\n");
+    for e in extents {
+        s += e;
+        s += "\n";
+    }
+    s + "\n# The Disk Data Base\n#DDB\n\nddb.adapterType = \"lsilogic\"\n"
+}
+
+/// A flat parent disk (descriptor + -flat file) with `data`; returns its CID.
+fn flat_parent(dir: &Path, data: &[u8], cid: u32) {
+    std::fs::write(dir.join("parent-flat.vmdk"), data).unwrap();
+    let ext = format!("RW {} FLAT \"parent-flat.vmdk\" 0", data.len() / 512);
+    std::fs::write(
+        dir.join("parent.vmdk"),
+        descriptor("monolithicFlat", cid, None, &[ext]),
+    )
+    .unwrap();
+}
+
+fn put(buf: &mut Vec<u8>, off: usize, bytes: &[u8]) {
+    if buf.len() < off + bytes.len() {
+        buf.resize(off + bytes.len(), 0);
+    }
+    buf[off..off + bytes.len()].copy_from_slice(bytes);
+}
+
+#[test]
+fn descriptor_with_mixed_extents_matches_qemu() {
+    let s = Scratch::new("vmdk-mixed");
+    let mut rng = Rng::new(21);
+    // FLAT with a start offset, a qemu-made sparse extent, a VMFS flat extent.
+    let flat1 = rng.bytes(3 * MIB as usize);
+    std::fs::write(s.path("a.bin"), &flat1).unwrap();
+    let sparse = s.path("b.vmdk");
+    qemu_img(&[
+        "create",
+        "-q",
+        "-f",
+        "vmdk",
+        sparse.to_str().unwrap(),
+        &(2 * MIB).to_string(),
+    ]);
+    write_random("vmdk", &sparse, &mut rng, 12345, 300_000);
+    let flat2 = rng.bytes(MIB as usize);
+    std::fs::write(s.path("c d.bin"), &flat2).unwrap();
+    let text = descriptor(
+        "monolithicFlat",
+        7,
+        None,
+        &[
+            "RW 4096 FLAT \"a.bin\" 2048".into(),
+            "RW 4096 SPARSE \"b.vmdk\"".into(),
+            "RW 2048 VMFS \"c d.bin\"".into(),
+        ],
+    )
+    .replace('\n', "\r\n");
+    let img = s.path("mixed.vmdk");
+    std::fs::write(&img, text).unwrap();
+    let want = qemu_raw(&img, None, &[]);
+    assert_eq!(want.len() as u64, 5 * MIB);
+    assert_same(
+        "model vs qemu",
+        &want[..2 * MIB as usize],
+        &flat1[MIB as usize..],
+    );
+    assert_same("mixed extents", &read_all(&open_view(&img).unwrap()), &want);
+}
+
+#[test]
+fn zero_and_rdonly_extents_follow_the_spec() {
+    // QEMU skips ZERO and RDONLY lines (shifting what follows); VMware reads them in place.
+    let s = Scratch::new("vmdk-zero");
+    let mut rng = Rng::new(22);
+    let a = rng.bytes(MIB as usize);
+    let b = rng.bytes(MIB as usize / 2 + 512);
+    std::fs::write(s.path("a.bin"), &a).unwrap();
+    std::fs::write(s.path("b.bin"), &b).unwrap();
+    let text = "# Disk DescriptorFile\n# comment\n  cid = 0000abcd\nCREATETYPE=\"twoGbMaxExtentFlat\"\nrdonly 2048 flat \"a.bin\"\nRW 300 ZERO\n\
+                RW 1025 FLAT \"b.bin\" 0 # trailing words are ignored\n";
+    let img = s.path("z.vmdk");
+    std::fs::write(&img, text).unwrap();
+    let mut want = a.clone();
+    want.extend(vec![0u8; 300 * 512]);
+    want.extend_from_slice(&b);
+    let view = open_view(&img).unwrap();
+    assert_same("ZERO and RDONLY", &read_all(&view), &want);
+    let layers = vmfs_mount::chain::open_chain(&img, None, &ctx()).unwrap();
+    assert_eq!(layers[0].identity().cid, Some(0xabcd));
+}
+
+/// Builds a COWD redo log: `grains` maps grain index -> data (one grain each). GTs exist only
+/// for the GD entries that hold grains; grains are stored in index order, so neighbours are
+/// contiguous in the file.
+fn cowd(capacity: u32, grain_sectors: u32, grains: &[(u64, Vec<u8>)]) -> Vec<u8> {
+    let gtes = 4096u64;
+    let gd_entries = (capacity as u64).div_ceil(gtes * grain_sectors as u64);
+    let mut f = vec![0u8; 2048];
+    f[..4].copy_from_slice(b"COWD");
+    f[4..8].copy_from_slice(&1u32.to_le_bytes());
+    f[8..12].copy_from_slice(&3u32.to_le_bytes());
+    f[12..16].copy_from_slice(&capacity.to_le_bytes());
+    f[16..20].copy_from_slice(&grain_sectors.to_le_bytes());
+    f[20..24].copy_from_slice(&4u32.to_le_bytes());
+    f[24..28].copy_from_slice(&(gd_entries as u32).to_le_bytes());
+    let gd_off = 2048usize;
+    let mut next = (gd_off + gd_entries as usize * 4).div_ceil(512) * 512;
+    put(&mut f, next - 1, &[0]);
+    let mut gts = std::collections::BTreeMap::new();
+    for (g, _) in grains {
+        gts.entry(g / gtes).or_insert_with(|| {
+            let at = next;
+            next += gtes as usize * 4;
+            at
+        });
+    }
+    for (&i, &at) in &gts {
+        put(
+            &mut f,
+            gd_off + i as usize * 4,
+            &((at / 512) as u32).to_le_bytes(),
+        );
+        put(&mut f, at + gtes as usize * 4 - 1, &[0]);
+    }
+    let mut sorted = grains.to_vec();
+    sorted.sort_by_key(|g| g.0);
+    for (g, data) in sorted {
+        let at = next;
+        next += grain_sectors as usize * 512;
+        put(&mut f, at, &data);
+        put(
+            &mut f,
+            gts[&(g / gtes)] + (g % gtes) as usize * 4,
+            &((at / 512) as u32).to_le_bytes(),
+        );
+    }
+    f
+}
+
+#[test]
+fn vmfs_sparse_redo_log_over_a_flat_parent() {
+    let s = Scratch::new("vmdk-cowd");
+    let mut rng = Rng::new(23);
+    let grain_sectors = 2u32;
+    let gb = grain_sectors as usize * 512;
+    let capacity = 3 * 4096 * grain_sectors + 100; // four GTs, the last partial
+    let parent = rng.bytes(capacity as usize * 512);
+    flat_parent(&s.0, &parent, 0x1234);
+    let mut grains = Vec::new();
+    for g in [
+        0u64,
+        1,
+        2,
+        7,
+        4095,
+        4096 * 2 + 5,
+        4096 * 2 + 6,
+        4096 * 3 + 49,
+    ] {
+        grains.push((g, rng.bytes(gb)));
+    }
+    std::fs::write(
+        s.path("child-delta.vmdk"),
+        cowd(capacity, grain_sectors, &grains),
+    )
+    .unwrap();
+    let ext = format!("RW {capacity} VMFSSPARSE \"child-delta.vmdk\"");
+    let child = s.path("child.vmdk");
+    std::fs::write(
+        &child,
+        descriptor("vmfsSparse", 0x99, Some((0x1234, "parent.vmdk")), &[ext]),
+    )
+    .unwrap();
+
+    let mut model = parent.clone();
+    for (g, data) in &grains {
+        put(&mut model, *g as usize * gb, data);
+    }
+    let got = read_all(&open_view(&child).unwrap());
+    assert_same("COWD vs model", &got, &model);
+    assert_same("COWD vs qemu", &got, &qemu_raw(&child, None, &[]));
+}
+
+/// Builds a seSparse extent of `capacity` sectors: `gts` lists, per GD index, the GT number
+/// to use (None = unallocated); `entries` maps grain index -> entry kind.
+enum SeGrain {
+    Data(Vec<u8>),
+    Zero,
+    Unmapped,
+}
+
+fn sesparse(capacity: u64, gts: &[Option<u64>], entries: &[(u64, SeGrain)]) -> Vec<u8> {
+    let (gd_sec, gt_sec) = (8u64, 16u64);
+    let n_gts = gts.iter().flatten().max().map_or(0, |m| m + 1);
+    let grains_sec = gt_sec + n_gts * 64;
+    let mut f = vec![0u8; 512];
+    let hdr = [
+        0xcafe_babe,
+        0x0000_0002_0000_0001,
+        capacity,
+        8,
+        64,
+        0,
+        0,
+        0,
+        0,
+        0,
+        1,
+        1,
+        2,
+        2,
+        4,
+        4,
+        gd_sec,
+        1,
+        gt_sec,
+        n_gts * 64,
+        0,
+        0,
+        0,
+        0,
+        grains_sec,
+        1 << 20,
+    ];
+    for (i, v) in hdr.iter().enumerate() {
+        put(&mut f, i * 8, &u64::to_le_bytes(*v));
+    }
+    put(&mut f, 512, &0xcafe_cafeu64.to_le_bytes());
+    for (i, gt) in gts.iter().enumerate() {
+        if let Some(n) = gt {
+            put(
+                &mut f,
+                (gd_sec * 512) as usize + i * 8,
+                &(0x1000_0000_0000_0000u64 | n).to_le_bytes(),
+            );
+        }
+    }
+    put(&mut f, ((grains_sec) * 512) as usize - 1, &[0]);
+    let mut next_grain = 0u64;
+    for (g, kind) in entries {
+        let gt = gts[(g / 4096) as usize].expect("grain in an allocated GT");
+        let entry = match kind {
+            SeGrain::Zero => 0x2000_0000_0000_0000u64,
+            SeGrain::Unmapped => 0x1000_0000_0000_0000,
+            SeGrain::Data(d) => {
+                let idx = next_grain;
+                next_grain += 1;
+                put(&mut f, ((grains_sec + idx * 8) * 512) as usize, d);
+                0x3000_0000_0000_0000 | ((idx & 0xfff) << 48) | (idx >> 12)
+            }
+        };
+        put(
+            &mut f,
+            ((gt_sec + gt * 64) * 512 + (g % 4096) * 8) as usize,
+            &entry.to_le_bytes(),
+        );
+    }
+    f
+}
+
+#[test]
+fn sesparse_delta_over_a_sparse_parent() {
+    let s = Scratch::new("vmdk-sesparse");
+    let mut rng = Rng::new(24);
+    let capacity = 2 * 4096 * 8 + 800; // three GTs of 16 MiB, the last partial
+    let size = capacity * 512;
+    let parent_path = s.path("parent.vmdk");
+    qemu_img(&[
+        "create",
+        "-q",
+        "-f",
+        "vmdk",
+        parent_path.to_str().unwrap(),
+        &size.to_string(),
+    ]);
+    let mut model = vec![0u8; size as usize];
+    for (off, len) in [
+        (0u64, 100_000usize),
+        (16 * MIB - 5000, 10_000),
+        (size - 70_000, 70_000),
+    ] {
+        let d = write_random("vmdk", &parent_path, &mut rng, off, len);
+        put(&mut model, off as usize, &d);
+    }
+    let parent_cid = vmfs_mount::chain::open_chain(&parent_path, None, &ctx()).unwrap()[0]
+        .identity()
+        .cid
+        .unwrap();
+    let mut entries = Vec::new();
+    for g in [0u64, 1, 2, 3, 10, 4095, 4096 * 2, 4096 * 2 + 3] {
+        entries.push((g, SeGrain::Data(rng.bytes(4096))));
+    }
+    entries.push((5, SeGrain::Zero));
+    entries.push((6, SeGrain::Unmapped));
+    entries.push((4096 * 2 + 1, SeGrain::Zero));
+    for (g, kind) in &entries {
+        let at = *g as usize * 4096;
+        match kind {
+            SeGrain::Data(d) => put(&mut model, at, d),
+            _ => model[at..at + 4096].fill(0),
+        }
+    }
+    // GT 1 of the GD is unallocated (parent shows through); GTs are stored out of order.
+    std::fs::write(
+        s.path("child-sesparse.vmdk"),
+        sesparse(capacity, &[Some(1), None, Some(0)], &entries),
+    )
+    .unwrap();
+    let child = s.path("child.vmdk");
+    let ext = format!("RW {capacity} SESPARSE \"child-sesparse.vmdk\"");
+    std::fs::write(
+        &child,
+        descriptor("seSparse", 5, Some((parent_cid, "parent.vmdk")), &[ext]),
+    )
+    .unwrap();
+    let got = read_all(&open_view(&child).unwrap());
+    assert_same("seSparse vs model", &got, &model);
+    assert_same("seSparse vs qemu", &got, &qemu_raw(&child, None, &[]));
+}
+
+#[test]
+fn vmsd_names_snapshot_layers() {
+    let s = Scratch::new("vmdk-vmsd");
+    let data = Rng::new(25).bytes(MIB as usize);
+    flat_parent(&s.0, &data, 0x42);
+    let child = s.path("vm-000001.vmdk");
+    std::fs::write(s.path("vm-000001-delta.vmdk"), cowd(2048, 8, &[])).unwrap();
+    let ext = "RW 2048 VMFSSPARSE \"vm-000001-delta.vmdk\"".to_string();
+    std::fs::write(
+        &child,
+        descriptor("vmfsSparse", 0x43, Some((0x42, "parent.vmdk")), &[ext]),
+    )
+    .unwrap();
+    std::fs::write(
+        s.path("vm.vmsd"),
+        ".encoding = \"UTF-8\"\nsnapshot0.uid = \"1\"\nsnapshot0.displayName = \"Clean |22install|22\"\n\
+         snapshot0.disk0.fileName = \"parent.vmdk\"\nsnapshot0.disk0.node = \"scsi0:0\"\n",
+    )
+    .unwrap();
+    let layers = vmfs_mount::chain::open_chain(&child, None, &ctx()).unwrap();
+    assert_eq!(
+        layers[1].display_name().as_deref(),
+        Some("Clean \"install\"")
+    );
+    assert_eq!(layers[0].display_name(), None);
+    assert_same(
+        "empty COWD child",
+        &read_all(&open_view(&child).unwrap()),
+        &data,
+    );
+}
+
+#[test]
+fn descriptor_wrapped_in_a_sparse_header() {
+    // capacity 0 with a descriptor offset: the KDMV file only carries a descriptor.
+    let s = Scratch::new("vmdk-wrapper");
+    let data = Rng::new(26).bytes(MIB as usize + 512);
+    std::fs::write(s.path("w-flat.vmdk"), &data).unwrap();
+    let text = descriptor(
+        "monolithicFlat",
+        9,
+        None,
+        &["RW 2049 FLAT \"w-flat.vmdk\" 0".into()],
+    );
+    let mut f = vec![0u8; 512];
+    f[..4].copy_from_slice(b"KDMV");
+    f[4..8].copy_from_slice(&1u32.to_le_bytes());
+    f[28..36].copy_from_slice(&1u64.to_le_bytes());
+    f[36..44].copy_from_slice(&20u64.to_le_bytes());
+    f.extend_from_slice(text.as_bytes());
+    f.resize(21 * 512, 0);
+    let img = s.path("w.vmdk");
+    std::fs::write(&img, &f).unwrap();
+    let got = read_all(&open_view(&img).unwrap());
+    assert_same("wrapped descriptor", &got, &data);
+    assert_same(
+        "wrapped descriptor (qemu)",
+        &got,
+        &qemu_raw(&img, None, &[]),
+    );
+}
