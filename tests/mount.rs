@@ -417,3 +417,93 @@ fn mount_helper_passes_ro_through_mount_fuse3() {
         .unwrap_err();
     assert_eq!(errno_of(&e), libc::EROFS);
 }
+
+#[test]
+fn a_backing_chain_shows_every_layer_under_snapshots() {
+    let s = setup("mount-chain", &[]);
+    let dir = s.img.parent().unwrap().to_path_buf();
+    let (base, mid, top) = (
+        dir.join("base.vmdk"),
+        dir.join("mid.vmdk"),
+        dir.join("top.vmdk"),
+    );
+    let mut rng = Rng::new(13);
+    qemu_img(&["create", "-q", "-f", "vmdk", base.to_str().unwrap(), "48M"]);
+    write_random("vmdk", &base, &mut rng, 0, 3 << 20);
+    write_random("vmdk", &base, &mut rng, 40 << 20, 1 << 20);
+    for (child, parent) in [(&mid, &base), (&top, &mid)] {
+        let p = parent.file_name().unwrap().to_str().unwrap();
+        qemu_img(&[
+            "create",
+            "-q",
+            "-f",
+            "vmdk",
+            "-b",
+            p,
+            "-F",
+            "vmdk",
+            child.to_str().unwrap(),
+        ]);
+        let off = rng.below(40 << 20) & !0xffff;
+        write_random("vmdk", child, &mut rng, off, (1 << 20) + 4096);
+    }
+    let out = vmfs(&["-r", top.to_str().unwrap(), s.mnt.to_str().unwrap()]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let _m = MountGuard(s.mnt.clone());
+    let mut names: Vec<String> = std::fs::read_dir(s.mnt.join("snapshots"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
+    names.sort();
+    assert_eq!(names, ["base", "mid"]);
+    for (path, image) in [
+        ("disk.raw", &top),
+        ("snapshots/mid/disk.raw", &mid),
+        ("snapshots/base/disk.raw", &base),
+    ] {
+        let file = s.mnt.join(path);
+        assert_same(
+            path,
+            &std::fs::read(&file).unwrap(),
+            &qemu_raw(image, Some("vmdk"), &[]),
+        );
+        let meta = std::fs::metadata(&file).unwrap();
+        assert_eq!(meta.mode() & 0o777, 0o444, "{path}");
+        assert_eq!(
+            meta.modified().unwrap(),
+            std::fs::metadata(image).unwrap().modified().unwrap(),
+            "{path}"
+        );
+    }
+    // Holes are real here: SEEK_DATA/SEEK_HOLE must follow the chain's allocation.
+    let view = open_view(&top).unwrap();
+    let f = File::open(s.mnt.join("disk.raw")).unwrap();
+    let seek = |off: u64, whence| {
+        // SAFETY: f is an open descriptor.
+        let r = unsafe { libc::lseek(f.as_raw_fd(), off as i64, whence) };
+        if r < 0 { None } else { Some(r as u64) }
+    };
+    for off in [
+        0,
+        3 << 20,
+        (3 << 20) + 1,
+        20 << 20,
+        40 << 20,
+        (48 << 20) - 1,
+    ] {
+        assert_eq!(
+            seek(off, libc::SEEK_DATA),
+            view.next_data(off).unwrap(),
+            "SEEK_DATA {off}"
+        );
+        assert_eq!(
+            seek(off, libc::SEEK_HOLE),
+            Some(view.next_hole(off).unwrap()),
+            "SEEK_HOLE {off}"
+        );
+    }
+}
