@@ -6,7 +6,7 @@
 //! `vmfs-mount img mnt && ls mnt` never races.
 
 use crate::cli::Settings;
-use crate::fs::{DiskFs, tree};
+use crate::fs::DiskFs;
 use crate::mount::Opened;
 use fuser::{Config, MountOption, Session, SessionACL, SessionUnmounter};
 use std::ffi::CString;
@@ -171,7 +171,8 @@ fn serve(
             let _ = tx.send(Event::Ended(result.err().map(|e| e.to_string())));
         })
         .map_err(|e| format!("cannot start the FUSE session: {e}"))?;
-    if let Err(e) = std::fs::metadata(mountpoint.join(tree::DISK_FILE_NAME)) {
+    // The root answers from the tree alone (disk.raw would count its allocated blocks first).
+    if let Err(e) = std::fs::metadata(mountpoint) {
         unmount(&mut unmounter, mountpoint);
         return Err(format!(
             "{} was mounted but does not answer: {e}",
