@@ -177,3 +177,28 @@ fn help_and_usage() {
     let out = vmfs_str(&["only-an-image"]);
     assert_eq!(out.status.code(), Some(2));
 }
+
+#[test]
+fn missing_backing_file_is_named() {
+    let s = Scratch::new("cli-backing");
+    let (base, top) = (s.path("base.vmdk"), s.path("top.vmdk"));
+    qemu_img(&["create", "-q", "-f", "vmdk", base.to_str().unwrap(), "8M"]);
+    qemu_img(&[
+        "create",
+        "-q",
+        "-f",
+        "vmdk",
+        "-b",
+        "base.vmdk",
+        "-F",
+        "vmdk",
+        top.to_str().unwrap(),
+    ]);
+    std::fs::remove_file(&base).unwrap();
+    let mnt = s.path("mnt");
+    std::fs::create_dir(&mnt).unwrap();
+    let out = vmfs(&[&top, &mnt]);
+    assert_one_line_error(&out, 1, "base.vmdk");
+    let out = vmfs(&[Path::new("--list"), &top]);
+    assert_one_line_error(&out, 1, "base.vmdk");
+}

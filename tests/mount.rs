@@ -256,12 +256,19 @@ fn seek_data_and_hole_agree_with_the_library() {
 #[test]
 fn sigterm_unmounts_and_the_daemon_exits() {
     let s = setup("mount-sigterm", &Rng::new(6).bytes(1 << 20));
-    let _m = mount(&s, &[]);
+    let log = s.img.with_file_name("daemon.log");
+    let _m = mount(&s, &["-v", "--log-file", log.to_str().unwrap()]);
     let pid = daemon_pid(&s.mnt).expect("daemon process");
     // SAFETY: plain kill of the daemon we started.
     assert_eq!(unsafe { libc::kill(pid, libc::SIGTERM) }, 0);
     wait_until("the mount is gone", || !is_mounted(&s.mnt));
     wait_until("the daemon exited", || is_zombie(pid));
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert!(
+        text.contains("signal 15: flushing and unmounting"),
+        "{text}"
+    );
+    assert!(text.contains("unmounted"), "{text}");
 }
 
 #[test]
