@@ -42,10 +42,10 @@ fn init_logging(verbose: u8) {
 
 fn run(s: &Settings) -> i32 {
     let mut req = MountRequest {
-        image: s.image.clone(),
+        image: absolute(&s.image),
         format: s.format,
         access: s.access,
-        overlay: s.overlay.clone(),
+        overlay: s.overlay.as_deref().map(absolute),
         table_cache: s.table_cache,
         cluster_cache: s.cluster_cache,
     };
@@ -79,6 +79,12 @@ fn run(s: &Settings) -> i32 {
         eprintln!("vmfs-mount: warning: {why}; mounting read-only");
     }
     daemon::run(s, mountpoint, opened)
+}
+
+/// The daemon works from `/`, so paths the user gave relative to the working directory are
+/// made absolute first (a missing file keeps its name, for the error message).
+fn absolute(path: &std::path::Path) -> std::path::PathBuf {
+    std::path::absolute(path).unwrap_or_else(|_| path.to_path_buf())
 }
 
 fn fail(msg: &str) -> i32 {
