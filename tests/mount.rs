@@ -187,6 +187,36 @@ fn random_reads_match_the_image() {
 }
 
 #[test]
+fn concurrent_readers_see_the_same_bytes() {
+    let data = std::sync::Arc::new(Rng::new(14).bytes(16 << 20));
+    let s = setup("mount-concurrent", &data);
+    let _m = mount(&s, &["-r", "-o", "threads=4"]);
+    let disk = s.mnt.join("disk.raw");
+    let workers: Vec<_> = (0..6u64)
+        .map(|t| {
+            let (data, disk) = (data.clone(), disk.clone());
+            std::thread::spawn(move || {
+                let f = File::open(&disk).unwrap();
+                let mut rng = Rng::new(100 + t);
+                for _ in 0..150 {
+                    let off = rng.below(data.len() as u64) as usize;
+                    let len = (1 + rng.below(1 << 20) as usize).min(data.len() - off);
+                    let mut buf = vec![0u8; len];
+                    f.read_exact_at(&mut buf, off as u64).unwrap();
+                    assert!(
+                        buf == data[off..off + len],
+                        "thread {t}: bytes differ at {off}+{len}"
+                    );
+                }
+            })
+        })
+        .collect();
+    for w in workers {
+        w.join().unwrap();
+    }
+}
+
+#[test]
 fn read_only_files_refuse_writes_truncation_and_new_names() {
     let data = Rng::new(4).bytes(1 << 20);
     let s = setup("mount-erofs", &data);
