@@ -31,6 +31,8 @@ Mount options (-o, comma-separated, repeatable):
   format=FMT              force the top image's format (qcow2, raw, vmdk, vpc, vhdx, vdi)
   cache_size=SIZE         metadata cache size, e.g. 256M (default 256M)
   threads=N               FUSE worker threads
+  nopassthrough           serve raw-identical files through the daemon too (by default the
+                          kernel reads them directly when running as root on Linux 6.9+)
   log=FILE                daemon log file
   fsname=NAME, subtype=NAME
 Generic mount(8)/fstab options are accepted and ignored (nodev, nosuid, noexec and noatime are
@@ -131,6 +133,8 @@ pub struct Settings {
     pub subtype: Option<String>,
     /// Restrictive kernel flags we honour: nodev, nosuid, noexec, noatime.
     pub kernel_flags: Vec<&'static str>,
+    /// Let the kernel read raw-identical files directly (off with `-o nopassthrough`).
+    pub passthrough: bool,
 }
 
 pub const DEFAULT_TABLE_CACHE: usize = 256 << 20;
@@ -166,6 +170,7 @@ impl Settings {
             fsname: None,
             subtype: None,
             kernel_flags: Vec::new(),
+            passthrough: true,
         };
         if let Some(f) = &a.format {
             s.apply_one(&format!("format={f}"))?;
@@ -220,6 +225,7 @@ impl Settings {
             ("allow_root", None) => self.allow_root = true,
             ("default_permissions", None) => self.default_permissions = true,
             ("auto_unmount", None) => self.auto_unmount = true,
+            ("nopassthrough", None) => self.passthrough = false,
             ("overlay", v) => self.overlay = Some(PathBuf::from(need(v)?)),
             ("format", v) => {
                 let name = need(v)?;
@@ -367,6 +373,12 @@ mod tests {
         assert_eq!(s.table_cache, 64 << 20);
         assert_eq!(s.cluster_cache, 8 << 20);
         assert_eq!(s.format, Some(Format::Raw));
+        assert!(s.passthrough);
+        assert!(
+            !settings(&["-o", "nopassthrough", "img", "mnt"])
+                .unwrap()
+                .passthrough
+        );
         let s = settings(&["-r", "-o", "rw", "img", "mnt"]).unwrap();
         assert_eq!(s.access, Access::Auto);
     }

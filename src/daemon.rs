@@ -47,7 +47,9 @@ pub fn run(settings: &Settings, mountpoint: PathBuf, opened: Opened) -> i32 {
         if let Some(f) = &log {
             redirect_output(f);
         }
-        return match serve(&mountpoint, &opened, &config, |_| Ok(())) {
+        return match serve(&mountpoint, &opened, &config, settings.passthrough, |_| {
+            Ok(())
+        }) {
             Ok(()) => 0,
             Err(e) => {
                 eprintln!("vmfs-mount: {e}");
@@ -71,7 +73,14 @@ pub fn run(settings: &Settings, mountpoint: PathBuf, opened: Opened) -> i32 {
         }
         0 => {
             drop(read_end);
-            daemon_child(&mountpoint, &opened, &config, write_end, log)
+            daemon_child(
+                &mountpoint,
+                &opened,
+                &config,
+                settings.passthrough,
+                write_end,
+                log,
+            )
         }
         child => {
             drop(write_end);
@@ -107,6 +116,7 @@ fn daemon_child(
     mountpoint: &Path,
     opened: &Opened,
     config: &Config,
+    passthrough: bool,
     ready: File,
     log: Option<File>,
 ) -> i32 {
@@ -116,7 +126,7 @@ fn daemon_child(
         libc::chdir(c"/".as_ptr());
     }
     let mut ready = Some(ready);
-    let result = serve(mountpoint, opened, config, |_| {
+    let result = serve(mountpoint, opened, config, passthrough, |_| {
         // Detach from the caller's terminal and pipes before saying we are ready, so that a
         // caller reading our output to EOF returns as soon as the parent exits.
         match &log {
@@ -155,11 +165,15 @@ fn serve(
     mountpoint: &Path,
     opened: &Opened,
     config: &Config,
+    passthrough: bool,
     on_ready: impl FnOnce(&Path) -> Result<(), String>,
 ) -> Result<(), String> {
     let (tx, rx) = channel();
     block_signals_and_watch(tx.clone())?;
-    let fs = DiskFs::new(opened);
+    let mut fs = DiskFs::new(opened);
+    if !passthrough {
+        fs = fs.without_passthrough();
+    }
     let writable = fs.writable_views();
     let mut session = Session::new(fs, mountpoint, config)
         .map_err(|e| format!("cannot mount on {}: {e}", mountpoint.display()))?;

@@ -4,6 +4,7 @@
 //! errno here and nowhere else, with a log line.
 
 pub mod attr;
+mod passthrough;
 mod state;
 #[cfg(test)]
 mod tests;
@@ -40,6 +41,12 @@ impl Filesystem for DiskFs {
                 log::debug!("kernel lacks {flag:?}");
             }
         }
+        // Depth 1: the image files may live on a plain file system, and this mount may still
+        // sit under one stacking file system (overlayfs).
+        self.passthrough = self.allow_passthrough
+            && config.add_capabilities(InitFlags::FUSE_PASSTHROUGH).is_ok()
+            && config.set_max_stack_depth(1).is_ok();
+        log::debug!("kernel passthrough: {}", self.passthrough);
         Ok(())
     }
 
@@ -107,6 +114,18 @@ impl Filesystem for DiskFs {
         let wants_write = flags.acc_mode() != OpenAccMode::O_RDONLY;
         if wants_write && !d.writable {
             return reply.error(Errno::EROFS);
+        }
+        if !wants_write && !d.writable && self.passthrough {
+            let backing = d.backing.get_or_init(|| {
+                let file = passthrough::identity_file(&d.view)?;
+                reply
+                    .open_backing(file.std_file())
+                    .map_err(|e| log::info!("{}: no kernel passthrough: {e}", d.path))
+                    .ok()
+            });
+            if let Some(id) = backing {
+                return reply.opened_passthrough(FileHandle(0), FopenFlags::empty(), id);
+            }
         }
         // Only this mount changes a view, so the page cache stays valid across opens.
         let fh = if wants_write { FH_WRITE } else { 0 };

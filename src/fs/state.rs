@@ -4,10 +4,10 @@
 use super::attr::{self, Owner};
 use super::tree::{self, NodeKind, Tree};
 use crate::mount::{Exposed, Opened};
-use fuser::{Errno, FileType, INodeNo};
+use fuser::{BackingId, Errno, FileType, INodeNo};
 use std::cell::RefCell;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use vmfs_mount::error::Error;
 use vmfs_mount::view::View;
@@ -29,6 +29,8 @@ pub(super) struct Disk {
     pub(super) mtime_ns: AtomicU64,
     /// For log lines: where in the mount this file is.
     pub(super) path: String,
+    /// Set on the first read-only open: the kernel passthrough id, if this file qualifies.
+    pub(super) backing: OnceLock<Option<BackingId>>,
 }
 
 pub struct DiskFs {
@@ -36,6 +38,10 @@ pub struct DiskFs {
     pub(super) disks: Vec<Disk>,
     pub(super) owner: Owner,
     pub(super) mounted_at: SystemTime,
+    /// Passthrough allowed by the user (`-o nopassthrough` turns it off).
+    pub(super) allow_passthrough: bool,
+    /// Passthrough negotiated with the kernel at init.
+    pub(super) passthrough: bool,
 }
 
 thread_local! {
@@ -49,6 +55,7 @@ impl DiskFs {
             writable: e.writable,
             mtime_ns: AtomicU64::new(nanos(e.spec.mtime)),
             path,
+            backing: OnceLock::new(),
         };
         let mut disks = vec![disk(&opened.live, tree::DISK_FILE_NAME.to_string())];
         for s in &opened.snapshots {
@@ -67,7 +74,15 @@ impl DiskFs {
             disks,
             owner: Owner::current(),
             mounted_at: SystemTime::now(),
+            allow_passthrough: true,
+            passthrough: false,
         }
+    }
+
+    /// Never hands files to the kernel for passthrough (every read comes through us).
+    pub fn without_passthrough(mut self) -> DiskFs {
+        self.allow_passthrough = false;
+        self
     }
 
     /// Flushes every writable view; returns false if one failed (each failure is logged).
