@@ -190,7 +190,8 @@ fn random_reads_match_the_image() {
 fn concurrent_readers_see_the_same_bytes() {
     let data = std::sync::Arc::new(Rng::new(14).bytes(16 << 20));
     let s = setup("mount-concurrent", &data);
-    let _m = mount(&s, &["-r", "-o", "threads=4"]);
+    // Through the daemon (raw files would otherwise be read by the kernel directly).
+    let _m = mount(&s, &["-r", "-o", "threads=4,nopassthrough"]);
     let disk = s.mnt.join("disk.raw");
     let workers: Vec<_> = (0..6u64)
         .map(|t| {
