@@ -41,26 +41,27 @@ pub struct DynHeader {
 
 impl DynHeader {
     /// Decodes and checks the header: cookie, checksum and a block size QEMU accepts
-    /// (a power of two, at least one sector). Errors say what is wrong, not where.
-    pub fn decode(b: &[u8]) -> Result<DynHeader, String> {
+    /// (a power of two, at least one sector). Errors give the offset of the bad field in the
+    /// header and say what is wrong.
+    pub fn decode(b: &[u8]) -> Result<DynHeader, (usize, String)> {
         if b.len() != HEADER_LEN {
-            return Err(format!("header is {} bytes, not {HEADER_LEN}", b.len()));
+            return Err((0, format!("header is {} bytes, not {HEADER_LEN}", b.len())));
         }
         if !b.starts_with(COOKIE) {
-            return Err("no \"cxsparse\" cookie".into());
+            return Err((0, "no \"cxsparse\" cookie".into()));
         }
         let stored = be32(b, CHECKSUM_AT);
         let computed = checksum(b, CHECKSUM_AT);
         if stored != computed {
-            return Err(format!("checksum mismatch (stored {stored:#010x}, computed {computed:#010x})"));
+            return Err((CHECKSUM_AT, format!("checksum mismatch (stored {stored:#010x}, computed {computed:#010x})")));
         }
         let block_size = be32(b, 32);
         if !block_size.is_power_of_two() || block_size < 512 {
-            return Err(format!("block size {block_size} is not a power of two of at least 512 bytes"));
+            return Err((32, format!("block size {block_size} is not a power of two of at least 512 bytes")));
         }
         let max_table_entries = be32(b, 28);
         if max_table_entries > MAX_TABLE_ENTRIES {
-            return Err(format!("max table entries {max_table_entries} is too large (limit {MAX_TABLE_ENTRIES})"));
+            return Err((28, format!("max table entries {max_table_entries} is too large (limit {MAX_TABLE_ENTRIES})")));
         }
         let mut parent_uuid = [0u8; 16];
         parent_uuid.copy_from_slice(&b[40..56]);
@@ -161,14 +162,14 @@ pub mod tests {
     fn rejects_bad_cookie_checksum_block_size_and_table_size() {
         let mut b = build(1536, 5, 2 << 20, "", &[]);
         b[100] ^= 1;
-        assert!(DynHeader::decode(&b).unwrap_err().contains("checksum"));
+        assert!(DynHeader::decode(&b).unwrap_err().1.contains("checksum"));
         let mut b = build(1536, 5, 2 << 20, "", &[]);
         b[0] = b'X';
-        assert!(DynHeader::decode(&b).unwrap_err().contains("cookie"));
+        assert!(DynHeader::decode(&b).unwrap_err().1.contains("cookie"));
         for bs in [0, 256, 3 << 20, 1000] {
-            assert!(DynHeader::decode(&build(1536, 5, bs, "", &[])).unwrap_err().contains("block size"));
+            assert!(DynHeader::decode(&build(1536, 5, bs, "", &[])).unwrap_err().1.contains("block size"));
         }
-        assert!(DynHeader::decode(&build(1536, 0x4000_0001, 4096, "", &[])).unwrap_err().contains("too large"));
+        assert!(DynHeader::decode(&build(1536, 0x4000_0001, 4096, "", &[])).unwrap_err().1.contains("too large"));
         assert!(DynHeader::decode(&[0u8; 512]).is_err());
     }
 

@@ -163,8 +163,9 @@ impl Sparse {
         let header_offset = footer.data_offset;
         let mut raw = vec![0u8; dynamic::HEADER_LEN];
         file.read_exact_at(&mut raw, header_offset, "dynamic disk header")?;
-        let header =
-            DynHeader::decode(&raw).map_err(|e| Error::corrupt(path, "dynamic disk header", header_offset, e))?;
+        let header = DynHeader::decode(&raw).map_err(|(at, e)| {
+            Error::corrupt(path, "dynamic disk header", header_offset.saturating_add(at as u64), e)
+        })?;
         let block_size = u64::from(header.block_size);
         let blocks = size.div_ceil(block_size);
         if u64::from(header.max_table_entries) < blocks {
