@@ -7,12 +7,18 @@ mod vhd_gen;
 
 use common::*;
 use std::path::Path;
-use vmfs_mount::format::Layer;
 
 const MIB: u64 = 1024 * 1024;
 
 /// Creates a VHD with qemu-img, scatters seeded random writes over it with qemu-io.
-fn qemu_vhd(s: &Scratch, name: &str, size: u64, opts: &str, seed: u64, writes: usize) -> std::path::PathBuf {
+fn qemu_vhd(
+    s: &Scratch,
+    name: &str,
+    size: u64,
+    opts: &str,
+    seed: u64,
+    writes: usize,
+) -> std::path::PathBuf {
     let img = s.path(name);
     let o = format!("-o{opts}");
     let size_arg = size.to_string();
@@ -25,7 +31,11 @@ fn qemu_vhd(s: &Scratch, name: &str, size: u64, opts: &str, seed: u64, writes: u
     let mut rng = Rng::new(seed);
     for i in 0..writes {
         // Mix sector-aligned and unaligned writes, short and block-crossing ones.
-        let len = if i % 3 == 0 { 1 + rng.below(3 * MIB) } else { 1 + rng.below(70_000) } as usize;
+        let len = if i % 3 == 0 {
+            1 + rng.below(3 * MIB)
+        } else {
+            1 + rng.below(70_000)
+        } as usize;
         let mut off = rng.below(size - len as u64);
         if i % 2 == 0 {
             off &= !511;
@@ -38,7 +48,12 @@ fn qemu_vhd(s: &Scratch, name: &str, size: u64, opts: &str, seed: u64, writes: u
 fn check_against_qemu(img: &Path) -> Vec<u8> {
     let want = qemu_raw(img, Some("vpc"), &[]);
     let view = open_view(img).unwrap();
-    assert_eq!(view.size(), want.len() as u64, "virtual size of {}", img.display());
+    assert_eq!(
+        view.size(),
+        want.len() as u64,
+        "virtual size of {}",
+        img.display()
+    );
     let got = read_all(&view);
     assert_same(&img.display().to_string(), &got, &want);
     got
@@ -53,14 +68,27 @@ fn dynamic_disk_matches_qemu() {
     let view = open_view(&img).unwrap();
     assert!(view.size() > 64 * MIB);
     let d = view.layers()[0].details();
-    assert!(d.iter().any(|(k, v)| k == "disk type" && v == "dynamic"), "{d:?}");
-    assert!(d.iter().any(|(k, v)| k == "block size" && v == "2097152"), "{d:?}");
+    assert!(
+        d.iter().any(|(k, v)| k == "disk type" && v == "dynamic"),
+        "{d:?}"
+    );
+    assert!(
+        d.iter().any(|(k, v)| k == "block size" && v == "2097152"),
+        "{d:?}"
+    );
 }
 
 #[test]
 fn dynamic_disk_with_forced_size_matches_qemu() {
     let s = Scratch::new("vhd-dynamic-qem2");
-    let img = qemu_vhd(&s, "dyn2.vhd", 37 * MIB + 4096, "subformat=dynamic,force_size=on", 2, 25);
+    let img = qemu_vhd(
+        &s,
+        "dyn2.vhd",
+        37 * MIB + 4096,
+        "subformat=dynamic,force_size=on",
+        2,
+        25,
+    );
     let got = check_against_qemu(&img);
     assert_eq!(got.len() as u64, 37 * MIB + 4096);
 }
@@ -68,12 +96,24 @@ fn dynamic_disk_with_forced_size_matches_qemu() {
 #[test]
 fn fixed_disks_match_qemu() {
     let s = Scratch::new("vhd-fixed");
-    let forced = qemu_vhd(&s, "fixed.vhd", 16 * MIB, "subformat=fixed,force_size=on", 3, 20);
+    let forced = qemu_vhd(
+        &s,
+        "fixed.vhd",
+        16 * MIB,
+        "subformat=fixed,force_size=on",
+        3,
+        20,
+    );
     assert_eq!(check_against_qemu(&forced).len() as u64, 16 * MIB);
     let chs = qemu_vhd(&s, "fixed-chs.vhd", 10 * MIB, "subformat=fixed", 4, 12);
     check_against_qemu(&chs);
     let layer = open_view(&chs).unwrap().layers()[0].clone();
-    assert!(layer.details().iter().any(|(k, v)| k == "disk type" && v == "fixed"));
+    assert!(
+        layer
+            .details()
+            .iter()
+            .any(|(k, v)| k == "disk type" && v == "fixed")
+    );
 }
 
 #[test]
@@ -139,11 +179,19 @@ fn head_copy_damaged_uses_the_footer_at_the_end() {
     let mut bytes = std::fs::read(&img).unwrap();
     bytes[100] ^= 0x55; // reserved byte of the copy at offset 0: checksum now wrong
     std::fs::write(&img, &bytes).unwrap();
-    assert_same("head copy damaged", &read_all(&open_view(&img).unwrap()), &want);
+    assert_same(
+        "head copy damaged",
+        &read_all(&open_view(&img).unwrap()),
+        &want,
+    );
     // And the other way round: the copy at offset 0 is what QEMU uses.
     bytes[100] ^= 0x55;
     let n = bytes.len();
     bytes[n - 512 + 100] ^= 0x55;
     std::fs::write(&img, &bytes).unwrap();
-    assert_same("end copy damaged", &read_all(&open_view(&img).unwrap()), &want);
+    assert_same(
+        "end copy damaged",
+        &read_all(&open_view(&img).unwrap()),
+        &want,
+    );
 }

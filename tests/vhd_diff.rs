@@ -15,7 +15,16 @@ const MIB: u64 = 1024 * 1024;
 /// A qemu-made dynamic parent (exact size) with random data; returns its path and bytes.
 fn qemu_parent(s: &Scratch, name: &str, size: u64, seed: u64) -> (PathBuf, Vec<u8>) {
     let img = s.path(name);
-    qemu_img(&["create", "-q", "-f", "vpc", "-o", "force_size=on", img.to_str().unwrap(), &size.to_string()]);
+    qemu_img(&[
+        "create",
+        "-q",
+        "-f",
+        "vpc",
+        "-o",
+        "force_size=on",
+        img.to_str().unwrap(),
+        &size.to_string(),
+    ]);
     let mut rng = Rng::new(seed);
     for _ in 0..12 {
         let len = 1 + rng.below(MIB) as usize;
@@ -32,7 +41,11 @@ fn scatter(child: &mut Sparse, rng: &mut Rng, writes: usize) {
     let mut junk_rng = Rng::new(rng.next_u64());
     let mut junk = move |n| junk_rng.bytes(n);
     for i in 0..writes {
-        let n = if i % 4 == 0 { 1 } else { 1 + rng.below(3 * child.block_size / 512) };
+        let n = if i % 4 == 0 {
+            1
+        } else {
+            1 + rng.below(3 * child.block_size / 512)
+        };
         let first = rng.below(sectors - n);
         let data = rng.bytes((n * 512) as usize);
         child.write(first * 512, &data, &mut junk);
@@ -75,10 +88,22 @@ fn child_with_relative_locator_and_smaller_blocks_reads_the_model() {
     let view = open_view(&img).unwrap();
     assert_eq!(view.layers().len(), 2);
     assert_eq!(view.layers()[1].path(), s.path("./parent.vhd"));
-    assert_same("child over parent", &read_all(&view), &model(&parent_view, child.size, &[&child]));
+    assert_same(
+        "child over parent",
+        &read_all(&view),
+        &model(&parent_view, child.size, &[&child]),
+    );
     let d = view.layers()[0].details();
-    assert!(d.iter().any(|(k, v)| k == "disk type" && v == "differencing"), "{d:?}");
-    assert!(d.iter().any(|(k, v)| k == "parent name" && v == "parent.vhd"), "{d:?}");
+    assert!(
+        d.iter()
+            .any(|(k, v)| k == "disk type" && v == "differencing"),
+        "{d:?}"
+    );
+    assert!(
+        d.iter()
+            .any(|(k, v)| k == "parent name" && v == "parent.vhd"),
+        "{d:?}"
+    );
 }
 
 #[test]
@@ -104,11 +129,24 @@ fn three_layers_with_different_sizes_block_sizes_and_locators() {
 
     let view = open_view(&img).unwrap();
     assert_eq!(view.layers().len(), 3);
-    assert_same("three layers", &read_all(&view), &model(&base_view, 8 * MIB, &[&mid, &top]));
+    assert_same(
+        "three layers",
+        &read_all(&view),
+        &model(&base_view, 8 * MIB, &[&mid, &top]),
+    );
     // The mid layer alone (what snapshots/mid/disk.raw shows).
     let layers = view.layers()[1..].to_vec();
-    let mid_view = vmfs_mount::view::View::new(layers, 8 * MIB, std::sync::Arc::new(vmfs_mount::cache::ByteCache::new(1 << 20)), 64);
-    assert_same("mid view", &read_all(&mid_view), &model(&base_view, 8 * MIB, &[&mid]));
+    let mid_view = vmfs_mount::view::View::new(
+        layers,
+        8 * MIB,
+        std::sync::Arc::new(vmfs_mount::cache::ByteCache::new(1 << 20)),
+        64,
+    );
+    assert_same(
+        "mid view",
+        &read_all(&mid_view),
+        &model(&base_view, 8 * MIB, &[&mid]),
+    );
 }
 
 #[test]
@@ -134,7 +172,11 @@ fn every_sector_state_pattern_in_one_block() {
     let mut buf = vec![0u8; 3000];
     for off in (0..want.len() as u64 - 3000).step_by(7777) {
         assert_eq!(view.read(off, &mut buf).unwrap(), 3000);
-        assert_same(&format!("read at {off}"), &buf, &want[off as usize..off as usize + 3000]);
+        assert_same(
+            &format!("read at {off}"),
+            &buf,
+            &want[off as usize..off as usize + 3000],
+        );
     }
 }
 
@@ -150,8 +192,14 @@ fn parent_uuid_mismatch_names_both_files_and_uuids() {
     let e = open_view(&img).err().expect("open must fail");
     assert_eq!(e.kind(), Kind::Corrupt, "{e}");
     let msg = e.to_string();
-    assert!(msg.contains("child.vhd") && msg.contains("parent.vhd"), "{msg}");
-    assert!(msg.contains("42424242-4242-4242-4242-424242424242"), "{msg}");
+    assert!(
+        msg.contains("child.vhd") && msg.contains("parent.vhd"),
+        "{msg}"
+    );
+    assert!(
+        msg.contains("42424242-4242-4242-4242-424242424242"),
+        "{msg}"
+    );
 }
 
 #[test]
@@ -160,11 +208,17 @@ fn missing_parent_is_reported_with_what_was_tried() {
     let (parent, _) = qemu_parent(&s, "parent.vhd", 2 * MIB, 40);
     let mut child = child_of(&std::fs::read(&parent).unwrap(), 2 * MIB, 2 * MIB, 41);
     child.locators.push((*b"W2ru", utf16le(".\\elsewhere.vhd")));
-    child.locators.push((*b"W2ku", utf16le("D:\\vms\\elsewhere.vhd")));
+    child
+        .locators
+        .push((*b"W2ku", utf16le("D:\\vms\\elsewhere.vhd")));
     let img = s.path("child.vhd");
     write_file(&img, &child.build());
     let e = open_view(&img).err().expect("open must fail");
     assert_eq!(e.kind(), Kind::NotFound, "{e}");
     assert!(e.to_string().contains("elsewhere.vhd"), "{e}");
-    assert!(e.to_string().contains(&s.path("./elsewhere.vhd").display().to_string()), "{e}");
+    assert!(
+        e.to_string()
+            .contains(&s.path("./elsewhere.vhd").display().to_string()),
+        "{e}"
+    );
 }

@@ -27,17 +27,27 @@ fn base() -> (Sparse, Vec<u8>) {
 fn open_forced(path: &Path) -> vmfs_mount::error::Result<vmfs_mount::view::View> {
     let layers = vmfs_mount::chain::open_chain(path, Some(Format::Vpc), &ctx())?;
     let size = layers[0].virtual_size();
-    Ok(vmfs_mount::view::View::new(layers, size, std::sync::Arc::new(vmfs_mount::cache::ByteCache::new(1 << 20)), 64))
+    Ok(vmfs_mount::view::View::new(
+        layers,
+        size,
+        std::sync::Arc::new(vmfs_mount::cache::ByteCache::new(1 << 20)),
+        64,
+    ))
 }
 
 /// Writes `img` and expects opening it to fail with `kind` and a message containing `what`.
 fn expect_open_error(s: &Scratch, name: &str, img: &[u8], kind: Kind, what: &str) -> Error {
     let p = s.path(name);
     std::fs::write(&p, img).unwrap();
-    let e = open_forced(&p).err().unwrap_or_else(|| panic!("{name}: opened"));
+    let e = open_forced(&p)
+        .err()
+        .unwrap_or_else(|| panic!("{name}: opened"));
     assert_eq!(e.kind(), kind, "{name}: {e}");
     assert!(e.to_string().contains(what), "{name}: {e}");
-    assert!(e.to_string().contains(name), "{name}: error does not name the file: {e}");
+    assert!(
+        e.to_string().contains(name),
+        "{name}: error does not name the file: {e}"
+    );
     e
 }
 
@@ -59,7 +69,13 @@ fn damaged_footers_headers_and_sizes_are_refused() {
     let mut both = img.clone();
     both[100] ^= 1;
     both[n - 512 + 100] ^= 1;
-    expect_open_error(&s, "both-footers.vhd", &both, Kind::Corrupt, "checksum mismatch");
+    expect_open_error(
+        &s,
+        "both-footers.vhd",
+        &both,
+        Kind::Corrupt,
+        "checksum mismatch",
+    );
 
     let mut t = img.clone();
     put_be32(&mut t, 60, 5);
@@ -69,9 +85,19 @@ fn damaged_footers_headers_and_sizes_are_refused() {
 
     let mut t = img.clone();
     t[512 + 800] ^= 1;
-    expect_open_error(&s, "dyn-checksum.vhd", &t, Kind::Corrupt, "dynamic disk header");
+    expect_open_error(
+        &s,
+        "dyn-checksum.vhd",
+        &t,
+        Kind::Corrupt,
+        "dynamic disk header",
+    );
 
-    for (name, bs) in [("bs-3m.vhd", 3 * MIB as u32), ("bs-0.vhd", 0), ("bs-256.vhd", 256)] {
+    for (name, bs) in [
+        ("bs-3m.vhd", 3 * MIB as u32),
+        ("bs-0.vhd", 0),
+        ("bs-256.vhd", 256),
+    ] {
         let mut t = img.clone();
         put_be32(&mut t, 512 + 32, bs);
         fix_all(&mut t);
@@ -91,13 +117,25 @@ fn damaged_footers_headers_and_sizes_are_refused() {
     let mut t = img.clone();
     put_be64(&mut t, 512 + 16, n as u64 - 8);
     fix_all(&mut t);
-    expect_open_error(&s, "bat-past-eof.vhd", &t, Kind::Corrupt, "block allocation table");
+    expect_open_error(
+        &s,
+        "bat-past-eof.vhd",
+        &t,
+        Kind::Corrupt,
+        "block allocation table",
+    );
 
     let mut t = img.clone();
     put_be64(&mut t, 16, u64::MAX - 100);
     put_be64(&mut t, n - 512 + 16, u64::MAX - 100);
     fix_all(&mut t);
-    expect_open_error(&s, "header-past-eof.vhd", &t, Kind::Corrupt, "dynamic disk header");
+    expect_open_error(
+        &s,
+        "header-past-eof.vhd",
+        &t,
+        Kind::Corrupt,
+        "dynamic disk header",
+    );
 
     // 2041 GiB: above QEMU's (and our) VHD limit.
     let mut t = img.clone();
@@ -108,7 +146,13 @@ fn damaged_footers_headers_and_sizes_are_refused() {
     expect_open_error(&s, "too-big.vhd", &t, Kind::Unsupported, "2040 GiB");
 
     expect_open_error(&s, "tiny.vhd", &img[..100], Kind::Corrupt, "too small");
-    expect_open_error(&s, "no-footer.vhd", &vec![0u8; 4096], Kind::Corrupt, "cookie");
+    expect_open_error(
+        &s,
+        "no-footer.vhd",
+        &vec![0u8; 4096],
+        Kind::Corrupt,
+        "cookie",
+    );
 }
 
 #[test]
@@ -125,7 +169,10 @@ fn a_block_past_the_end_of_file_fails_the_read_that_needs_it() {
     view.read(0, &mut buf).unwrap();
     let e = view.read(3 * MIB, &mut buf).unwrap_err();
     assert_eq!(e.kind(), Kind::Corrupt, "{e}");
-    assert!(e.to_string().contains("BAT entry 3") && e.to_string().contains("past the end"), "{e}");
+    assert!(
+        e.to_string().contains("BAT entry 3") && e.to_string().contains("past the end"),
+        "{e}"
+    );
 }
 
 #[test]
@@ -138,7 +185,13 @@ fn hostile_parent_locators_are_refused() {
     let mut t = img.clone();
     put_be64(&mut t, locator_at(0) + 16, img.len() as u64 - 4);
     fix_all(&mut t);
-    expect_open_error(&s, "loc-outside.vhd", &t, Kind::Corrupt, "parent locator W2ru");
+    expect_open_error(
+        &s,
+        "loc-outside.vhd",
+        &t,
+        Kind::Corrupt,
+        "parent locator W2ru",
+    );
 
     let mut t = img.clone();
     put_be32(&mut t, locator_at(0) + 8, 0x7fff_ffff);

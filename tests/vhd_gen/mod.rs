@@ -9,7 +9,11 @@ pub const SECTOR: u64 = 512;
 
 /// One's complement of the byte sum, the 4-byte field at `at` counted as zero.
 pub fn checksum(b: &[u8], at: usize) -> u32 {
-    let sum = b.iter().enumerate().filter(|(i, _)| !(at..at + 4).contains(i)).fold(0u32, |a, (_, &x)| a.wrapping_add(x as u32));
+    let sum = b
+        .iter()
+        .enumerate()
+        .filter(|(i, _)| !(at..at + 4).contains(i))
+        .fold(0u32, |a, (_, &x)| a.wrapping_add(x as u32));
     !sum
 }
 
@@ -89,20 +93,25 @@ impl Sparse {
     }
 
     pub fn bitmap_len(&self) -> usize {
-        ((self.block_size / SECTOR / 8) as usize).div_ceil(512).max(1) * 512
+        ((self.block_size / SECTOR / 8) as usize)
+            .div_ceil(512)
+            .max(1)
+            * 512
     }
 
     /// Allocates block `idx` with `junk` in its data area and an all-clear bitmap.
     pub fn alloc(&mut self, idx: u64, junk: Vec<u8>) {
         assert_eq!(junk.len() as u64, self.block_size);
         let bitmap = vec![0u8; self.bitmap_len()];
-        self.blocks.entry(idx).or_insert(Block { bitmap, data: junk });
+        self.blocks
+            .entry(idx)
+            .or_insert(Block { bitmap, data: junk });
     }
 
     /// Stores whole sectors at `off` and marks them present; `junk` makes the data area of a
     /// newly allocated block (what a reader must not show where bits are clear).
     pub fn write(&mut self, off: u64, data: &[u8], junk: &mut impl FnMut(usize) -> Vec<u8>) {
-        assert!(off % SECTOR == 0 && data.len() as u64 % SECTOR == 0);
+        assert!(off.is_multiple_of(SECTOR) && (data.len() as u64).is_multiple_of(SECTOR));
         let mut pos = 0usize;
         while pos < data.len() {
             let g = off + pos as u64;

@@ -18,8 +18,12 @@ pub fn run(bitmap: &[u8], first: u64, max: u64) -> (bool, u64) {
     while n < max {
         let s = first + n;
         // Skip whole bytes of the same state.
-        if s % 8 == 0 && max - n >= 8 {
-            let byte = usize::try_from(s / 8).ok().and_then(|i| bitmap.get(i)).copied().unwrap_or(0);
+        if s.is_multiple_of(8) && max - n >= 8 {
+            let byte = usize::try_from(s / 8)
+                .ok()
+                .and_then(|i| bitmap.get(i))
+                .copied()
+                .unwrap_or(0);
             if byte == whole {
                 n += 8;
                 continue;
@@ -73,7 +77,9 @@ mod tests {
         for first in 0..512u64 {
             for max in [1, 7, 8, 9, 64, 600] {
                 let (st, n) = run(&bm, first, max);
-                let want = (first..first + max).take_while(|&s| bit(&bm, s) == st).count() as u64;
+                let want = (first..first + max)
+                    .take_while(|&s| bit(&bm, s) == st)
+                    .count() as u64;
                 assert_eq!((st, n), (bit(&bm, first), want), "first {first} max {max}");
             }
         }

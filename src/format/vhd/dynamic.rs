@@ -53,15 +53,26 @@ impl DynHeader {
         let stored = be32(b, CHECKSUM_AT);
         let computed = checksum(b, CHECKSUM_AT);
         if stored != computed {
-            return Err((CHECKSUM_AT, format!("checksum mismatch (stored {stored:#010x}, computed {computed:#010x})")));
+            return Err((
+                CHECKSUM_AT,
+                format!("checksum mismatch (stored {stored:#010x}, computed {computed:#010x})"),
+            ));
         }
         let block_size = be32(b, 32);
         if !block_size.is_power_of_two() || block_size < 512 {
-            return Err((32, format!("block size {block_size} is not a power of two of at least 512 bytes")));
+            return Err((
+                32,
+                format!("block size {block_size} is not a power of two of at least 512 bytes"),
+            ));
         }
         let max_table_entries = be32(b, 28);
         if max_table_entries > MAX_TABLE_ENTRIES {
-            return Err((28, format!("max table entries {max_table_entries} is too large (limit {MAX_TABLE_ENTRIES})")));
+            return Err((
+                28,
+                format!(
+                    "max table entries {max_table_entries} is too large (limit {MAX_TABLE_ENTRIES})"
+                ),
+            ));
         }
         let mut parent_uuid = [0u8; 16];
         parent_uuid.copy_from_slice(&b[40..56]);
@@ -70,7 +81,12 @@ impl DynHeader {
                 let at = LOCATORS_AT + i * LOCATOR_LEN;
                 let mut code = [0u8; 4];
                 code.copy_from_slice(&b[at..at + 4]);
-                Locator { code, space: be32(b, at + 4), length: be32(b, at + 8), offset: be64(b, at + 16) }
+                Locator {
+                    code,
+                    space: be32(b, at + 4),
+                    length: be32(b, at + 8),
+                    offset: be64(b, at + 16),
+                }
             })
             .collect();
         Ok(DynHeader {
@@ -95,7 +111,11 @@ impl DynHeader {
 /// Decodes UTF-16 (with the given byte order) up to the first NUL; invalid sequences become
 /// U+FFFD (the result names a file that will not be found, which is the right outcome).
 pub fn utf16_until_nul(b: &[u8], unit: fn([u8; 2]) -> u16) -> String {
-    let units: Vec<u16> = b.chunks_exact(2).map(|c| unit([c[0], c[1]])).take_while(|&u| u != 0).collect();
+    let units: Vec<u16> = b
+        .chunks_exact(2)
+        .map(|c| unit([c[0], c[1]]))
+        .take_while(|&u| u != 0)
+        .collect();
     String::from_utf16_lossy(&units)
 }
 
@@ -109,7 +129,13 @@ pub mod tests {
     use super::*;
 
     /// A valid header (used by the other unit tests too).
-    pub fn build(bat_off: u64, entries: u32, block_size: u32, parent_name: &str, locs: &[([u8; 4], u32, u64)]) -> Vec<u8> {
+    pub fn build(
+        bat_off: u64,
+        entries: u32,
+        block_size: u32,
+        parent_name: &str,
+        locs: &[([u8; 4], u32, u64)],
+    ) -> Vec<u8> {
         let mut b = vec![0u8; HEADER_LEN];
         b[0..8].copy_from_slice(COOKIE);
         b[8..16].copy_from_slice(&u64::MAX.to_be_bytes());
@@ -135,7 +161,13 @@ pub mod tests {
 
     #[test]
     fn decodes_fields_locators_and_parent_name() {
-        let b = build(1536, 5, 2 << 20, "parent.vhd", &[(*b"W2ru", 28, 0x3000), (*b"W2ku", 60, 0x3200)]);
+        let b = build(
+            1536,
+            5,
+            2 << 20,
+            "parent.vhd",
+            &[(*b"W2ru", 28, 0x3000), (*b"W2ku", 60, 0x3200)],
+        );
         let h = DynHeader::decode(&b).unwrap();
         assert_eq!(h.table_offset, 1536);
         assert_eq!(h.max_table_entries, 5);
@@ -145,12 +177,24 @@ pub mod tests {
         assert_eq!(h.parent_uuid, [0xcd; 16]);
         assert_eq!(h.locators.len(), 8);
         assert_eq!(h.locators[2].code, [0; 4]);
-        assert_eq!(h.locators[1], Locator { code: *b"W2ku", space: 512, length: 60, offset: 0x3200 });
+        assert_eq!(
+            h.locators[1],
+            Locator {
+                code: *b"W2ku",
+                space: 512,
+                length: 60,
+                offset: 0x3200
+            }
+        );
     }
 
     #[test]
     fn bitmap_size_rounds_up_to_sectors() {
-        let h = |bs| DynHeader::decode(&build(1536, 1, bs, "", &[])).unwrap().bitmap_size();
+        let h = |bs| {
+            DynHeader::decode(&build(1536, 1, bs, "", &[]))
+                .unwrap()
+                .bitmap_size()
+        };
         assert_eq!(h(512), 512);
         assert_eq!(h(4096), 512);
         assert_eq!(h(2 << 20), 512);
@@ -167,17 +211,36 @@ pub mod tests {
         b[0] = b'X';
         assert!(DynHeader::decode(&b).unwrap_err().1.contains("cookie"));
         for bs in [0, 256, 3 << 20, 1000] {
-            assert!(DynHeader::decode(&build(1536, 5, bs, "", &[])).unwrap_err().1.contains("block size"));
+            assert!(
+                DynHeader::decode(&build(1536, 5, bs, "", &[]))
+                    .unwrap_err()
+                    .1
+                    .contains("block size")
+            );
         }
-        assert!(DynHeader::decode(&build(1536, 0x4000_0001, 4096, "", &[])).unwrap_err().1.contains("too large"));
+        assert!(
+            DynHeader::decode(&build(1536, 0x4000_0001, 4096, "", &[]))
+                .unwrap_err()
+                .1
+                .contains("too large")
+        );
         assert!(DynHeader::decode(&[0u8; 512]).is_err());
     }
 
     #[test]
     fn utf16_decoding_stops_at_nul_and_survives_bad_surrogates() {
-        assert_eq!(utf16_until_nul(&[0, b'a', 0, b'b', 0, 0, 0, b'c'], u16::from_be_bytes), "ab");
-        assert_eq!(utf16_until_nul(&[b'a', 0, b'b', 0], u16::from_le_bytes), "ab");
-        assert_eq!(utf16_until_nul(&[0x00, 0xd8, b'x', 0], u16::from_le_bytes), "\u{fffd}x");
-        assert_eq!(utf16_until_nul(&[b'a'], u16::from_le_bytes), "");
+        assert_eq!(
+            utf16_until_nul(&[0, b'a', 0, b'b', 0, 0, 0, b'c'], u16::from_be_bytes),
+            "ab"
+        );
+        assert_eq!(
+            utf16_until_nul(&[b'a', 0, b'b', 0], u16::from_le_bytes),
+            "ab"
+        );
+        assert_eq!(
+            utf16_until_nul(&[0x00, 0xd8, b'x', 0], u16::from_le_bytes),
+            "\u{fffd}x"
+        );
+        assert_eq!(utf16_until_nul(b"a", u16::from_le_bytes), "");
     }
 }

@@ -84,7 +84,9 @@ impl Footer {
         let stored = be32(b, CHECKSUM_AT);
         let computed = checksum(b, CHECKSUM_AT);
         if stored != computed {
-            return Err(format!("checksum mismatch (stored {stored:#010x}, computed {computed:#010x})"));
+            return Err(format!(
+                "checksum mismatch (stored {stored:#010x}, computed {computed:#010x})"
+            ));
         }
         let mut creator_app = [0u8; 4];
         creator_app.copy_from_slice(&b[28..32]);
@@ -126,7 +128,11 @@ impl Footer {
     pub fn size_sectors(&self) -> u64 {
         let chs = self.chs_sectors();
         let uses_chs = &self.creator_app == b"vpc " || &self.creator_app == b"qemu";
-        if uses_chs && chs != MAX_GEOMETRY_SECTORS { chs } else { self.current_size / 512 }
+        if uses_chs && chs != MAX_GEOMETRY_SECTORS {
+            chs
+        } else {
+            self.current_size / 512
+        }
     }
 
     /// "vpc 5.3" style text for listings.
@@ -141,19 +147,37 @@ impl Footer {
     }
 
     pub fn geometry(&self) -> String {
-        format!("{}/{}/{}", self.cylinders, self.heads, self.sectors_per_track)
+        format!(
+            "{}/{}/{}",
+            self.cylinders, self.heads, self.sectors_per_track
+        )
     }
 }
 
 /// A four-character code as text, with NULs and other non-printables shown as '.'.
 pub fn printable(code: &[u8]) -> String {
-    code.iter().map(|&c| if c.is_ascii_graphic() || c == b' ' { c as char } else { '.' }).collect::<String>()
+    code.iter()
+        .map(|&c| {
+            if c.is_ascii_graphic() || c == b' ' {
+                c as char
+            } else {
+                '.'
+            }
+        })
+        .collect::<String>()
 }
 
 /// A UUID in the usual 8-4-4-4-12 form (VHD stores them as big-endian bytes).
 pub fn uuid_text(u: &[u8; 16]) -> String {
     let h: String = u.iter().map(|b| format!("{b:02x}")).collect();
-    format!("{}-{}-{}-{}-{}", &h[0..8], &h[8..12], &h[12..16], &h[16..20], &h[20..32])
+    format!(
+        "{}-{}-{}-{}-{}",
+        &h[0..8],
+        &h[8..12],
+        &h[12..16],
+        &h[16..20],
+        &h[20..32]
+    )
 }
 
 #[cfg(test)]
@@ -161,7 +185,13 @@ pub mod tests {
     use super::*;
 
     /// A valid footer with the given fields (used by the other unit tests too).
-    pub fn build(app: &[u8; 4], disk_type: u32, current_size: u64, chs: (u16, u8, u8), len: usize) -> Vec<u8> {
+    pub fn build(
+        app: &[u8; 4],
+        disk_type: u32,
+        current_size: u64,
+        chs: (u16, u8, u8),
+        len: usize,
+    ) -> Vec<u8> {
         let mut b = vec![0u8; len];
         b[0..8].copy_from_slice(COOKIE);
         b[8..12].copy_from_slice(&2u32.to_be_bytes());
@@ -195,7 +225,11 @@ pub mod tests {
         assert_eq!(f.creator(), "win  5.3 on Wi2k");
         let mut bad = b.clone();
         bad[100] ^= 1;
-        assert!(Footer::decode(&bad).unwrap_err().contains("checksum mismatch"));
+        assert!(
+            Footer::decode(&bad)
+                .unwrap_err()
+                .contains("checksum mismatch")
+        );
         let mut nocookie = b;
         nocookie[0] = b'C';
         assert!(Footer::decode(&nocookie).unwrap_err().contains("cookie"));
@@ -205,13 +239,23 @@ pub mod tests {
     #[test]
     fn old_511_byte_footers_decode() {
         let b = build(b"vpc ", 2, 1 << 20, (30, 4, 17), 511);
-        assert_eq!(Footer::decode(&b).unwrap().disk_type(), Some(DiskType::Fixed));
+        assert_eq!(
+            Footer::decode(&b).unwrap().disk_type(),
+            Some(DiskType::Fixed)
+        );
     }
 
     #[test]
     fn size_rule_follows_the_creator() {
         // CHS 301/4/17 = 20468 sectors, current_size 20480 sectors.
-        for (app, want) in [(b"vpc ", 20468), (b"qemu", 20468), (b"qem2", 20480), (b"win ", 20480), (b"d2v\0", 20480), (b"xyz ", 20480)] {
+        for (app, want) in [
+            (b"vpc ", 20468),
+            (b"qemu", 20468),
+            (b"qem2", 20480),
+            (b"win ", 20480),
+            (b"d2v\0", 20480),
+            (b"xyz ", 20480),
+        ] {
             let f = Footer::decode(&build(app, 3, 10 << 20, (301, 4, 17), 512)).unwrap();
             assert_eq!(f.size_sectors(), want, "{}", printable(app));
         }
@@ -226,7 +270,10 @@ pub mod tests {
         assert_eq!(DiskType::from_raw(4), Some(DiskType::Differencing));
         assert_eq!(DiskType::from_raw(5), None);
         assert_eq!(DiskType::from_raw(0), None);
-        assert_eq!(uuid_text(&[0x11; 16]), "11111111-1111-1111-1111-111111111111");
+        assert_eq!(
+            uuid_text(&[0x11; 16]),
+            "11111111-1111-1111-1111-111111111111"
+        );
         assert_eq!(printable(b"tap\0"), "tap.");
     }
 }

@@ -21,7 +21,9 @@ pub fn decode(code: &[u8; 4], data: &[u8]) -> Option<String> {
         b"Wi2r" | b"Wi2k" => until_nul_lossy(data),
         b"MacX" => {
             let url = until_nul_lossy(data);
-            url.strip_prefix("file://localhost").or_else(|| url.strip_prefix("file://")).map(str::to_string)?
+            url.strip_prefix("file://localhost")
+                .or_else(|| url.strip_prefix("file://"))
+                .map(str::to_string)?
         }
         _ => return None,
     };
@@ -39,7 +41,11 @@ pub fn candidates(child: &Path, stored: &str) -> Vec<PathBuf> {
     let mut s = stored.replace('\\', "/");
     for prefix in ["//?/UNC/", "//?/", "//./"] {
         if let Some(rest) = s.strip_prefix(prefix) {
-            s = if prefix.ends_with("UNC/") { format!("//{rest}") } else { rest.to_string() };
+            s = if prefix.ends_with("UNC/") {
+                format!("//{rest}")
+            } else {
+                rest.to_string()
+            };
             break;
         }
     }
@@ -54,7 +60,11 @@ pub fn candidates(child: &Path, stored: &str) -> Vec<PathBuf> {
         return vec![dir.join(rest)];
     }
     let mut out = vec![PathBuf::from(rest)];
-    if let Some(name) = rest.rsplit('/').next().filter(|n| !n.is_empty() && *n != "." && *n != "..") {
+    if let Some(name) = rest
+        .rsplit('/')
+        .next()
+        .filter(|n| !n.is_empty() && *n != "." && *n != "..")
+    {
         let beside = dir.join(name);
         if !out.contains(&beside) {
             out.push(beside);
@@ -70,11 +80,20 @@ mod tests {
     #[test]
     fn relative_windows_paths_follow_the_child() {
         let c = Path::new("/imgs/child.vhd");
-        assert_eq!(candidates(c, ".\\parent.vhd"), vec![PathBuf::from("/imgs/./parent.vhd")]);
-        assert_eq!(candidates(c, "..\\base\\p.vhd"), vec![PathBuf::from("/imgs/../base/p.vhd")]);
+        assert_eq!(
+            candidates(c, ".\\parent.vhd"),
+            vec![PathBuf::from("/imgs/./parent.vhd")]
+        );
+        assert_eq!(
+            candidates(c, "..\\base\\p.vhd"),
+            vec![PathBuf::from("/imgs/../base/p.vhd")]
+        );
         assert_eq!(candidates(c, "p.vhd"), vec![PathBuf::from("/imgs/p.vhd")]);
         assert_eq!(candidates(c, "D:p.vhd"), vec![PathBuf::from("/imgs/p.vhd")]);
-        assert_eq!(candidates(Path::new("child.vhd"), "p.vhd"), vec![PathBuf::from("p.vhd")]);
+        assert_eq!(
+            candidates(Path::new("child.vhd"), "p.vhd"),
+            vec![PathBuf::from("p.vhd")]
+        );
     }
 
     #[test]
@@ -82,7 +101,10 @@ mod tests {
         let c = Path::new("/imgs/child.vhd");
         assert_eq!(
             candidates(c, "C:\\Projects\\test_data\\fat-parent.vhd"),
-            vec![PathBuf::from("/Projects/test_data/fat-parent.vhd"), PathBuf::from("/imgs/fat-parent.vhd")]
+            vec![
+                PathBuf::from("/Projects/test_data/fat-parent.vhd"),
+                PathBuf::from("/imgs/fat-parent.vhd")
+            ]
         );
         assert_eq!(
             candidates(c, "\\\\?\\C:\\x\\p.vhd"),
@@ -90,9 +112,15 @@ mod tests {
         );
         assert_eq!(
             candidates(c, "\\\\server\\share\\p.vhd"),
-            vec![PathBuf::from("//server/share/p.vhd"), PathBuf::from("/imgs/p.vhd")]
+            vec![
+                PathBuf::from("//server/share/p.vhd"),
+                PathBuf::from("/imgs/p.vhd")
+            ]
         );
-        assert_eq!(candidates(c, "/imgs/p.vhd"), vec![PathBuf::from("/imgs/p.vhd")]);
+        assert_eq!(
+            candidates(c, "/imgs/p.vhd"),
+            vec![PathBuf::from("/imgs/p.vhd")]
+        );
         assert_eq!(candidates(c, "C:\\"), vec![PathBuf::from("/")]);
         assert!(candidates(c, "C:").is_empty());
         assert!(candidates(c, "").is_empty());
@@ -100,10 +128,20 @@ mod tests {
 
     #[test]
     fn locator_data_decodes_per_platform() {
-        let le: Vec<u8> = ".\\p.vhd".encode_utf16().flat_map(|u| u.to_le_bytes()).chain([0, 0, 7, 7]).collect();
+        let le: Vec<u8> = ".\\p.vhd"
+            .encode_utf16()
+            .flat_map(|u| u.to_le_bytes())
+            .chain([0, 0, 7, 7])
+            .collect();
         assert_eq!(decode(b"W2ru", &le).as_deref(), Some(".\\p.vhd"));
-        assert_eq!(decode(b"Wi2k", b"C:\\p.vhd\0junk").as_deref(), Some("C:\\p.vhd"));
-        assert_eq!(decode(b"MacX", b"file:///Users/p.vhd").as_deref(), Some("/Users/p.vhd"));
+        assert_eq!(
+            decode(b"Wi2k", b"C:\\p.vhd\0junk").as_deref(),
+            Some("C:\\p.vhd")
+        );
+        assert_eq!(
+            decode(b"MacX", b"file:///Users/p.vhd").as_deref(),
+            Some("/Users/p.vhd")
+        );
         assert_eq!(decode(b"MacX", b"http://x/p.vhd"), None);
         assert_eq!(decode(b"Mac ", b"alias"), None);
         assert_eq!(decode(b"W2ku", &[0, 0]), None);

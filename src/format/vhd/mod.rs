@@ -66,7 +66,10 @@ impl VhdLayer {
                 path,
                 "footer disk type",
                 footer_offset + 60,
-                format!("{} is not fixed (2), dynamic (3) or differencing (4)", footer.disk_type_raw),
+                format!(
+                    "{} is not fixed (2), dynamic (3) or differencing (4)",
+                    footer.disk_type_raw
+                ),
             )
         })?;
         let sectors = footer.size_sectors();
@@ -118,7 +121,11 @@ impl VhdLayer {
         let idx = off / bs;
         let in_block = off % bs;
         let avail = len.min(bs - in_block);
-        let entry = usize::try_from(idx).ok().and_then(|i| sp.bat.get(i)).copied().unwrap_or(UNALLOCATED);
+        let entry = usize::try_from(idx)
+            .ok()
+            .and_then(|i| sp.bat.get(i))
+            .copied()
+            .unwrap_or(UNALLOCATED);
         if entry == UNALLOCATED {
             return Ok((Piece::Hole, avail));
         }
@@ -142,18 +149,31 @@ impl VhdLayer {
             return Ok((Piece::Data(data_start + in_block), avail));
         }
         let file = &self.file;
-        let bm = self.tables.get_or_load(Key::new(file.id(), block_start, BITMAP_TAG), || {
-            file.read_table(block_start, sp.bitmap_size, sp.bitmap_size, "sector bitmap")
-        })?;
+        let bm = self
+            .tables
+            .get_or_load(Key::new(file.id(), block_start, BITMAP_TAG), || {
+                file.read_table(block_start, sp.bitmap_size, sp.bitmap_size, "sector bitmap")
+            })?;
         let within = in_block % 512;
         let sectors = (within + avail).div_ceil(512);
         let (present, n) = bitmap::run(&bm, in_block / 512, sectors);
         let run = (n * 512 - within).min(avail);
-        Ok((if present { Piece::Data(data_start + in_block) } else { Piece::Hole }, run))
+        Ok((
+            if present {
+                Piece::Data(data_start + in_block)
+            } else {
+                Piece::Hole
+            },
+            run,
+        ))
     }
 
     fn hole(&self) -> Mapping {
-        if self.disk_type == DiskType::Differencing { Mapping::Unallocated } else { Mapping::Zero }
+        if self.disk_type == DiskType::Differencing {
+            Mapping::Unallocated
+        } else {
+            Mapping::Zero
+        }
     }
 }
 
@@ -164,7 +184,12 @@ impl Sparse {
         let mut raw = vec![0u8; dynamic::HEADER_LEN];
         file.read_exact_at(&mut raw, header_offset, "dynamic disk header")?;
         let header = DynHeader::decode(&raw).map_err(|(at, e)| {
-            Error::corrupt(path, "dynamic disk header", header_offset.saturating_add(at as u64), e)
+            Error::corrupt(
+                path,
+                "dynamic disk header",
+                header_offset.saturating_add(at as u64),
+                e,
+            )
         })?;
         let block_size = u64::from(header.block_size);
         let blocks = size.div_ceil(block_size);
@@ -179,10 +204,24 @@ impl Sparse {
                 ),
             ));
         }
-        let table = file.read_table(header.table_offset, blocks * 4, MAX_BAT_BYTES, "block allocation table")?;
-        let bat: Arc<[u32]> = table.chunks_exact(4).map(|c| u32::from_be_bytes([c[0], c[1], c[2], c[3]])).collect();
+        let table = file.read_table(
+            header.table_offset,
+            blocks * 4,
+            MAX_BAT_BYTES,
+            "block allocation table",
+        )?;
+        let bat: Arc<[u32]> = table
+            .chunks_exact(4)
+            .map(|c| u32::from_be_bytes([c[0], c[1], c[2], c[3]]))
+            .collect();
         let bitmap_size = header.bitmap_size();
-        Ok(Sparse { header, header_offset, bat, block_size, bitmap_size })
+        Ok(Sparse {
+            header,
+            header_offset,
+            bat,
+            block_size,
+            bitmap_size,
+        })
     }
 }
 
@@ -193,27 +232,44 @@ fn read_footer(file: &HostFile) -> Result<(Footer, u64)> {
     let path = file.path();
     let len = file.len();
     if len < footer::OLD_FOOTER_LEN as u64 {
-        return Err(Error::corrupt(path, "footer", 0, format!("file of {len} bytes is too small for a VHD")));
+        return Err(Error::corrupt(
+            path,
+            "footer",
+            0,
+            format!("file of {len} bytes is too small for a VHD"),
+        ));
     }
     let mut head = [0u8; footer::FOOTER_LEN];
     let head = if len >= head.len() as u64 {
         file.read_exact_at(&mut head, 0, "footer copy")?;
-        head.starts_with(footer::COOKIE).then(|| Footer::decode(&head))
+        head.starts_with(footer::COOKIE)
+            .then(|| Footer::decode(&head))
     } else {
         None
     };
-    let is_sparse = |f: &Footer| matches!(f.disk_type(), Some(DiskType::Dynamic | DiskType::Differencing));
+    let is_sparse = |f: &Footer| {
+        matches!(
+            f.disk_type(),
+            Some(DiskType::Dynamic | DiskType::Differencing)
+        )
+    };
     let (tail_off, tail) = read_tail_footer(file)?;
     match (head, tail) {
         (Some(Ok(h)), tail) if is_sparse(&h) => {
             if let Err(e) = tail {
-                log::warn!("{}: footer at {tail_off:#x}: {e}; using the copy at offset 0", path.display());
+                log::warn!(
+                    "{}: footer at {tail_off:#x}: {e}; using the copy at offset 0",
+                    path.display()
+                );
             }
             Ok((h, 0))
         }
         (head, Ok(t)) => {
             if let (Some(Err(e)), true) = (&head, is_sparse(&t)) {
-                log::warn!("{}: footer copy at offset 0: {e}; using the footer at {tail_off:#x}", path.display());
+                log::warn!(
+                    "{}: footer copy at offset 0: {e}; using the footer at {tail_off:#x}",
+                    path.display()
+                );
             }
             Ok((t, tail_off))
         }
@@ -243,14 +299,23 @@ fn read_tail_footer(file: &HostFile) -> Result<(u64, std::result::Result<Footer,
             return Ok((off, Footer::decode(&buf[..flen])));
         }
     }
-    Ok((len.saturating_sub(footer::FOOTER_LEN as u64), Err("no \"conectix\" cookie".to_string())))
+    Ok((
+        len.saturating_sub(footer::FOOTER_LEN as u64),
+        Err("no \"conectix\" cookie".to_string()),
+    ))
 }
 
 /// Every place the parent may be, from the locators (best platform first), then the name.
 fn parent_candidates(file: &HostFile, sp: &Sparse) -> Result<Vec<(String, PathBuf)>> {
     let mut stored = Vec::new();
     for code in locator::PREFERRED {
-        for (slot, loc) in sp.header.locators.iter().enumerate().filter(|(_, l)| &l.code == code) {
+        for (slot, loc) in sp
+            .header
+            .locators
+            .iter()
+            .enumerate()
+            .filter(|(_, l)| &l.code == code)
+        {
             if loc.length == 0 {
                 continue;
             }
@@ -260,7 +325,11 @@ fn parent_candidates(file: &HostFile, sp: &Sparse) -> Result<Vec<(String, PathBu
                     file.path(),
                     &field,
                     sp.header_offset + dynamic::locator_field_offset(slot),
-                    format!("length {} exceeds the limit of {} bytes", loc.length, locator::MAX_LOCATOR_LEN),
+                    format!(
+                        "length {} exceeds the limit of {} bytes",
+                        loc.length,
+                        locator::MAX_LOCATOR_LEN
+                    ),
                 ));
             }
             let mut data = vec![0u8; loc.length as usize];
@@ -299,7 +368,10 @@ impl Layer for VhdLayer {
         let Some(sp) = &self.sparse else {
             // Fixed: guest offset = file offset, as QEMU reads it (zeros past the end).
             let map = if off < self.file.len() {
-                Mapping::Data { file: self.file.clone(), host_off: off }
+                Mapping::Data {
+                    file: self.file.clone(),
+                    host_off: off,
+                }
             } else {
                 Mapping::Zero
             };
@@ -307,7 +379,13 @@ impl Layer for VhdLayer {
         };
         let (piece, mut done) = self.block_piece(sp, off, len)?;
         if let Piece::Data(host_off) = piece {
-            return Ok(Extent { len: done, map: Mapping::Data { file: self.file.clone(), host_off } });
+            return Ok(Extent {
+                len: done,
+                map: Mapping::Data {
+                    file: self.file.clone(),
+                    host_off,
+                },
+            });
         }
         // Merge the following holes; an error there is reported by the call that starts there.
         while done < len {
@@ -316,19 +394,34 @@ impl Layer for VhdLayer {
                 _ => break,
             }
         }
-        Ok(Extent { len: done, map: self.hole() })
+        Ok(Extent {
+            len: done,
+            map: self.hole(),
+        })
     }
 
     fn parent(&self) -> ParentRef {
-        let best = self.parents.iter().find(|(_, p)| p.exists()).or(self.parents.first());
+        let best = self
+            .parents
+            .iter()
+            .find(|(_, p)| p.exists())
+            .or(self.parents.first());
         match best {
-            Some((raw, path)) => ParentRef::Path { raw: raw.clone(), path: path.clone(), format: Some(Format::Vpc) },
+            Some((raw, path)) => ParentRef::Path {
+                raw: raw.clone(),
+                path: path.clone(),
+                format: Some(Format::Vpc),
+            },
             None => ParentRef::None,
         }
     }
 
     fn verify_parent(&self, parent: &dyn Layer) -> Result<()> {
-        let Some(sp) = self.sparse.as_ref().filter(|_| self.disk_type == DiskType::Differencing) else {
+        let Some(sp) = self
+            .sparse
+            .as_ref()
+            .filter(|_| self.disk_type == DiskType::Differencing)
+        else {
             return Ok(());
         };
         let want = sp.header.parent_uuid;
@@ -348,7 +441,10 @@ impl Layer for VhdLayer {
     }
 
     fn identity(&self) -> Identity {
-        Identity { uuid: Some(self.footer.uuid), ..Identity::default() }
+        Identity {
+            uuid: Some(self.footer.uuid),
+            ..Identity::default()
+        }
     }
 
     fn files(&self) -> Vec<Arc<HostFile>> {
