@@ -195,3 +195,26 @@ fn head_copy_damaged_uses_the_footer_at_the_end() {
         &want,
     );
 }
+
+#[test]
+fn virtual_size_follows_the_creator_like_qemu() {
+    // CHS geometry says 10514432 bytes, current_size 10485760: QEMU picks by creator.
+    let s = Scratch::new("vhd-creators");
+    let img = qemu_vhd(&s, "c.vhd", 10 * MIB, "", 11, 8);
+    let orig = std::fs::read(&img).unwrap();
+    for app in [
+        b"vpc ", b"qemu", b"qem2", b"win ", b"d2v\0", b"CTXS", b"tap\0", b"xyz ",
+    ] {
+        let mut b = orig.clone();
+        let n = b.len();
+        for at in [0, n - 512] {
+            b[at + 28..at + 32].copy_from_slice(app);
+            vhd_gen::put_be64(&mut b, at + 48, 10 * MIB);
+            vhd_gen::fix_footer(&mut b, at);
+        }
+        std::fs::write(&img, &b).unwrap();
+        let got = check_against_qemu(&img);
+        let chs = app == b"vpc " || app == b"qemu";
+        assert_eq!(got.len() as u64, if chs { 10514432 } else { 10 * MIB });
+    }
+}
