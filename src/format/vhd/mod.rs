@@ -4,6 +4,11 @@
 //! Sizes and dynamic-disk reads follow `qemu-img convert`. Differencing disks follow the
 //! spec (QEMU ignores their parent): the sector bitmap in front of each block says, sector by
 //! sector, whether the data is here or in the parent.
+//!
+//! Where we differ from QEMU on damaged images: the dynamic header checksum is checked
+//! (QEMU ignores it), a damaged footer copy is replaced by the other copy (QEMU only reads
+//! the one at offset 0), and a block reaching past the end of the file fails the reads that
+//! need it (QEMU refuses to open the image).
 
 mod bitmap;
 mod dynamic;
