@@ -10,6 +10,7 @@ pub mod probe;
 pub mod raw;
 pub mod vdi;
 pub mod vmdk;
+pub mod vhd;
 
 use crate::cache::ByteCache;
 use crate::error::{Error, Result};
@@ -192,6 +193,7 @@ pub fn open_layer(path: &Path, format: Format, ctx: &OpenCtx) -> Result<Arc<dyn 
         Format::Raw => raw::RawLayer::open(path, ctx),
         Format::Vdi => vdi::VdiLayer::open(path, ctx),
         Format::Vmdk => vmdk::VmdkLayer::open(path, ctx),
+        Format::Vpc => vhd::VhdLayer::open(path, ctx),
         other => Err(Error::unsupported(path, format!("format {other} is not implemented yet"))),
     }
 }

@@ -26,7 +26,7 @@ pub fn detect_bytes(head: &[u8], tail: Option<&[u8]>) -> Format {
         Format::Vhdx
     } else if head.len() >= 0x44 && head[0x40..0x44] == 0xbeda107fu32.to_le_bytes() {
         Format::Vdi
-    } else if starts(b"conectix") || tail.is_some_and(|t| t.starts_with(b"conectix")) {
+    } else if starts(b"conectix") || tail.is_some_and(|t| t.starts_with(b"conectix") || t.get(1..).is_some_and(|r| r.starts_with(b"conectix"))) {
         Format::Vpc
     } else {
         Format::Raw
@@ -65,5 +65,7 @@ mod tests {
         assert_eq!(detect_bytes(&vdi, None), Format::Vdi);
         assert_eq!(detect_bytes(&[0u8; 512], Some(b"conectix\0\0")), Format::Vpc);
         assert_eq!(detect_bytes(&[0u8; 512], Some(&[0u8; 512])), Format::Raw);
+        // Pre-2004 Virtual PC images end in a 511-byte footer.
+        assert_eq!(detect_bytes(&[0u8; 512], Some(b"\0conectix\0")), Format::Vpc);
     }
 }
