@@ -7,6 +7,7 @@
 
 pub mod compress;
 pub mod probe;
+pub mod qcow2;
 pub mod raw;
 
 use crate::cache::ByteCache;
@@ -183,6 +184,7 @@ pub struct OpenCtx {
 pub fn open_layer(path: &Path, format: Format, ctx: &OpenCtx) -> Result<Arc<dyn Layer>> {
     match format {
         Format::Raw => raw::RawLayer::open(path, ctx),
+        Format::Qcow2 => qcow2::Qcow2Layer::open(path, ctx),
         other => Err(Error::unsupported(path, format!("format {other} is not implemented yet"))),
     }
 }
