@@ -46,6 +46,9 @@ pub struct Qcow2Image {
     /// The active L1 table as loaded at open.
     pub l1: Arc<[u64]>,
     pub snapshots: Vec<Snapshot>,
+    /// Why the snapshot table could not be read, if it could not: the live image still
+    /// opens (QEMU opens it too), but no snapshot is exposed.
+    pub snapshot_error: Option<String>,
     pub parent: ParentRef,
     pub tables: Arc<ByteCache>,
     snapshot_l1s: Mutex<SnapshotL1s>,
@@ -125,7 +128,13 @@ impl Qcow2Image {
         check_tables(&header, &geometry, &file)?;
         let data_file = open_data_file(&header, &extensions, &file)?;
         let parent = backing_ref(&header, &extensions, &file)?;
-        let snapshots = read_snapshots(&header, &file)?;
+        let (snapshots, snapshot_error) = match read_snapshots(&header, &file) {
+            Ok(s) => (s, None),
+            Err(e) => {
+                log::warn!("{e}; no internal snapshot of this image is shown");
+                (Vec::new(), Some(e.to_string()))
+            }
+        };
         let l1 = load_l1(&file, header.l1_table_offset, header.l1_size, "L1 table")?;
         Ok(Qcow2Image {
             path: path.to_path_buf(),
@@ -137,6 +146,7 @@ impl Qcow2Image {
             geometry,
             l1,
             snapshots,
+            snapshot_error,
             parent,
             tables: ctx.tables.clone(),
             snapshot_l1s: Mutex::new(SnapshotL1s::default()),
@@ -150,8 +160,9 @@ impl Qcow2Image {
 
     /// A read-only layer showing snapshot `index` over the image's backing file.
     pub fn open_snapshot(self: &Arc<Self>, index: usize) -> Result<Arc<dyn Layer>> {
-        let sn = self.snapshots.get(index).ok_or_else(|| {
-            Error::invalid(format!("{}: no snapshot with index {index}", self.path.display()))
+        let sn = self.snapshots.get(index).ok_or_else(|| match &self.snapshot_error {
+            Some(e) => Error::new(Kind::Corrupt, e.clone()),
+            None => Error::invalid(format!("{}: no snapshot with index {index}", self.path.display())),
         })?;
         let field = format!("snapshot {index} ({:?}) L1 table", sn.name);
         check_l1_placement(&self.file, &self.geometry, sn.l1_table_offset, sn.l1_size, &field)?;
@@ -403,7 +414,11 @@ impl Layer for Qcow2Layer {
             _ => "clean",
         };
         d.push(("state".into(), state.into()));
-        d.push(("snapshots".into(), img.snapshots.len().to_string()));
+        let snaps = match &img.snapshot_error {
+            Some(e) => format!("unreadable: {e}"),
+            None => img.snapshots.len().to_string(),
+        };
+        d.push(("snapshots".into(), snaps));
         if let Some(i) = self.snapshot {
             d.push(("snapshot".into(), format!("{i}: {:?}", img.snapshots[i].name)));
         }
