@@ -149,7 +149,7 @@ pub fn check_all_views(image: &Path) -> usize {
     let layers = vmfs_mount::chain::open_chain(image, None, &ctx()).unwrap();
     let (live, snaps) = tree::plan(&layers).unwrap();
     let got = read_all(&view_of(live.layers, live.size));
-    assert_same(&format!("{} live", image.display()), &got, &oracle(image, &[]));
+    same(&format!("{} live", image.display()), &got, &oracle(image, &[]));
     for spec in &snaps {
         let want = match spec.origin {
             Origin::Layer { index } => oracle(layers[index].path(), &[]),
@@ -161,9 +161,20 @@ pub fn check_all_views(image: &Path) -> usize {
             Origin::Live => unreachable!(),
         };
         let got = read_all(&view_of(spec.layers.clone(), spec.size));
-        assert_same(&format!("{} view {}", image.display(), spec.name), &got, &want);
+        same(&format!("{} view {}", image.display(), spec.name), &got, &want);
     }
     1 + snaps.len()
+}
+
+/// `common::assert_same`, but comparing 64 KiB blocks with memcmp first (fast in debug builds).
+pub fn same(what: &str, got: &[u8], want: &[u8]) {
+    assert_eq!(got.len(), want.len(), "{what}: size differs");
+    for (i, (a, b)) in got.chunks(1 << 16).zip(want.chunks(1 << 16)).enumerate() {
+        if a != b {
+            let at = a.iter().zip(b).position(|(x, y)| x != y).unwrap_or(0);
+            panic!("{what}: first difference at offset {:#x}", (i << 16) + at);
+        }
+    }
 }
 
 /// Big-endian field access for patching headers.
