@@ -19,8 +19,18 @@ fn good(d: &Scratch) -> PathBuf {
     if !img.exists() {
         create(&img, "", 4 * MIB);
         let mut rng = Rng::new(99);
-        apply("qcow2", &img, &mut rng, &[Op::Compressed(2 * MIB, 64 * KIB)]);
-        apply("qcow2", &img, &mut rng, &[Op::Data(0, 64 * KIB), Op::Data(MIB, 64 * KIB)]);
+        apply(
+            "qcow2",
+            &img,
+            &mut rng,
+            &[Op::Compressed(2 * MIB, 64 * KIB)],
+        );
+        apply(
+            "qcow2",
+            &img,
+            &mut rng,
+            &[Op::Data(0, 64 * KIB), Op::Data(MIB, 64 * KIB)],
+        );
     }
     img
 }
@@ -46,7 +56,10 @@ fn open_fails(p: &Path, kind: Kind, parts: &[&str]) -> Error {
 fn check(e: &Error, p: &Path, kind: Kind, parts: &[&str]) {
     assert_eq!(e.kind(), kind, "{e}");
     let msg = e.to_string();
-    assert!(msg.contains(p.file_name().unwrap().to_str().unwrap()), "{msg} should name the file");
+    assert!(
+        msg.contains(p.file_name().unwrap().to_str().unwrap()),
+        "{msg} should name the file"
+    );
     for part in parts {
         assert!(msg.contains(part), "{msg:?} should contain {part:?}");
     }
@@ -69,23 +82,100 @@ fn header(p: &Path) -> Vec<u8> {
 fn truncated_and_foreign_headers() {
     let d = Scratch::new("q2h-hdr");
     let p = copy(&d, "trunc.qcow2");
-    std::fs::File::options().write(true).open(&p).unwrap().set_len(90).unwrap();
+    std::fs::File::options()
+        .write(true)
+        .open(&p)
+        .unwrap()
+        .set_len(90)
+        .unwrap();
     open_fails(&p, Kind::Corrupt, &["qcow2 header", "truncated"]);
-    std::fs::File::options().write(true).open(&p).unwrap().set_len(0).unwrap();
+    std::fs::File::options()
+        .write(true)
+        .open(&p)
+        .unwrap()
+        .set_len(0)
+        .unwrap();
     open_fails(&p, Kind::Corrupt, &["not a qcow2 image"]);
 
-    let cases: &[(&str, u64, &[u8], Kind, &[&str])] = &[
-        ("v1.qcow2", 4, &1u32.to_be_bytes(), Kind::Unsupported, &["qcow version 1"]),
-        ("v4.qcow2", 4, &4u32.to_be_bytes(), Kind::Unsupported, &["version 4"]),
-        ("cb.qcow2", 20, &30u32.to_be_bytes(), Kind::Corrupt, &["cluster_bits", "0x14"]),
-        ("aes.qcow2", 32, &1u32.to_be_bytes(), Kind::Unsupported, &["encrypted", "AES"]),
-        ("luks.qcow2", 32, &2u32.to_be_bytes(), Kind::Unsupported, &["encrypted", "LUKS"]),
-        ("hlen.qcow2", 100, &0x20000u32.to_be_bytes(), Kind::Corrupt, &["header_length", "cluster size"]),
-        ("hshort.qcow2", 100, &96u32.to_be_bytes(), Kind::Corrupt, &["header_length"]),
-        ("rc0.qcow2", 56, &0u32.to_be_bytes(), Kind::Corrupt, &["refcount_table_clusters"]),
-        ("rcord.qcow2", 96, &7u32.to_be_bytes(), Kind::Corrupt, &["refcount_order"]),
-        ("ctype.qcow2", 104, &[1], Kind::Corrupt, &["compression type bit"]),
-        ("bfo.qcow2", 8, &0x20000u64.to_be_bytes(), Kind::Corrupt, &["backing_file_offset"]),
+    type Case<'a> = (&'a str, u64, &'a [u8], Kind, &'a [&'a str]);
+    let cases: &[Case] = &[
+        (
+            "v1.qcow2",
+            4,
+            &1u32.to_be_bytes(),
+            Kind::Unsupported,
+            &["qcow version 1"],
+        ),
+        (
+            "v4.qcow2",
+            4,
+            &4u32.to_be_bytes(),
+            Kind::Unsupported,
+            &["version 4"],
+        ),
+        (
+            "cb.qcow2",
+            20,
+            &30u32.to_be_bytes(),
+            Kind::Corrupt,
+            &["cluster_bits", "0x14"],
+        ),
+        (
+            "aes.qcow2",
+            32,
+            &1u32.to_be_bytes(),
+            Kind::Unsupported,
+            &["encrypted", "AES"],
+        ),
+        (
+            "luks.qcow2",
+            32,
+            &2u32.to_be_bytes(),
+            Kind::Unsupported,
+            &["encrypted", "LUKS"],
+        ),
+        (
+            "hlen.qcow2",
+            100,
+            &0x20000u32.to_be_bytes(),
+            Kind::Corrupt,
+            &["header_length", "cluster size"],
+        ),
+        (
+            "hshort.qcow2",
+            100,
+            &96u32.to_be_bytes(),
+            Kind::Corrupt,
+            &["header_length"],
+        ),
+        (
+            "rc0.qcow2",
+            56,
+            &0u32.to_be_bytes(),
+            Kind::Corrupt,
+            &["refcount_table_clusters"],
+        ),
+        (
+            "rcord.qcow2",
+            96,
+            &7u32.to_be_bytes(),
+            Kind::Corrupt,
+            &["refcount_order"],
+        ),
+        (
+            "ctype.qcow2",
+            104,
+            &[1],
+            Kind::Corrupt,
+            &["compression type bit"],
+        ),
+        (
+            "bfo.qcow2",
+            8,
+            &0x20000u64.to_be_bytes(),
+            Kind::Corrupt,
+            &["backing_file_offset"],
+        ),
     ];
     for (name, off, bytes, kind, parts) in cases {
         let p = copy(&d, name);
@@ -146,7 +236,7 @@ fn bad_l2_tables_and_entries_fail_at_read_time() {
 
     // Compressed descriptors: past the end of the file, or pointing at garbage.
     let p = copy(&d, "ceof.qcow2");
-    patch(&p, entry, &(1u64 << 62 | past + 100).to_be_bytes());
+    patch(&p, entry, &(1u64 << 62 | (past + 100)).to_be_bytes());
     read_fails(&p, 0, &["L2 entry", "compressed", "past the end"]);
     let p = copy(&d, "cgarbage.qcow2");
     patch(&p, entry, &(1u64 << 62 | 3 << 54 | 8).to_be_bytes());
@@ -190,10 +280,19 @@ fn bad_snapshot_tables() {
     patch(&p, 64, &past.to_be_bytes());
     let layer = open(&p).unwrap();
     assert!(layer.snapshots().is_empty());
-    assert!(layer.details().iter().any(|(k, v)| k == "snapshots" && v.contains("snapshot table")));
+    assert!(
+        layer
+            .details()
+            .iter()
+            .any(|(k, v)| k == "snapshots" && v.contains("snapshot table"))
+    );
     let e = layer.open_snapshot(0).unwrap_err();
     check(&e, &p, Kind::Corrupt, &["snapshot table", "past the end"]);
-    same("live", &read_all(&open_view(&p).unwrap()), &oracle(&good(&d), &[]));
+    same(
+        "live",
+        &read_all(&open_view(&p).unwrap()),
+        &oracle(&good(&d), &[]),
+    );
 
     let p = copy(&d, "snmany.qcow2");
     patch(&p, 60, &70000u32.to_be_bytes());
@@ -212,7 +311,12 @@ fn bad_snapshot_tables() {
     let layer = open(&p).unwrap();
     assert_eq!(layer.snapshots().len(), 1);
     let e = layer.open_snapshot(0).unwrap_err();
-    check(&e, &p, Kind::Corrupt, &["snapshot 0", "L1 table", "past the end"]);
+    check(
+        &e,
+        &p,
+        Kind::Corrupt,
+        &["snapshot 0", "L1 table", "past the end"],
+    );
 }
 
 /// Finds the header extension of `kind` in `p`: (offset of its header, its length).
@@ -241,7 +345,10 @@ fn unknown_features_and_bad_extensions() {
     // Name bit 5 in the feature name table: the error gives the name.
     let (ext, len) = find_ext(&p, 0x6803_f857).expect("qemu-img writes a feature name table");
     let b = header(&p);
-    let entry = (0..len as u64 / 48).map(|i| ext + 8 + i * 48).find(|&e| b[e as usize] == 0 && b[e as usize + 1] == 0).unwrap();
+    let entry = (0..len as u64 / 48)
+        .map(|i| ext + 8 + i * 48)
+        .find(|&e| b[e as usize] == 0 && b[e as usize + 1] == 0)
+        .unwrap();
     patch(&p, entry + 1, &[5]);
     open_fails(&p, Kind::Unsupported, &["bit 5 (\"dirty bit\")"]);
 
@@ -267,7 +374,10 @@ fn dirty_and_corrupt_images_still_read() {
         patch(&p, 72, &bit.to_be_bytes());
         same(name, &read_all(&open_view(&p).unwrap()), &want);
         // A corrupt image is never opened for writing.
-        let wctx = OpenCtx { writable: true, ..ctx() };
+        let wctx = OpenCtx {
+            writable: true,
+            ..ctx()
+        };
         let layer = format::open_layer(&p, Format::Qcow2, &wctx).unwrap();
         assert_eq!(layer.files()[0].writable(), bit == 1, "{name}");
     }
@@ -278,7 +388,19 @@ fn hostile_backing_and_data_file_names() {
     let d = Scratch::new("q2h-names");
     let p = d.path("json.qcow2");
     let json = r#"json:{"file":{"driver":"file","filename":"/etc/passwd"}}"#;
-    qemu_img(&["create", "-q", "-f", "qcow2", "-u", "-b", json, "-F", "raw", p.to_str().unwrap(), "1M"]);
+    qemu_img(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-u",
+        "-b",
+        json,
+        "-F",
+        "raw",
+        p.to_str().unwrap(),
+        "1M",
+    ]);
     open_fails(&p, Kind::Unsupported, &["protocol"]);
 
     let p = d.path("long.qcow2");
@@ -288,14 +410,35 @@ fn hostile_backing_and_data_file_names() {
     open_fails(&p, Kind::Corrupt, &["backing_file_size", "too long"]);
 
     let p = d.path("missing.qcow2");
-    qemu_img(&["create", "-q", "-f", "qcow2", "-u", "-b", "nothere.qcow2", "-F", "qcow2", p.to_str().unwrap(), "1M"]);
+    qemu_img(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-u",
+        "-b",
+        "nothere.qcow2",
+        "-F",
+        "qcow2",
+        p.to_str().unwrap(),
+        "1M",
+    ]);
     let e = vmfs_mount::chain::open_chain(&p, None, &ctx()).unwrap_err();
     assert_eq!(e.kind(), Kind::NotFound);
     assert!(e.to_string().contains("nothere.qcow2"), "{e}");
 
     let p = d.path("df.qcow2");
     let out = std::process::Command::new("qemu-img")
-        .args(["create", "-q", "-f", "qcow2", "-o", "data_file=df.bin", "df.qcow2", "1M"])
+        .args([
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-o",
+            "data_file=df.bin",
+            "df.qcow2",
+            "1M",
+        ])
         .current_dir(&d.0)
         .output()
         .unwrap();
