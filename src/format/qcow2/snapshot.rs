@@ -101,7 +101,16 @@ pub fn parse_table(
             sn.vm_state_size = be64(extra, 0);
         }
         if extra.len() >= 16 {
-            sn.disk_size = Some(be64(extra, 8));
+            let size = be64(extra, 8);
+            if size > i64::MAX as u64 {
+                return Err(Error::corrupt(
+                    file,
+                    &format!("snapshot table entry {index} disk_size"),
+                    entry_offset,
+                    format!("{size} bytes is beyond any disk"),
+                ));
+            }
+            sn.disk_size = Some(size);
         }
         if extra.len() >= 24 {
             sn.icount = Some(be64(extra, 16)).filter(|&c| c != u64::MAX);
