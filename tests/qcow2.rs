@@ -89,16 +89,25 @@ fn partial_last_cluster() {
     let size = 33 * MIB + 1536;
     let mut rng = Rng::new(4);
     create(&img, "", size);
+    // A compressed short last cluster (it still decompresses to a whole cluster).
     apply(
         "qcow2",
         &img,
         &mut rng,
-        &[
-            Op::Data(size - 1536, 1536),
-            Op::Data(size - 70 * KIB, 5000),
-            Op::Data(size - 1, 1),
-        ],
+        &[Op::Compressed(size - 1536, 1536)],
     );
+    let layer = vmfs_mount::format::open_detect(&img, None, &ctx()).unwrap();
+    assert!(matches!(
+        layer.map(size - 1536, 1536).unwrap().map,
+        Mapping::Compressed { .. }
+    ));
+    check_all_views(&img);
+    let ops = [
+        Op::Data(size - 1, 1),
+        Op::Data(size - 70 * KIB, 5000),
+        Op::Data(MIB - 1000, 2000),
+    ];
+    apply("qcow2", &img, &mut rng, &ops);
     let view = open_view(&img).unwrap();
     assert_eq!(view.size(), size);
     check_all_views(&img);
@@ -201,6 +210,10 @@ fn extended_l2_over_a_base() {
         "extended_l2=on,cluster_size=64k",
     );
     let sc = 2 * KIB; // 64 KiB / 32
+    // Compressed clusters have no subclusters; a partial write then allocates the cluster.
+    let compressed = [Op::Compressed(4 * MIB, 128 * KIB)];
+    apply("qcow2", &top, &mut rng, &compressed);
+    apply("qcow2", &top, &mut rng, &[Op::Data(4 * MIB + 5 * sc, 100)]);
     let ops = [
         Op::Data(3 * sc, sc),             // one subcluster
         Op::Data(5 * sc + 100, 10),       // inside one subcluster, unaligned
