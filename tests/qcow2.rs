@@ -488,3 +488,23 @@ fn map_returns_long_extents() {
         "{e:?}"
     );
 }
+
+#[test]
+fn backing_without_a_format_is_probed() {
+    let d = Scratch::new("q2-nofmt");
+    let (base, top) = (d.path("base.qcow2"), d.path("top.qcow2"));
+    let mut rng = Rng::new(16);
+    create(&base, "", 2 * MIB);
+    apply("qcow2", &base, &mut rng, &[Op::Data(0, 2 * MIB)]);
+    overlay(&top, "base.qcow2", "qcow2", None, "");
+    apply("qcow2", &top, &mut rng, &[Op::Data(MIB + 3, 5000)]);
+    // Turn the backing format extension into an unknown one (kept, ignored).
+    let (ext, _) = find_ext(&top, 0xe279_2aca).expect("qemu-img writes a backing format");
+    patch(&top, ext, &0x1234_5678u32.to_be_bytes());
+    let layer = vmfs_mount::format::open_detect(&top, None, &ctx()).unwrap();
+    assert!(matches!(
+        layer.parent(),
+        vmfs_mount::format::ParentRef::Path { format: None, .. }
+    ));
+    assert_eq!(check_all_views(&top), 2);
+}

@@ -319,23 +319,6 @@ fn bad_snapshot_tables() {
     );
 }
 
-/// Finds the header extension of `kind` in `p`: (offset of its header, its length).
-fn find_ext(p: &Path, kind: u32) -> Option<(u64, u32)> {
-    let b = header(p);
-    let mut off = be32_at(&b, 100) as usize;
-    while off + 8 <= 65536 {
-        let (k, len) = (be32_at(&b, off), be32_at(&b, off + 4));
-        if k == 0 {
-            return None;
-        }
-        if k == kind {
-            return Some((off as u64, len));
-        }
-        off += 8 + (len as usize).div_ceil(8) * 8;
-    }
-    None
-}
-
 #[test]
 fn unknown_features_and_bad_extensions() {
     let d = Scratch::new("q2h-feat");

@@ -246,3 +246,20 @@ pub fn first_l2(image: &Path) -> (u64, u64) {
         .unwrap();
     (l2, entry as u64)
 }
+
+/// Finds the header extension of `kind` in `p`: (offset of its header, its length).
+pub fn find_ext(p: &Path, kind: u32) -> Option<(u64, u32)> {
+    let b = std::fs::read(p).unwrap();
+    let mut off = be32_at(&b, 100) as usize;
+    while off + 8 <= 65536 {
+        let (k, len) = (be32_at(&b, off), be32_at(&b, off + 4));
+        if k == 0 {
+            return None;
+        }
+        if k == kind {
+            return Some((off as u64, len));
+        }
+        off += 8 + (len as usize).div_ceil(8) * 8;
+    }
+    None
+}
