@@ -431,3 +431,48 @@ fn hostile_backing_and_data_file_names() {
     assert_eq!(e.kind(), Kind::NotFound, "{e}");
     assert!(e.to_string().contains("df.bin"), "{e}");
 }
+
+#[test]
+fn random_metadata_damage_never_panics() {
+    let d = Scratch::new("q2h-fuzz");
+    let src = d.path("src.qcow2");
+    let mut rng = Rng::new(1234);
+    create(&src, "cluster_size=4k", MIB);
+    apply(
+        "qcow2",
+        &src,
+        &mut rng,
+        &[Op::Compressed(256 * KIB, 16 * KIB)],
+    );
+    let ops = [
+        Op::Data(0, 20 * KIB),
+        Op::Zero(64 * KIB, 8 * KIB),
+        Op::Data(MIB - 5000, 5000),
+    ];
+    apply("qcow2", &src, &mut rng, &ops);
+    qemu_img(&["snapshot", "-c", "snap", src.to_str().unwrap()]);
+    let good = std::fs::read(&src).unwrap();
+    let p = d.path("fuzz.qcow2");
+    // Damage falls in the first clusters: header, refcount table, L1 and L2 tables.
+    let meta = good.len().min(64 * 1024) as u64;
+    let mut buf = vec![0u8; 64 * 1024];
+    for _ in 0..150 {
+        let mut img = good.clone();
+        for _ in 0..1 + rng.below(4) {
+            let at = rng.below(meta) as usize;
+            img[at] = rng.next_u64() as u8;
+        }
+        std::fs::write(&p, &img).unwrap();
+        let Ok(layer) = open(&p) else { continue };
+        for s in layer.snapshots() {
+            let _ = layer.open_snapshot(s.index);
+        }
+        let _ = layer.details();
+        let Ok(view) = open_view(&p) else { continue };
+        let mut off = 0;
+        while off < view.size().min(4 * MIB) {
+            let _ = view.read(off, &mut buf);
+            off += buf.len() as u64;
+        }
+    }
+}
