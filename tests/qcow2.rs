@@ -314,6 +314,9 @@ fn big_overlay_over_short_base() {
     let bsize = 5 * MIB + 1536;
     create(&base, "", bsize);
     apply("qcow2", &base, &mut rng, &[Op::Data(0, bsize)]);
+    // An internal snapshot of a lower layer is a view too ("base@early").
+    qemu_img(&["snapshot", "-c", "early", s(&base)]);
+    apply("qcow2", &base, &mut rng, &[Op::Data(MIB, 100 * KIB)]);
     overlay(&top, "base.qcow2", "qcow2", Some(24 * MIB), "");
     apply(
         "qcow2",
@@ -321,7 +324,7 @@ fn big_overlay_over_short_base() {
         &mut rng,
         &[Op::Data(bsize - 100, 300), Op::Data(20 * MIB, 4096)],
     );
-    assert_eq!(check_all_views(&top), 2);
+    assert_eq!(check_all_views(&top), 3);
 }
 
 #[test]
