@@ -7,6 +7,7 @@
 
 pub mod compress;
 pub mod probe;
+pub mod qcow2;
 pub mod raw;
 pub mod vdi;
 pub mod vmdk;
@@ -194,6 +195,7 @@ pub fn open_layer(path: &Path, format: Format, ctx: &OpenCtx) -> Result<Arc<dyn 
         Format::Vdi => vdi::VdiLayer::open(path, ctx),
         Format::Vmdk => vmdk::VmdkLayer::open(path, ctx),
         Format::Vpc => vhd::VhdLayer::open(path, ctx),
+        Format::Qcow2 => qcow2::Qcow2Layer::open(path, ctx),
         other => Err(Error::unsupported(path, format!("format {other} is not implemented yet"))),
     }
 }
