@@ -31,7 +31,13 @@ impl Layer for RawLayer {
         self.size
     }
     fn map(&self, off: u64, len: u64) -> Result<Extent> {
-        Ok(Extent { len, map: Mapping::Data { file: self.file.clone(), host_off: off } })
+        Ok(Extent {
+            len,
+            map: Mapping::Data {
+                file: self.file.clone(),
+                host_off: off,
+            },
+        })
     }
     fn files(&self) -> Vec<Arc<HostFile>> {
         vec![self.file.clone()]
