@@ -8,6 +8,7 @@
 pub mod compress;
 pub mod probe;
 pub mod raw;
+pub mod vhdx;
 
 use crate::cache::ByteCache;
 use crate::error::{Error, Result};
@@ -183,6 +184,7 @@ pub struct OpenCtx {
 pub fn open_layer(path: &Path, format: Format, ctx: &OpenCtx) -> Result<Arc<dyn Layer>> {
     match format {
         Format::Raw => raw::RawLayer::open(path, ctx),
+        Format::Vhdx => vhdx::VhdxLayer::open(path, ctx),
         other => Err(Error::unsupported(path, format!("format {other} is not implemented yet"))),
     }
 }
