@@ -68,14 +68,21 @@ fn open_err(path: &Path) -> vmfs_mount::error::Error {
 
 /// The DataWriteGuid of a VHDX as its driver reports it.
 fn data_write_guid(path: &Path) -> [u8; 16] {
-    open_layer(path, Format::Vhdx, &ctx()).unwrap().identity().uuid.unwrap()
+    open_layer(path, Format::Vhdx, &ctx())
+        .unwrap()
+        .identity()
+        .uuid
+        .unwrap()
 }
 
 fn child_of(parent: &Path, relative: &str) -> Vec<(String, String)> {
     vec![
         ("parent_linkage".into(), guid_text(&data_write_guid(parent))),
         ("relative_path".into(), relative.into()),
-        ("absolute_win32_path".into(), "\\\\?\\C:\\images\\elsewhere.vhdx".into()),
+        (
+            "absolute_win32_path".into(),
+            "\\\\?\\C:\\images\\elsewhere.vhdx".into(),
+        ),
     ]
 }
 
@@ -93,13 +100,26 @@ fn random_present(rng: &mut Rng, sectors: usize) -> Vec<bool> {
 }
 
 fn qemu_create(path: &Path, opts: &str, size: u64) {
-    qemu_img(&["create", "-q", "-f", "vhdx", "-o", opts, path.to_str().unwrap(), &size.to_string()]);
+    qemu_img(&[
+        "create",
+        "-q",
+        "-f",
+        "vhdx",
+        "-o",
+        opts,
+        path.to_str().unwrap(),
+        &size.to_string(),
+    ]);
 }
 
 fn random_writes(path: &Path, rng: &mut Rng, size: u64, count: usize) {
     for _ in 0..count {
         let len = 1 + rng.below(3 << 20);
-        let len = if rng.below(2) == 0 { len.div_ceil(512) * 512 } else { len };
+        let len = if rng.below(2) == 0 {
+            len.div_ceil(512) * 512
+        } else {
+            len
+        };
         let len = len.min(size);
         let off = rng.below(size - len + 1);
         write_random("vhdx", path, rng, off, len as usize);
@@ -111,7 +131,10 @@ fn qemu_dynamic_and_fixed_images_read_like_qemu() {
     let s = Scratch::new("vhdx-qemu");
     let cases = [
         ("subformat=dynamic,block_size=1M", 24 << 20),
-        ("subformat=dynamic,block_size=8M,log_size=2M", (40 << 20) + 3 * 512),
+        (
+            "subformat=dynamic,block_size=8M,log_size=2M",
+            (40 << 20) + 3 * 512,
+        ),
         ("subformat=fixed,block_size=2M", 12 << 20),
     ];
     for (i, (opts, size)) in cases.into_iter().enumerate() {
@@ -119,7 +142,11 @@ fn qemu_dynamic_and_fixed_images_read_like_qemu() {
         qemu_create(&img, opts, size);
         let mut rng = Rng::new(100 + i as u64);
         random_writes(&img, &mut rng, size, 6);
-        let block = if opts.contains("8M") { 8 << 20 } else { 1 << 20 };
+        let block = if opts.contains("8M") {
+            8 << 20
+        } else {
+            1 << 20
+        };
         qemu_io("vhdx", &img, &[format!("write -z {block} {block}")]);
         let want = qemu_raw(&img, Some("vhdx"), &[]);
         let view = open_view(&img).unwrap();
@@ -156,7 +183,10 @@ fn generated_images_match_qemu_and_the_model() {
         let view = open_view(&img).unwrap();
         assert_same(&format!("sector {lss}"), &read_all(&view), &want);
         let details = view.layers()[0].details();
-        assert!(details.contains(&("logical sector size".into(), lss.to_string())), "{details:?}");
+        assert!(
+            details.contains(&("logical sector size".into(), lss.to_string())),
+            "{details:?}"
+        );
     }
 }
 
@@ -213,7 +243,13 @@ fn differencing_child_over_a_qemu_parent() {
             1 | 4 => Block::Partial(rng.bytes(1 << 20), random_present(&mut rng, sectors)),
             2 => Block::NotPresent,
             3 => Block::Zero,
-            _ => if i % 2 == 0 { Block::Undefined } else { Block::Unmapped },
+            _ => {
+                if i % 2 == 0 {
+                    Block::Undefined
+                } else {
+                    Block::Unmapped
+                }
+            }
         });
     }
     // a partially present block whose sectors are all present or all absent
@@ -225,9 +261,18 @@ fn differencing_child_over_a_qemu_parent() {
 
     let view = open_view(&child).unwrap();
     assert_eq!(view.layers().len(), 2);
-    assert_same("child over parent", &read_all(&view), &model_over(&spec, &base_raw));
+    assert_same(
+        "child over parent",
+        &read_all(&view),
+        &model_over(&spec, &base_raw),
+    );
     // the parent's own view is the parent alone
-    let parent_view = View::new(view.layers()[1..].to_vec(), base_size, Arc::new(ByteCache::new(1 << 20)), 64);
+    let parent_view = View::new(
+        view.layers()[1..].to_vec(),
+        base_size,
+        Arc::new(ByteCache::new(1 << 20)),
+        64,
+    );
     assert_same("parent view", &read_all(&parent_view), &base_raw);
 }
 
@@ -240,7 +285,15 @@ fn differencing_chain_with_4k_sectors() {
     let size = 16u64 << 20;
     let mut base = Spec::new(size, 4 << 20, 4096);
     base.data_write_guid = guid(1, 1, 1, 1);
-    base.blocks = (0..4).map(|i| if i == 2 { Block::NotPresent } else { Block::Full(rng.bytes(4 << 20)) }).collect();
+    base.blocks = (0..4)
+        .map(|i| {
+            if i == 2 {
+                Block::NotPresent
+            } else {
+                Block::Full(rng.bytes(4 << 20))
+            }
+        })
+        .collect();
     write(&s.path("base.vhdx"), &build(&base));
     let mut layer_models = model(&base);
 
@@ -248,7 +301,10 @@ fn differencing_chain_with_4k_sectors() {
     for (level, block) in [(1u64, 1u32 << 20), (2, 2 << 20)] {
         let mut spec = Spec::new(size, block, 4096);
         spec.data_write_guid = guid(level as u32 + 1, 2, 2, 2);
-        spec.parent = Some(child_of(&prev, &format!(".\\{}", prev.file_name().unwrap().to_str().unwrap())));
+        spec.parent = Some(child_of(
+            &prev,
+            &format!(".\\{}", prev.file_name().unwrap().to_str().unwrap()),
+        ));
         let n = size / block as u64;
         let sectors = block as usize / 4096;
         spec.blocks = (0..n)
@@ -281,7 +337,10 @@ fn parent_identity_is_checked() {
 
     let mut spec = Spec::new(4 << 20, 1 << 20, 512);
     let pairs = |linkage: &str, linkage2: Option<&str>| {
-        let mut p = vec![("parent_linkage".to_string(), linkage.to_string()), ("relative_path".to_string(), "base.vhdx".to_string())];
+        let mut p = vec![
+            ("parent_linkage".to_string(), linkage.to_string()),
+            ("relative_path".to_string(), "base.vhdx".to_string()),
+        ];
         if let Some(l2) = linkage2 {
             p.push(("parent_linkage2".to_string(), l2.to_string()));
         }
@@ -303,7 +362,10 @@ fn parent_identity_is_checked() {
     }
 
     // a parent that is not there
-    spec.parent = Some(vec![("parent_linkage".into(), right.clone()), ("relative_path".into(), "..\\gone\\x.vhdx".into())]);
+    spec.parent = Some(vec![
+        ("parent_linkage".into(), right.clone()),
+        ("relative_path".into(), "..\\gone\\x.vhdx".into()),
+    ]);
     write(&s.path("orphan.avhdx"), &build(&spec));
     assert_eq!(open_err(&s.path("orphan.avhdx")).kind(), Kind::NotFound);
 }
@@ -312,17 +374,26 @@ fn parent_identity_is_checked() {
 fn parent_loops_are_refused() {
     let s = Scratch::new("vhdx-loop");
     let (ga, gb) = (guid(0xA, 0, 0, 0), guid(0xB, 0, 0, 0));
-    for (name, own, other, parent) in [("a.avhdx", ga, gb, "b.avhdx"), ("b.avhdx", gb, ga, "a.avhdx")] {
+    for (name, own, other, parent) in [
+        ("a.avhdx", ga, gb, "b.avhdx"),
+        ("b.avhdx", gb, ga, "a.avhdx"),
+    ] {
         let mut spec = Spec::new(2 << 20, 1 << 20, 512);
         spec.data_write_guid = own;
-        spec.parent = Some(vec![("parent_linkage".into(), guid_text(&other)), ("relative_path".into(), parent.into())]);
+        spec.parent = Some(vec![
+            ("parent_linkage".into(), guid_text(&other)),
+            ("relative_path".into(), parent.into()),
+        ]);
         write(&s.path(name), &build(&spec));
     }
     let e = open_err(&s.path("a.avhdx"));
     assert!(e.to_string().contains("loop"), "{e}");
     // a child naming itself
     let mut spec = Spec::new(2 << 20, 1 << 20, 512);
-    spec.parent = Some(vec![("parent_linkage".into(), guid_text(&spec.data_write_guid)), ("relative_path".into(), "self.avhdx".into())]);
+    spec.parent = Some(vec![
+        ("parent_linkage".into(), guid_text(&spec.data_write_guid)),
+        ("relative_path".into(), "self.avhdx".into()),
+    ]);
     write(&s.path("self.avhdx"), &build(&spec));
     assert!(open_err(&s.path("self.avhdx")).to_string().contains("loop"));
 }
@@ -333,7 +404,12 @@ fn dirty_image(rng: &mut Rng) -> (Vec<u8>, Spec) {
     let mut spec = Spec::new(6 << 20, 1 << 20, 512);
     let mut b2 = rng.bytes(1 << 20);
     b2[64 << 10..192 << 10].fill(0);
-    spec.blocks = vec![Block::Full(rng.bytes(1 << 20)), Block::NotPresent, Block::Full(b2), Block::Full(rng.bytes(1 << 20))];
+    spec.blocks = vec![
+        Block::Full(rng.bytes(1 << 20)),
+        Block::NotPresent,
+        Block::Full(b2),
+        Block::Full(rng.bytes(1 << 20)),
+    ];
     let mut img = build(&spec);
     let log_guid = [0x4C; 16];
     let block2 = (BAT_OFF + MIB) + MIB; // the second block allocated
@@ -341,9 +417,17 @@ fn dirty_image(rng: &mut Rng) -> (Vec<u8>, Spec) {
     let zero_range = (block2 + (64 << 10), 128 << 10);
     // entry 1 (older) writes junk to the payload sector; entry 2 writes the truth
     let mut junk_img = img.clone();
-    junk_img[payload_sector as usize..payload_sector as usize + 4096].copy_from_slice(&rng.bytes(4096));
+    junk_img[payload_sector as usize..payload_sector as usize + 4096]
+        .copy_from_slice(&rng.bytes(4096));
     let e1 = log_entry(&junk_img, 41, 0, log_guid, &[payload_sector], &[]);
-    let e2 = log_entry(&img, 42, 0, log_guid, &[BAT_OFF, payload_sector], &[zero_range]);
+    let e2 = log_entry(
+        &img,
+        42,
+        0,
+        log_guid,
+        &[BAT_OFF, payload_sector],
+        &[zero_range],
+    );
     let mut pos = LOG_OFF as usize;
     for e in [&e1, &e2] {
         img[pos..pos + e.len()].copy_from_slice(e);
@@ -368,15 +452,27 @@ fn dirty_log_is_replayed_in_memory_only() {
     let view = open_view(&img).unwrap();
     let want = model(&spec);
     assert_same("replayed", &read_all(&view), &want);
-    let log = view.layers()[0].details().into_iter().find(|(k, _)| k == "log").unwrap().1;
+    let log = view.layers()[0]
+        .details()
+        .into_iter()
+        .find(|(k, _)| k == "log")
+        .unwrap()
+        .1;
     assert!(log.contains("replayed 2 entries"), "{log}");
     drop(view);
-    assert!(std::fs::read(&img).unwrap() == img_bytes, "the image was modified");
+    assert!(
+        std::fs::read(&img).unwrap() == img_bytes,
+        "the image was modified"
+    );
 
     // QEMU agrees once it has replayed the log into a copy
     let copy = s.path("copy.vhdx");
     std::fs::copy(&img, &copy).unwrap();
-    let _ = std::process::Command::new("qemu-img").args(["check", "-q", "-r", "all", "-f", "vhdx"]).arg(&copy).output().unwrap();
+    let _ = std::process::Command::new("qemu-img")
+        .args(["check", "-q", "-r", "all", "-f", "vhdx"])
+        .arg(&copy)
+        .output()
+        .unwrap();
     assert_same("qemu replay", &qemu_raw(&copy, Some("vhdx"), &[]), &want);
 }
 
@@ -391,8 +487,16 @@ fn damaged_or_truncated_logs() {
     let img = s.path("badcrc.vhdx");
     write(&img, &img_bytes);
     let view = open_view(&img).unwrap();
-    let log = view.layers()[0].details().into_iter().find(|(k, _)| k == "log").unwrap().1;
-    assert!(log.contains("replayed 1 entries (sequence 41..=41"), "{log}");
+    let log = view.layers()[0]
+        .details()
+        .into_iter()
+        .find(|(k, _)| k == "log")
+        .unwrap()
+        .1;
+    assert!(
+        log.contains("replayed 1 entries (sequence 41..=41"),
+        "{log}"
+    );
     // a file shorter than the entry's FlushedFileOffset was truncated
     let (img_bytes, _) = dirty_image(&mut rng);
     let short = s.path("short.vhdx");
@@ -404,7 +508,11 @@ fn damaged_or_truncated_logs() {
 /// A simple valid image for the hostile tests, and the path it was written to.
 fn hostile_base(s: &Scratch, rng: &mut Rng) -> (Vec<u8>, PathBuf) {
     let mut spec = Spec::new(4 << 20, 1 << 20, 512);
-    spec.blocks = vec![Block::Full(rng.bytes(1 << 20)), Block::Zero, Block::Full(rng.bytes(1 << 20))];
+    spec.blocks = vec![
+        Block::Full(rng.bytes(1 << 20)),
+        Block::Zero,
+        Block::Full(rng.bytes(1 << 20)),
+    ];
     (build(&spec), s.path("h.vhdx"))
 }
 
@@ -423,51 +531,106 @@ fn hostile_images_give_clear_errors() {
     let (base, path) = hostile_base(&s, &mut rng);
     type Edit = fn(&mut Vec<u8>);
     let cases: Vec<(&str, Edit, Kind, &str)> = vec![
-        ("both header CRCs", |i| {
-            i[HEADER_OFFS[0] as usize + 200] ^= 1;
-            i[HEADER_OFFS[1] as usize + 200] ^= 1;
-        }, Kind::Corrupt, "no valid header"),
-        ("region tables past EOF", |i| i.truncate(200 << 10), Kind::Corrupt, "region table"),
-        ("both region tables", |i| {
-            i[REGION_OFFS[0] as usize + 100] ^= 1;
-            i[REGION_OFFS[1] as usize + 100] ^= 1;
-        }, Kind::Corrupt, "no valid region table"),
-        ("BAT past EOF", |i| i.truncate(BAT_OFF as usize), Kind::Corrupt, "BAT region"),
-        ("block size 3 MiB", |i| {
-            let at = metadata_item(i, FILE_PARAMS);
-            set_u32(i, at, 3 << 20);
-        }, Kind::Corrupt, "block size"),
-        ("block size 512 MiB", |i| {
-            let at = metadata_item(i, FILE_PARAMS);
-            set_u32(i, at, 512 << 20);
-        }, Kind::Corrupt, "block size"),
-        ("virtual size 65 TiB", |i| {
-            let at = metadata_item(i, VDISK_SIZE);
-            set_u64(i, at, 65 << 40);
-        }, Kind::Corrupt, "virtual disk size"),
-        ("BAT too small for the disk", |i| {
-            let at = metadata_item(i, VDISK_SIZE);
-            set_u64(i, at, 60 << 40);
-        }, Kind::Corrupt, "do not fit"),
-        ("metadata item outside its region", |i| {
-            let e = metadata_entry(i, VDISK_SIZE).unwrap();
-            set_u32(i, e + 16, (1 << 20) - 4);
-        }, Kind::Corrupt, "outside"),
-        ("unknown required metadata item", |i| {
-            let e = metadata_entry(i, VDISK_SIZE).unwrap() as usize;
-            i[e] ^= 0xFF;
-        }, Kind::Unsupported, "unknown required metadata item"),
-        ("unknown required region", |i| {
-            for t in REGION_OFFS {
-                let e = t as usize + 16 + 32 * 2;
-                i[e..e + 16].copy_from_slice(&[0x77; 16]);
-                set_u64(i, e as u64 + 16, 40 << 20);
-                set_u32(i, e as u64 + 24, 1 << 20);
-                set_u32(i, e as u64 + 28, 1);
-                set_u32(i, t + 8, 3);
-                fix_crc(i, t, 64 << 10);
-            }
-        }, Kind::Unsupported, "unknown required region"),
+        (
+            "both header CRCs",
+            |i| {
+                i[HEADER_OFFS[0] as usize + 200] ^= 1;
+                i[HEADER_OFFS[1] as usize + 200] ^= 1;
+            },
+            Kind::Corrupt,
+            "no valid header",
+        ),
+        (
+            "region tables past EOF",
+            |i| i.truncate(200 << 10),
+            Kind::Corrupt,
+            "region table",
+        ),
+        (
+            "both region tables",
+            |i| {
+                i[REGION_OFFS[0] as usize + 100] ^= 1;
+                i[REGION_OFFS[1] as usize + 100] ^= 1;
+            },
+            Kind::Corrupt,
+            "no valid region table",
+        ),
+        (
+            "BAT past EOF",
+            |i| i.truncate(BAT_OFF as usize),
+            Kind::Corrupt,
+            "BAT region",
+        ),
+        (
+            "block size 3 MiB",
+            |i| {
+                let at = metadata_item(i, FILE_PARAMS);
+                set_u32(i, at, 3 << 20);
+            },
+            Kind::Corrupt,
+            "block size",
+        ),
+        (
+            "block size 512 MiB",
+            |i| {
+                let at = metadata_item(i, FILE_PARAMS);
+                set_u32(i, at, 512 << 20);
+            },
+            Kind::Corrupt,
+            "block size",
+        ),
+        (
+            "virtual size 65 TiB",
+            |i| {
+                let at = metadata_item(i, VDISK_SIZE);
+                set_u64(i, at, 65 << 40);
+            },
+            Kind::Corrupt,
+            "virtual disk size",
+        ),
+        (
+            "BAT too small for the disk",
+            |i| {
+                let at = metadata_item(i, VDISK_SIZE);
+                set_u64(i, at, 60 << 40);
+            },
+            Kind::Corrupt,
+            "do not fit",
+        ),
+        (
+            "metadata item outside its region",
+            |i| {
+                let e = metadata_entry(i, VDISK_SIZE).unwrap();
+                set_u32(i, e + 16, (1 << 20) - 4);
+            },
+            Kind::Corrupt,
+            "outside",
+        ),
+        (
+            "unknown required metadata item",
+            |i| {
+                let e = metadata_entry(i, VDISK_SIZE).unwrap() as usize;
+                i[e] ^= 0xFF;
+            },
+            Kind::Unsupported,
+            "unknown required metadata item",
+        ),
+        (
+            "unknown required region",
+            |i| {
+                for t in REGION_OFFS {
+                    let e = t as usize + 16 + 32 * 2;
+                    i[e..e + 16].copy_from_slice(&[0x77; 16]);
+                    set_u64(i, e as u64 + 16, 40 << 20);
+                    set_u32(i, e as u64 + 24, 1 << 20);
+                    set_u32(i, e as u64 + 28, 1);
+                    set_u32(i, t + 8, 3);
+                    fix_crc(i, t, 64 << 10);
+                }
+            },
+            Kind::Unsupported,
+            "unknown required region",
+        ),
     ];
     for (what, edit, kind, needle) in cases {
         let mut img = base.clone();
@@ -475,7 +638,10 @@ fn hostile_images_give_clear_errors() {
         write(&path, &img);
         let e = open_err(&path);
         assert_eq!(e.kind(), kind, "{what}: {e}");
-        assert!(e.to_string().contains(needle) && e.to_string().contains("h.vhdx"), "{what}: {e}");
+        assert!(
+            e.to_string().contains(needle) && e.to_string().contains("h.vhdx"),
+            "{what}: {e}"
+        );
     }
     // one damaged header or region table is survivable
     for off in [HEADER_OFFS[1], REGION_OFFS[0]] {
@@ -494,9 +660,19 @@ fn hostile_bat_entries_fail_reads_not_opens() {
     let len = base.len() as u64;
     for (what, entry, cut, needle) in [
         ("offset past EOF", (len + MIB) | 6, 0, "outside the file"),
-        ("block reaching past EOF", (len - MIB) | 6, MIB / 2, "outside the file"),
+        (
+            "block reaching past EOF",
+            (len - MIB) | 6,
+            MIB / 2,
+            "outside the file",
+        ),
         ("offset in the header area", 6, 0, "outside the file"),
-        ("partially present in a dynamic disk", (4 * MIB) | 7, 0, "state 7"),
+        (
+            "partially present in a dynamic disk",
+            (4 * MIB) | 7,
+            0,
+            "state 7",
+        ),
         ("reserved state 4", 4, 0, "state 4"),
     ] {
         let mut img = base.clone();
@@ -508,7 +684,10 @@ fn hostile_bat_entries_fail_reads_not_opens() {
         view.read(0, &mut buf).unwrap();
         let e = view.read(MIB + 512, &mut buf).unwrap_err();
         assert_eq!(e.kind(), Kind::Corrupt, "{what}: {e}");
-        assert!(e.to_string().contains(needle) && e.to_string().contains("payload BAT entry 1"), "{what}: {e}");
+        assert!(
+            e.to_string().contains(needle) && e.to_string().contains("payload BAT entry 1"),
+            "{what}: {e}"
+        );
     }
 }
 
@@ -532,9 +711,17 @@ fn differencing_without_its_bitmap_block_fails_reads() {
     // and a differencing disk without a parent locator does not open
     spec.parent = Some(Vec::new());
     let mut img = build(&spec);
-    let e = metadata_entry(&img, guid(0xA8D35F2D, 0xB30B, 0x454D, 0xABF7_D3D8_4834_AB0C)).unwrap();
+    let e = metadata_entry(
+        &img,
+        guid(0xA8D35F2D, 0xB30B, 0x454D, 0xABF7_D3D8_4834_AB0C),
+    )
+    .unwrap();
     img[e as usize..e as usize + 16].fill(0);
     set_u32(&mut img, e + 24, 0);
     write(&s.path("noloc.avhdx"), &img);
-    assert!(open_err(&s.path("noloc.avhdx")).to_string().contains("parent locator"));
+    assert!(
+        open_err(&s.path("noloc.avhdx"))
+            .to_string()
+            .contains("parent locator")
+    );
 }

@@ -30,7 +30,10 @@ pub const fn guid(d1: u32, d2: u16, d3: u16, d4: u64) -> [u8; 16] {
     let b = d2.to_le_bytes();
     let c = d3.to_le_bytes();
     let d = d4.to_be_bytes();
-    [a[0], a[1], a[2], a[3], b[0], b[1], c[0], c[1], d[0], d[1], d[2], d[3], d[4], d[5], d[6], d[7]]
+    [
+        a[0], a[1], a[2], a[3], b[0], b[1], c[0], c[1], d[0], d[1], d[2], d[3], d[4], d[5], d[6],
+        d[7],
+    ]
 }
 
 /// `{xxxxxxxx-xxxx-xxxx-xxxx-xxxxxxxxxxxx}` for on-disk GUID bytes.
@@ -40,8 +43,14 @@ pub fn guid_text(g: &[u8; 16]) -> String {
         u32::from_le_bytes([g[0], g[1], g[2], g[3]]),
         u16::from_le_bytes([g[4], g[5]]),
         u16::from_le_bytes([g[6], g[7]]),
-        g[8..10].iter().map(|b| format!("{b:02x}")).collect::<String>(),
-        g[10..].iter().map(|b| format!("{b:02x}")).collect::<String>()
+        g[8..10]
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect::<String>(),
+        g[10..]
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect::<String>()
     )
 }
 
@@ -97,7 +106,11 @@ impl Spec {
 
     pub fn bat_entries(&self) -> u64 {
         let (n, cr) = (self.data_blocks(), self.chunk_ratio());
-        if self.parent.is_some() { n.div_ceil(cr) * (cr + 1) } else { n + n.saturating_sub(1) / cr }
+        if self.parent.is_some() {
+            n.div_ceil(cr) * (cr + 1)
+        } else {
+            n + n.saturating_sub(1) / cr
+        }
     }
 }
 
@@ -167,8 +180,11 @@ fn locator(pairs: &[(String, String)]) -> Vec<u8> {
 
 /// Where the metadata table entry of `item` lives (for hostile edits), if present.
 pub fn metadata_entry(img: &[u8], item: [u8; 16]) -> Option<u64> {
-    let count = u16::from_le_bytes([img[META_OFF as usize + 10], img[META_OFF as usize + 11]]) as u64;
-    (0..count).map(|i| META_OFF + 32 + 32 * i).find(|&e| img[e as usize..e as usize + 16] == item)
+    let count =
+        u16::from_le_bytes([img[META_OFF as usize + 10], img[META_OFF as usize + 11]]) as u64;
+    (0..count)
+        .map(|i| META_OFF + 32 + 32 * i)
+        .find(|&e| img[e as usize..e as usize + 16] == item)
 }
 
 /// The file offset of metadata item `item`'s value.
@@ -185,14 +201,21 @@ pub fn build(spec: &Spec) -> Vec<u8> {
     put(&mut img, 0, &ident);
     // header 1 is older and names another DataWriteGuid: readers must pick header 2
     put(&mut img, HEADER_OFFS[0], &header(1, [0xEE; 16], [0; 16]));
-    put(&mut img, HEADER_OFFS[1], &header(2, spec.data_write_guid, [0; 16]));
+    put(
+        &mut img,
+        HEADER_OFFS[1],
+        &header(2, spec.data_write_guid, [0; 16]),
+    );
 
     let entries = spec.bat_entries();
     let bat_len = (entries * 8).div_ceil(MIB).max(1) * MIB;
     let mut regions = vec![0u8; 64 * 1024];
     regions[0..4].copy_from_slice(b"regi");
     regions[8..12].copy_from_slice(&2u32.to_le_bytes());
-    for (i, (g, off, len)) in [(BAT_GUID, BAT_OFF, bat_len), (META_GUID, META_OFF, MIB)].iter().enumerate() {
+    for (i, (g, off, len)) in [(BAT_GUID, BAT_OFF, bat_len), (META_GUID, META_OFF, MIB)]
+        .iter()
+        .enumerate()
+    {
         let e = &mut regions[16 + 32 * i..48 + 32 * i];
         e[0..16].copy_from_slice(g);
         e[16..24].copy_from_slice(&off.to_le_bytes());
@@ -292,7 +315,14 @@ pub fn bat_entry_offset(idx: u64) -> u64 {
 
 /// One log entry made of the current contents of `sectors` (4 KiB-aligned file offsets)
 /// and `zeros` (offset, length) ranges. Returns the entry bytes.
-pub fn log_entry(img: &[u8], seq: u64, tail: u32, log_guid: [u8; 16], sectors: &[u64], zeros: &[(u64, u64)]) -> Vec<u8> {
+pub fn log_entry(
+    img: &[u8],
+    seq: u64,
+    tail: u32,
+    log_guid: [u8; 16],
+    sectors: &[u64],
+    zeros: &[(u64, u64)],
+) -> Vec<u8> {
     let count = sectors.len() + zeros.len();
     let desc_sectors = (64 + 32 * count).div_ceil(4096);
     let mut e = vec![0u8; (desc_sectors + sectors.len()) * 4096];

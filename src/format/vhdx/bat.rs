@@ -57,7 +57,13 @@ impl Geometry {
         } else {
             data_blocks + data_blocks.saturating_sub(1) / chunk_ratio
         };
-        Geometry { block_size: m.block_size, logical_sector: m.logical_sector, chunk_ratio, data_blocks, entries }
+        Geometry {
+            block_size: m.block_size,
+            logical_sector: m.logical_sector,
+            chunk_ratio,
+            data_blocks,
+            entries,
+        }
     }
 
     /// BAT index of payload block `block`.
@@ -87,30 +93,55 @@ pub struct Bat {
 
 impl Bat {
     /// Checks that the BAT region holds every entry the disk needs and lies inside the file.
-    pub fn new(src: &Replayed, geometry: Geometry, region_offset: u64, region_length: u64) -> Result<Bat> {
+    pub fn new(
+        src: &Replayed,
+        geometry: Geometry,
+        region_offset: u64,
+        region_length: u64,
+    ) -> Result<Bat> {
         let path = src.file().path();
-        let bytes = geometry.entries.checked_mul(8).unwrap_or(u64::MAX);
+        let bytes = geometry.entries.saturating_mul(8);
         if bytes > region_length {
             return Err(Error::corrupt(
                 path,
                 "BAT region",
                 region_offset,
-                format!("{} entries ({bytes} bytes) do not fit in the {region_length}-byte region", geometry.entries),
+                format!(
+                    "{} entries ({bytes} bytes) do not fit in the {region_length}-byte region",
+                    geometry.entries
+                ),
             ));
         }
-        if region_offset.checked_add(bytes).is_none_or(|end| end > src.len()) {
+        if region_offset
+            .checked_add(bytes)
+            .is_none_or(|end| end > src.size())
+        {
             return Err(Error::corrupt(
                 path,
                 "BAT region",
                 region_offset,
-                format!("{bytes} bytes of BAT reach past the end of the file ({} bytes)", src.len()),
+                format!(
+                    "{bytes} bytes of BAT reach past the end of the file ({} bytes)",
+                    src.size()
+                ),
             ));
         }
-        Ok(Bat { geometry, offset: region_offset })
+        Ok(Bat {
+            geometry,
+            offset: region_offset,
+        })
     }
 
     /// The raw BAT entry `idx`.
     pub fn entry(&self, src: &Replayed, tables: &ByteCache, idx: u64) -> Result<u64> {
+        if idx >= self.geometry.entries {
+            return Err(Error::corrupt(
+                src.file().path(),
+                "BAT",
+                self.offset,
+                format!("entry {idx} is past its {} entries", self.geometry.entries),
+            ));
+        }
         let byte = idx * 8;
         let page_start = byte / BAT_PAGE * BAT_PAGE;
         let page_len = BAT_PAGE.min(self.geometry.entries * 8 - page_start);
@@ -130,15 +161,30 @@ impl Bat {
         let field = format!("sector bitmap BAT entry {idx}");
         let at = self.offset + idx * 8;
         if state(entry) != SB_PRESENT {
-            return Err(Error::corrupt(path, &field, at, format!("state {} but a block of its chunk is partially present", state(entry))));
+            return Err(Error::corrupt(
+                path,
+                &field,
+                at,
+                format!(
+                    "state {} but a block of its chunk is partially present",
+                    state(entry)
+                ),
+            ));
         }
         let base = file_offset(entry);
-        if base < MIB || base.checked_add(MIB).is_none_or(|e| e > src.len()) {
-            return Err(Error::corrupt(path, &field, at, format!("bitmap block at {base:#x} lies outside the file")));
+        if base < MIB || base.checked_add(MIB).is_none_or(|e| e > src.size()) {
+            return Err(Error::corrupt(
+                path,
+                &field,
+                at,
+                format!("bitmap block at {base:#x} lies outside the file"),
+            ));
         }
         let (off, len) = self.geometry.bitmap_slice(block);
         let slice_at = base + off;
-        tables.get_or_load(Key::new(src.file().id(), slice_at, TAG_BITMAP), || src.read_vec(slice_at, len, MIB, "sector bitmap"))
+        tables.get_or_load(Key::new(src.file().id(), slice_at, TAG_BITMAP), || {
+            src.read_vec(slice_at, len, MIB, "sector bitmap")
+        })
     }
 
     /// File offset of BAT entry `idx` (for error messages).
@@ -149,14 +195,17 @@ impl Bat {
 
 /// Length, in sectors, of the run of equal bits starting at `first` (at most `max` sectors).
 pub fn bit_run(bits: &[u8], first: u64, max: u64) -> (bool, u64) {
-    let bit = |i: u64| bits.get((i / 8) as usize).is_some_and(|b| b >> (i % 8) & 1 == 1);
+    let bit = |i: u64| {
+        bits.get((i / 8) as usize)
+            .is_some_and(|b| b >> (i % 8) & 1 == 1)
+    };
     let value = bit(first);
     let fill = if value { 0xFF } else { 0x00 };
     let total = bits.len() as u64 * 8;
     let limit = first.saturating_add(max).min(total);
     let mut i = first + 1;
     while i < limit {
-        if i % 8 == 0 && i + 8 <= limit && bits[(i / 8) as usize] == fill {
+        if i.is_multiple_of(8) && i + 8 <= limit && bits[(i / 8) as usize] == fill {
             i += 8;
         } else if bit(i) == value {
             i += 1;

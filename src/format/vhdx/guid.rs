@@ -15,7 +15,10 @@ impl Guid {
         let b = d2.to_le_bytes();
         let c = d3.to_le_bytes();
         let d = d4.to_be_bytes();
-        Guid([a[0], a[1], a[2], a[3], b[0], b[1], c[0], c[1], d[0], d[1], d[2], d[3], d[4], d[5], d[6], d[7]])
+        Guid([
+            a[0], a[1], a[2], a[3], b[0], b[1], c[0], c[1], d[0], d[1], d[2], d[3], d[4], d[5],
+            d[6], d[7],
+        ])
     }
 
     pub fn from_slice(b: &[u8]) -> Guid {
@@ -33,10 +36,18 @@ impl Guid {
     /// Parses `{xxxxxxxx-xxxx-xxxx-xxxx-xxxxxxxxxxxx}` (braces optional, any case).
     pub fn parse(s: &str) -> Option<Guid> {
         let s = s.trim();
-        let s = s.strip_prefix('{').and_then(|t| t.strip_suffix('}')).unwrap_or(s);
+        let s = s
+            .strip_prefix('{')
+            .and_then(|t| t.strip_suffix('}'))
+            .unwrap_or(s);
         let parts: Vec<&str> = s.split('-').collect();
         let widths = [8, 4, 4, 4, 12];
-        if parts.len() != 5 || parts.iter().zip(widths).any(|(p, w)| p.len() != w || !p.bytes().all(|c| c.is_ascii_hexdigit())) {
+        if parts.len() != 5
+            || parts
+                .iter()
+                .zip(widths)
+                .any(|(p, w)| p.len() != w || !p.bytes().all(|c| c.is_ascii_hexdigit()))
+        {
             return None;
         }
         let d1 = u32::from_str_radix(parts[0], 16).ok()?;
@@ -79,13 +90,22 @@ mod tests {
         assert_eq!(&g.0[..4], &[0x66, 0x77, 0xC2, 0x2D]);
         assert_eq!(&g.0[8..], &[0x9D, 0x64, 0x11, 0x5E, 0x9B, 0xFD, 0x4A, 0x08]);
         assert_eq!(g.to_string(), "2dc27766-f623-4200-9d64-115e9bfd4a08");
-        assert_eq!(Guid::parse("{2DC27766-F623-4200-9D64-115E9BFD4A08}"), Some(g));
+        assert_eq!(
+            Guid::parse("{2DC27766-F623-4200-9D64-115E9BFD4A08}"),
+            Some(g)
+        );
         assert_eq!(Guid::parse("2dc27766-f623-4200-9d64-115e9bfd4a08"), Some(g));
     }
 
     #[test]
     fn rejects_malformed_text() {
-        for bad in ["", "{}", "{2DC27766-F623-4200-9D64-115E9BFD4A0}", "{2DC27766-F623-4200-9D64115E9BFD4A08}", "{+DC27766-F623-4200-9D64-115E9BFD4A08}"] {
+        for bad in [
+            "",
+            "{}",
+            "{2DC27766-F623-4200-9D64-115E9BFD4A0}",
+            "{2DC27766-F623-4200-9D64115E9BFD4A08}",
+            "{+DC27766-F623-4200-9D64-115E9BFD4A08}",
+        ] {
             assert_eq!(Guid::parse(bad), None, "{bad}");
         }
     }

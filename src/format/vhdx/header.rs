@@ -18,7 +18,8 @@ pub const REGION_TABLE_SIZE: usize = 64 * 1024;
 const MAX_REGION_ENTRIES: u32 = 2047;
 
 pub const BAT_REGION: Guid = Guid::from_fields(0x2DC27766, 0xF623, 0x4200, 0x9D64_115E_9BFD_4A08);
-pub const METADATA_REGION: Guid = Guid::from_fields(0x8B7CA206, 0x4790, 0x4B9A, 0xB8FE_575F_050F_886E);
+pub const METADATA_REGION: Guid =
+    Guid::from_fields(0x8B7CA206, 0x4790, 0x4B9A, 0xB8FE_575F_050F_886E);
 
 /// One of the two file headers, decoded.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -46,7 +47,9 @@ pub fn parse_header(b: &[u8], slot: usize) -> std::result::Result<Header, String
     let stored = le32(b, 4);
     let computed = crc32c_with_zeroed_field(b, 4);
     if stored != computed {
-        return Err(format!("checksum {stored:#010x} does not match the computed {computed:#010x}"));
+        return Err(format!(
+            "checksum {stored:#010x} does not match the computed {computed:#010x}"
+        ));
     }
     let version = le16(b, 66);
     if version != 1 {
@@ -69,9 +72,18 @@ pub fn read_identifier(file: &HostFile) -> Result<String> {
     let mut b = vec![0u8; 8 + 512];
     file.read_exact_at(&mut b, 0, "file type identifier")?;
     if &b[..8] != b"vhdxfile" {
-        return Err(Error::corrupt(file.path(), "file type identifier", 0, "no \"vhdxfile\" signature"));
+        return Err(Error::corrupt(
+            file.path(),
+            "file type identifier",
+            0,
+            "no \"vhdxfile\" signature",
+        ));
     }
-    let units: Vec<u16> = b[8..].chunks_exact(2).map(|c| u16::from_le_bytes([c[0], c[1]])).take_while(|&u| u != 0).collect();
+    let units: Vec<u16> = b[8..]
+        .chunks_exact(2)
+        .map(|c| u16::from_le_bytes([c[0], c[1]]))
+        .take_while(|&u| u != 0)
+        .collect();
     Ok(String::from_utf16_lossy(&units))
 }
 
@@ -82,7 +94,9 @@ pub fn current_header(file: &HostFile) -> Result<Header> {
     let mut raws = Vec::new();
     for (slot, &off) in HEADER_OFFSETS.iter().enumerate() {
         let mut b = vec![0u8; HEADER_SIZE];
-        let r = file.read_exact_at(&mut b, off, "header").map_err(|e| e.message().to_string());
+        let r = file
+            .read_exact_at(&mut b, off, "header")
+            .map_err(|e| e.message().to_string());
         parsed.push(r.and_then(|_| parse_header(&b, slot)));
         raws.push(b);
     }
@@ -99,7 +113,10 @@ pub fn current_header(file: &HostFile) -> Result<Header> {
                     file.path(),
                     "headers",
                     HEADER_OFFSETS[0],
-                    format!("both headers are valid with the same sequence number {} but differ", h1.sequence),
+                    format!(
+                        "both headers are valid with the same sequence number {} but differ",
+                        h1.sequence
+                    ),
                 ))
             }
         }
@@ -108,7 +125,10 @@ pub fn current_header(file: &HostFile) -> Result<Header> {
             file.path(),
             "headers",
             HEADER_OFFSETS[0],
-            format!("no valid header (header 1: {e1}; header 2 at {:#x}: {e2})", HEADER_OFFSETS[1]),
+            format!(
+                "no valid header (header 1: {e1}; header 2 at {:#x}: {e2})",
+                HEADER_OFFSETS[1]
+            ),
         )),
     }
 }
@@ -139,16 +159,25 @@ pub fn parse_region_table(b: &[u8]) -> std::result::Result<Vec<Region>, String> 
     let stored = le32(b, 4);
     let computed = crc32c_with_zeroed_field(b, 4);
     if stored != computed {
-        return Err(format!("checksum {stored:#010x} does not match the computed {computed:#010x}"));
+        return Err(format!(
+            "checksum {stored:#010x} does not match the computed {computed:#010x}"
+        ));
     }
     let count = le32(b, 8);
     if count > MAX_REGION_ENTRIES {
-        return Err(format!("{count} entries (at most {MAX_REGION_ENTRIES} allowed)"));
+        return Err(format!(
+            "{count} entries (at most {MAX_REGION_ENTRIES} allowed)"
+        ));
     }
     let regions: Vec<Region> = (0..count as usize)
         .map(|i| {
             let e = &b[16 + 32 * i..16 + 32 * (i + 1)];
-            Region { guid: Guid::from_slice(&e[0..16]), offset: le64(e, 16), length: le32(e, 24) as u64, required: le32(e, 28) & 1 != 0 }
+            Region {
+                guid: Guid::from_slice(&e[0..16]),
+                offset: le64(e, 16),
+                length: le32(e, 24) as u64,
+                required: le32(e, 28) & 1 != 0,
+            }
         })
         .collect();
     Ok(regions)
@@ -170,7 +199,11 @@ pub fn read_regions(src: &Replayed, hdr: &Header) -> Result<Regions> {
     let mut table = None;
     for &off in &REGION_TABLE_OFFSETS {
         let mut b = vec![0u8; REGION_TABLE_SIZE];
-        match src.read(&mut b, off, "region table").map_err(|e| e.message().to_string()).and_then(|_| parse_region_table(&b)) {
+        match src
+            .read(&mut b, off, "region table")
+            .map_err(|e| e.message().to_string())
+            .and_then(|_| parse_region_table(&b))
+        {
             Ok(t) => {
                 table = Some((off, t));
                 break;
@@ -179,7 +212,12 @@ pub fn read_regions(src: &Replayed, hdr: &Header) -> Result<Regions> {
         }
     }
     let Some((table_off, regions)) = table else {
-        return Err(Error::corrupt(path, "region table", REGION_TABLE_OFFSETS[0], format!("no valid region table ({})", reasons.join("; "))));
+        return Err(Error::corrupt(
+            path,
+            "region table",
+            REGION_TABLE_OFFSETS[0],
+            format!("no valid region table ({})", reasons.join("; ")),
+        ));
     };
     check_regions(path, table_off, &regions, hdr)
 }
@@ -192,35 +230,65 @@ fn check_regions(path: &Path, table_off: u64, regions: &[Region], hdr: &Header) 
             g if g == BAT_REGION => &mut bat,
             g if g == METADATA_REGION => &mut metadata,
             g if r.required => {
-                return Err(Error::new(Kind::Unsupported, format!("{}: {field}: unknown required region {{{g}}}", path.display())));
+                return Err(Error::new(
+                    Kind::Unsupported,
+                    format!(
+                        "{}: {field}: unknown required region {{{g}}}",
+                        path.display()
+                    ),
+                ));
             }
             _ => continue,
         };
         if slot.is_some() {
-            return Err(Error::corrupt(path, &field, table_off, format!("region {{{}}} appears twice", r.guid)));
-        }
-        if r.offset < MIB || r.offset % MIB != 0 || r.length == 0 || r.length % MIB != 0 || r.offset.checked_add(r.length).is_none() {
             return Err(Error::corrupt(
                 path,
                 &field,
                 table_off,
-                format!("region at {:#x} of {} bytes is not 1 MiB aligned, empty or inside the header area", r.offset, r.length),
+                format!("region {{{}}} appears twice", r.guid),
+            ));
+        }
+        if r.offset < MIB
+            || r.offset % MIB != 0
+            || r.length == 0
+            || r.length % MIB != 0
+            || r.offset.checked_add(r.length).is_none()
+        {
+            return Err(Error::corrupt(
+                path,
+                &field,
+                table_off,
+                format!(
+                    "region at {:#x} of {} bytes is not 1 MiB aligned, empty or inside the header area",
+                    r.offset, r.length
+                ),
             ));
         }
         *slot = Some(*r);
     }
-    let missing = |what| Error::corrupt(path, "region table", table_off, format!("no {what} region"));
+    let missing =
+        |what| Error::corrupt(path, "region table", table_off, format!("no {what} region"));
     let bat = bat.ok_or_else(|| missing("BAT"))?;
     let metadata = metadata.ok_or_else(|| missing("metadata"))?;
     let overlaps = |a: &Region, start: u64, end: u64| a.offset < end && start < a.end();
     if overlaps(&bat, metadata.offset, metadata.end()) {
-        return Err(Error::corrupt(path, "region table", table_off, "the BAT and metadata regions overlap"));
+        return Err(Error::corrupt(
+            path,
+            "region table",
+            table_off,
+            "the BAT and metadata regions overlap",
+        ));
     }
     if hdr.log_length > 0 {
         let log_end = hdr.log_offset.saturating_add(hdr.log_length as u64);
         for (name, r) in [("BAT", &bat), ("metadata", &metadata)] {
             if overlaps(r, hdr.log_offset, log_end) {
-                return Err(Error::corrupt(path, "region table", table_off, format!("the {name} region overlaps the log")));
+                return Err(Error::corrupt(
+                    path,
+                    "region table",
+                    table_off,
+                    format!("the {name} region overlaps the log"),
+                ));
             }
         }
     }
@@ -281,25 +349,63 @@ mod tests {
     fn region_tables_are_checked() {
         let hdr = parse_header(&header_bytes(1, Guid::ZERO), 0).unwrap();
         let p = Path::new("t.vhdx");
-        let ok = parse_region_table(&table(&[(BAT_REGION, 3 * MIB, MIB as u32, 1), (METADATA_REGION, 2 * MIB, MIB as u32, 1)])).unwrap();
+        let ok = parse_region_table(&table(&[
+            (BAT_REGION, 3 * MIB, MIB as u32, 1),
+            (METADATA_REGION, 2 * MIB, MIB as u32, 1),
+        ]))
+        .unwrap();
         let r = check_regions(p, 0, &ok, &hdr).unwrap();
         assert_eq!((r.bat.offset, r.metadata.offset), (3 * MIB, 2 * MIB));
 
         let unknown = Guid::from_fields(1, 2, 3, 4);
-        let t = parse_region_table(&table(&[(BAT_REGION, 3 * MIB, MIB as u32, 1), (METADATA_REGION, 2 * MIB, MIB as u32, 1), (unknown, 5 * MIB, MIB as u32, 1)])).unwrap();
-        assert_eq!(check_regions(p, 0, &t, &hdr).unwrap_err().kind(), Kind::Unsupported);
-        let t = parse_region_table(&table(&[(BAT_REGION, 3 * MIB, MIB as u32, 1), (METADATA_REGION, 2 * MIB, MIB as u32, 1), (unknown, 5 * MIB, MIB as u32, 0)])).unwrap();
+        let t = parse_region_table(&table(&[
+            (BAT_REGION, 3 * MIB, MIB as u32, 1),
+            (METADATA_REGION, 2 * MIB, MIB as u32, 1),
+            (unknown, 5 * MIB, MIB as u32, 1),
+        ]))
+        .unwrap();
+        assert_eq!(
+            check_regions(p, 0, &t, &hdr).unwrap_err().kind(),
+            Kind::Unsupported
+        );
+        let t = parse_region_table(&table(&[
+            (BAT_REGION, 3 * MIB, MIB as u32, 1),
+            (METADATA_REGION, 2 * MIB, MIB as u32, 1),
+            (unknown, 5 * MIB, MIB as u32, 0),
+        ]))
+        .unwrap();
         assert!(check_regions(p, 0, &t, &hdr).is_ok());
         // overlapping the log at 1 MiB
-        let t = parse_region_table(&table(&[(BAT_REGION, MIB, MIB as u32, 1), (METADATA_REGION, 2 * MIB, MIB as u32, 1)])).unwrap();
-        assert!(check_regions(p, 0, &t, &hdr).unwrap_err().message().contains("log"));
+        let t = parse_region_table(&table(&[
+            (BAT_REGION, MIB, MIB as u32, 1),
+            (METADATA_REGION, 2 * MIB, MIB as u32, 1),
+        ]))
+        .unwrap();
+        assert!(
+            check_regions(p, 0, &t, &hdr)
+                .unwrap_err()
+                .message()
+                .contains("log")
+        );
         // inside the header area, unaligned, overlapping each other
         for (b, m) in [(0, 2 * MIB), (3 * MIB + 1, 2 * MIB), (2 * MIB, 2 * MIB)] {
-            let t = parse_region_table(&table(&[(BAT_REGION, b, MIB as u32, 1), (METADATA_REGION, m, MIB as u32, 1)])).unwrap();
-            assert_eq!(check_regions(p, 0, &t, &hdr).unwrap_err().kind(), Kind::Corrupt);
+            let t = parse_region_table(&table(&[
+                (BAT_REGION, b, MIB as u32, 1),
+                (METADATA_REGION, m, MIB as u32, 1),
+            ]))
+            .unwrap();
+            assert_eq!(
+                check_regions(p, 0, &t, &hdr).unwrap_err().kind(),
+                Kind::Corrupt
+            );
         }
         let t = parse_region_table(&table(&[(BAT_REGION, 3 * MIB, MIB as u32, 1)])).unwrap();
-        assert!(check_regions(p, 0, &t, &hdr).unwrap_err().message().contains("no metadata region"));
+        assert!(
+            check_regions(p, 0, &t, &hdr)
+                .unwrap_err()
+                .message()
+                .contains("no metadata region")
+        );
         let mut bad = table(&[]);
         bad[8] = 0xFF;
         bad[9] = 0xFF;

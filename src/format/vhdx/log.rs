@@ -15,10 +15,10 @@ pub const SECTOR: u64 = 4096;
 const ENTRY_HEADER: usize = 64;
 const DESCRIPTOR: usize = 32;
 /// Larger logs are refused (Hyper-V and QEMU use 1 MiB).
-const MAX_LOG: u64 = 256 * MIB;
+const MAX_LOG: u64 = 64 * MIB;
 /// Entry validation reads at most this many times the log size (hostile logs with
 /// overlapping candidate entries cannot make the scan quadratic).
-const WORK_FACTOR: u64 = 16;
+const WORK_FACTOR: u64 = 8;
 
 /// What the log held when the file was opened.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -28,7 +28,12 @@ pub enum LogState {
     /// LogGuid is set but no valid sequence exists (treated as empty, as QEMU does).
     NoValidEntries,
     /// The active sequence was replayed in memory.
-    Replayed { entries: usize, first_seq: u64, last_seq: u64, descriptors: usize },
+    Replayed {
+        entries: usize,
+        first_seq: u64,
+        last_seq: u64,
+        descriptors: usize,
+    },
 }
 
 impl fmt::Display for LogState {
@@ -36,7 +41,12 @@ impl fmt::Display for LogState {
         match self {
             LogState::Clean => f.write_str("clean"),
             LogState::NoValidEntries => f.write_str("log GUID set, no valid entries"),
-            LogState::Replayed { entries, first_seq, last_seq, descriptors } => write!(
+            LogState::Replayed {
+                entries,
+                first_seq,
+                last_seq,
+                descriptors,
+            } => write!(
                 f,
                 "dirty: replayed {entries} entries (sequence {first_seq}..={last_seq}, {descriptors} descriptors) in memory"
             ),
@@ -44,10 +54,32 @@ impl fmt::Display for LogState {
     }
 }
 
+/// A validated descriptor. Data sectors stay in the log buffer (`sector_pos`) until replay,
+/// so that scanning a hostile log costs no more memory than the log itself.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Descriptor {
-    Zero { offset: u64, length: u64 },
-    Data { offset: u64, sector: Vec<u8> },
+    Zero {
+        offset: u64,
+        length: u64,
+    },
+    Data {
+        offset: u64,
+        sector_pos: u64,
+        leading: [u8; 8],
+        trailing: [u8; 4],
+    },
+}
+
+/// The 4 KiB a data descriptor writes: its leading bytes, the data sector's middle, its
+/// trailing bytes.
+pub fn data_sector(log: &[u8], sector_pos: u64, leading: &[u8; 8], trailing: &[u8; 4]) -> Vec<u8> {
+    let p = sector_pos as usize;
+    let mut sector = log
+        .get(p..p + SECTOR as usize)
+        .map_or_else(|| vec![0u8; SECTOR as usize], <[u8]>::to_vec);
+    sector[0..8].copy_from_slice(leading);
+    sector[4092..4096].copy_from_slice(trailing);
+    sector
 }
 
 #[derive(Clone, Debug)]
@@ -70,21 +102,35 @@ pub struct Replay {
 
 /// Reads the log named by `hdr` and replays its active sequence in memory.
 pub fn replay(file: &HostFile, hdr: &Header) -> Result<Replay> {
-    let clean = |state| Ok(Replay { overlay: Overlay::default(), state, min_len: 0 });
+    let clean = |state| {
+        Ok(Replay {
+            overlay: Overlay::default(),
+            state,
+            min_len: 0,
+        })
+    };
     if hdr.log_guid.is_zero() {
         return clean(LogState::Clean);
     }
     let path = file.path();
     let field = "log";
     if hdr.log_version != 0 {
-        return Err(Error::unsupported(path, format!("log version {} with a log to replay", hdr.log_version)));
+        return Err(Error::unsupported(
+            path,
+            format!("log version {} with a log to replay", hdr.log_version),
+        ));
     }
     if hdr.log_length == 0 {
         return clean(LogState::NoValidEntries);
     }
     let (off, len) = (hdr.log_offset, hdr.log_length as u64);
     if off < MIB || off % MIB != 0 || len % MIB != 0 {
-        return Err(Error::corrupt(path, field, off, format!("log of {len} bytes at {off:#x} is not 1 MiB aligned")));
+        return Err(Error::corrupt(
+            path,
+            field,
+            off,
+            format!("log of {len} bytes at {off:#x} is not 1 MiB aligned"),
+        ));
     }
     let log = file.read_table(off, len, MAX_LOG, field)?;
     let Some(active) = find_active(&log, hdr.log_guid) else {
@@ -96,7 +142,11 @@ pub fn replay(file: &HostFile, hdr: &Header) -> Result<Replay> {
             path,
             "log entry",
             off + head.pos,
-            format!("FlushedFileOffset {} is past the end of the file ({} bytes): the file was truncated", head.flushed_file_offset, file.len()),
+            format!(
+                "FlushedFileOffset {} is past the end of the file ({} bytes): the file was truncated",
+                head.flushed_file_offset,
+                file.len()
+            ),
         ));
     }
     let mut overlay = Overlay::default();
@@ -106,12 +156,26 @@ pub fn replay(file: &HostFile, hdr: &Header) -> Result<Replay> {
             descriptors += 1;
             match d {
                 Descriptor::Zero { offset, length } => overlay.write_zeros(*offset, *length),
-                Descriptor::Data { offset, sector } => overlay.write_data(*offset, sector.clone()),
+                Descriptor::Data {
+                    offset,
+                    sector_pos,
+                    leading,
+                    trailing,
+                } => overlay.write_data(*offset, data_sector(&log, *sector_pos, leading, trailing)),
             }
         }
     }
-    let state = LogState::Replayed { entries: active.len(), first_seq: active[0].sequence, last_seq: head.sequence, descriptors };
-    Ok(Replay { overlay, state, min_len: head.last_file_offset })
+    let state = LogState::Replayed {
+        entries: active.len(),
+        first_seq: active[0].sequence,
+        last_seq: head.sequence,
+        descriptors,
+    };
+    Ok(Replay {
+        overlay,
+        state,
+        min_len: head.last_file_offset,
+    })
 }
 
 /// Finds the active sequence (MS-VHDX 2.3.3): scanning from each candidate tail, extend a
@@ -120,18 +184,28 @@ pub fn replay(file: &HostFile, hdr: &Header) -> Result<Replay> {
 /// with the highest head sequence number.
 pub fn find_active(log: &[u8], guid: Guid) -> Option<Vec<Entry>> {
     let n = log.len() as u64;
-    if n == 0 || n % SECTOR != 0 {
+    if n == 0 || !n.is_multiple_of(SECTOR) {
         return None;
     }
-    let mut scanner = Scanner { log, guid, memo: HashMap::new(), budget: n.saturating_mul(WORK_FACTOR) };
+    let mut scanner = Scanner {
+        log,
+        guid,
+        memo: HashMap::new(),
+        budget: n.saturating_mul(WORK_FACTOR),
+    };
     let mut best: Option<Vec<Entry>> = None;
     let mut cur = 0u64;
     loop {
         let seq = scanner.sequence_from(cur);
-        let tail_at = seq.last().and_then(|head| seq.iter().position(|e| e.pos == head.tail));
+        let tail_at = seq
+            .last()
+            .and_then(|head| seq.iter().position(|e| e.pos == head.tail));
         let next = match (tail_at, seq.last()) {
             (Some(t), Some(head)) => {
-                if best.as_ref().is_none_or(|b| b.last().is_none_or(|bh| head.sequence > bh.sequence)) {
+                if best
+                    .as_ref()
+                    .is_none_or(|b| b.last().is_none_or(|bh| head.sequence > bh.sequence))
+                {
                     best = Some(seq[t..].to_vec());
                 }
                 (head.pos + head.length) % n
@@ -160,7 +234,10 @@ impl Scanner<'_> {
         let (mut pos, mut covered) = (start, 0u64);
         while covered < n {
             let Some(e) = self.entry_at(pos) else { break };
-            if seq.last().is_some_and(|last| last.sequence.checked_add(1) != Some(e.sequence)) {
+            if seq
+                .last()
+                .is_some_and(|last| last.sequence.checked_add(1) != Some(e.sequence))
+            {
                 break;
             }
             covered += e.length;
@@ -206,9 +283,9 @@ impl Scanner<'_> {
         let sequence = le64(&h, 16);
         let count = le32(&h, 24) as u64;
         let valid_header = length >= SECTOR
-            && length % SECTOR == 0
+            && length.is_multiple_of(SECTOR)
             && length <= n
-            && tail % SECTOR == 0
+            && tail.is_multiple_of(SECTOR)
             && tail < n
             && sequence != 0
             && Guid::from_slice(&h[32..48]) == self.guid;
@@ -221,36 +298,44 @@ impl Scanner<'_> {
         }
         self.budget -= length;
         let e = self.bytes(pos, length);
-        let mut descriptors = Vec::with_capacity(count as usize);
-        let mut data_sector = desc_sectors;
+        let mut descriptors = Vec::with_capacity(count.min(1024) as usize);
+        let mut next_data = desc_sectors;
         for i in 0..count as usize {
             let d = &e[ENTRY_HEADER + DESCRIPTOR * i..ENTRY_HEADER + DESCRIPTOR * (i + 1)];
             let offset = le64(d, 16);
-            if le64(d, 24) != sequence || offset % SECTOR != 0 {
+            if le64(d, 24) != sequence || !offset.is_multiple_of(SECTOR) {
                 return None;
             }
             match &d[0..4] {
                 b"zero" => {
                     let length = le64(d, 8);
-                    if length % SECTOR != 0 || offset.checked_add(length).is_none() {
+                    if !length.is_multiple_of(SECTOR) || offset.checked_add(length).is_none() {
                         return None;
                     }
                     descriptors.push(Descriptor::Zero { offset, length });
                 }
                 b"desc" => {
-                    if data_sector >= length / SECTOR || offset.checked_add(SECTOR).is_none() {
+                    if next_data >= length / SECTOR || offset.checked_add(SECTOR).is_none() {
                         return None;
                     }
-                    let s = &e[(data_sector * SECTOR) as usize..((data_sector + 1) * SECTOR) as usize];
-                    let seq_ok = le32(s, 4) as u64 == sequence >> 32 && le32(s, 4092) as u64 == sequence & 0xFFFF_FFFF;
+                    let s = &e[(next_data * SECTOR) as usize..((next_data + 1) * SECTOR) as usize];
+                    let seq_ok = le32(s, 4) as u64 == sequence >> 32
+                        && le32(s, 4092) as u64 == sequence & 0xFFFF_FFFF;
                     if &s[0..4] != b"data" || !seq_ok {
                         return None;
                     }
-                    let mut sector = s.to_vec();
-                    sector[0..8].copy_from_slice(&d[8..16]);
-                    sector[4092..4096].copy_from_slice(&d[4..8]);
-                    descriptors.push(Descriptor::Data { offset, sector });
-                    data_sector += 1;
+                    let mut leading = [0u8; 8];
+                    leading.copy_from_slice(&d[8..16]);
+                    let mut trailing = [0u8; 4];
+                    trailing.copy_from_slice(&d[4..8]);
+                    let sector_pos = (pos + next_data * SECTOR) % n;
+                    descriptors.push(Descriptor::Data {
+                        offset,
+                        sector_pos,
+                        leading,
+                        trailing,
+                    });
+                    next_data += 1;
                 }
                 _ => return None,
             }
@@ -333,9 +418,28 @@ mod tests {
         // an older, unrelated sequence further on
         place(&mut log, 64 * 4096, &entry(5, 64 * 4096, &[(0, 4096)], &[]));
         let active = find_active(&log, GUID).unwrap();
-        assert_eq!(active.iter().map(|e| e.sequence).collect::<Vec<_>>(), vec![10, 11]);
-        assert_eq!(active[1].descriptors[0], Descriptor::Data { offset: 3 * MIB, sector });
-        assert_eq!(active[0].descriptors[0], Descriptor::Zero { offset: 8 * MIB, length: 8192 });
+        assert_eq!(
+            active.iter().map(|e| e.sequence).collect::<Vec<_>>(),
+            vec![10, 11]
+        );
+        let Descriptor::Data {
+            offset,
+            sector_pos,
+            leading,
+            trailing,
+        } = &active[1].descriptors[0]
+        else {
+            panic!()
+        };
+        assert_eq!(*offset, 3 * MIB);
+        assert_eq!(data_sector(&log, *sector_pos, leading, trailing), sector);
+        assert_eq!(
+            active[0].descriptors[0],
+            Descriptor::Zero {
+                offset: 8 * MIB,
+                length: 8192
+            }
+        );
     }
 
     #[test]
@@ -347,7 +451,10 @@ mod tests {
         place(&mut log, n - 4096, &a);
         place(&mut log, 0, &b); // b starts at 0 after a wraps exactly
         let active = find_active(&log, GUID).unwrap();
-        assert_eq!(active.iter().map(|e| e.sequence).collect::<Vec<_>>(), vec![20, 21]);
+        assert_eq!(
+            active.iter().map(|e| e.sequence).collect::<Vec<_>>(),
+            vec![20, 21]
+        );
         // an entry that wraps around the end of the log
         let mut log = vec![0u8; MIB as usize];
         let w = entry(7, (n - 4096) as u64, &[], &[(MIB, vec![1u8; 4096])]);

@@ -66,13 +66,31 @@ impl VhdxLayer {
         };
         let regions = header::read_regions(&src, &header)?;
         let meta = metadata::read_metadata(&src, &regions.metadata)?;
-        let bat = Bat::new(&src, Geometry::new(&meta), regions.bat.offset, regions.bat.length)?;
+        let bat = Bat::new(
+            &src,
+            Geometry::new(&meta),
+            regions.bat.offset,
+            regions.bat.length,
+        )?;
         let (parent, linkage) = if meta.has_parent {
-            (parent::parent_ref(path, &meta)?, Some(parent::linkage(path, &meta)?))
+            (
+                parent::parent_ref(path, &meta)?,
+                Some(parent::linkage(path, &meta)?),
+            )
         } else {
             (ParentRef::None, None)
         };
-        Ok(VhdxLayer { src, header, meta, bat, log_state: replay.state, creator, parent, linkage, tables: ctx.tables.clone() })
+        Ok(VhdxLayer {
+            src,
+            header,
+            meta,
+            bat,
+            log_state: replay.state,
+            creator,
+            parent,
+            linkage,
+            tables: ctx.tables.clone(),
+        })
     }
 
     pub fn metadata(&self) -> &Metadata {
@@ -99,35 +117,68 @@ impl VhdxLayer {
                 let bits = self.bat.bitmap(&self.src, &self.tables, block)?;
                 let lss = g.logical_sector;
                 let skew = within % lss;
-                let (present, sectors) = bat::bit_run(&bits, within / lss, (skew + max).div_ceil(lss));
+                let (present, sectors) =
+                    bat::bit_run(&bits, within / lss, (skew + max).div_ceil(lss));
                 let n = (sectors * lss - skew).min(max);
-                if present { self.block_data(block, idx, entry, within, n) } else { Ok((Mapping::Unallocated, n)) }
+                if present {
+                    self.block_data(block, idx, entry, within, n)
+                } else {
+                    Ok((Mapping::Unallocated, n))
+                }
             }
             bat::ZERO => Ok((Mapping::Zero, max)),
-            bat::NOT_PRESENT | bat::UNDEFINED | bat::UNMAPPED | bat::UNMAPPED_V095 => {
-                Ok((if differencing { Mapping::Unallocated } else { Mapping::Zero }, max))
-            }
+            bat::NOT_PRESENT | bat::UNDEFINED | bat::UNMAPPED | bat::UNMAPPED_V095 => Ok((
+                if differencing {
+                    Mapping::Unallocated
+                } else {
+                    Mapping::Zero
+                },
+                max,
+            )),
             s => Err(Error::corrupt(
                 self.path(),
                 &format!("payload BAT entry {idx}"),
                 self.bat.entry_offset(idx),
-                format!("state {s} is not valid in a {} disk", if differencing { "differencing" } else { "non-differencing" }),
+                format!(
+                    "state {s} is not valid in a {} disk",
+                    if differencing {
+                        "differencing"
+                    } else {
+                        "non-differencing"
+                    }
+                ),
             )),
         }
     }
 
     /// Maps `n` bytes at `within` of a present payload block; the block's part inside the
     /// virtual disk must lie inside the file.
-    fn block_data(&self, block: u64, idx: u64, entry: u64, within: u64, n: u64) -> Result<(Mapping, u64)> {
+    fn block_data(
+        &self,
+        block: u64,
+        idx: u64,
+        entry: u64,
+        within: u64,
+        n: u64,
+    ) -> Result<(Mapping, u64)> {
         let g = &self.bat.geometry;
         let base = bat::file_offset(entry);
-        let block_len = g.block_size.min(self.meta.virtual_size - block * g.block_size);
-        if base < MIB || base.checked_add(block_len).is_none_or(|end| end > self.src.len()) {
+        let block_len = g
+            .block_size
+            .min(self.meta.virtual_size - block * g.block_size);
+        if base < MIB
+            || base
+                .checked_add(block_len)
+                .is_none_or(|end| end > self.src.size())
+        {
             return Err(Error::corrupt(
                 self.path(),
                 &format!("payload BAT entry {idx}"),
                 self.bat.entry_offset(idx),
-                format!("block at {base:#x} of {block_len} bytes lies outside the file ({} bytes)", self.src.len()),
+                format!(
+                    "block at {base:#x} of {block_len} bytes lies outside the file ({} bytes)",
+                    self.src.size()
+                ),
             ));
         }
         Ok(self.src.map_data(base + within, n))
@@ -137,9 +188,16 @@ impl VhdxLayer {
 fn continues(first: &Mapping, done: u64, next: &Mapping) -> bool {
     match (first, next) {
         (Mapping::Zero, Mapping::Zero) | (Mapping::Unallocated, Mapping::Unallocated) => true,
-        (Mapping::Data { file: f1, host_off: h1 }, Mapping::Data { file: f2, host_off: h2 }) => {
-            f1.id() == f2.id() && h1.checked_add(done) == Some(*h2)
-        }
+        (
+            Mapping::Data {
+                file: f1,
+                host_off: h1,
+            },
+            Mapping::Data {
+                file: f2,
+                host_off: h2,
+            },
+        ) => f1.id() == f2.id() && h1.checked_add(done) == Some(*h2),
         _ => false,
     }
 }
@@ -160,7 +218,7 @@ impl Layer for VhdxLayer {
     fn map(&self, off: u64, len: u64) -> Result<Extent> {
         let (map, mut done) = self.block_piece(off, len)?;
         let block_size = self.bat.geometry.block_size;
-        while done < len && (off + done) % block_size == 0 {
+        while done < len && (off + done).is_multiple_of(block_size) {
             let (next, n) = self.block_piece(off + done, len - done)?;
             if !continues(&map, done, &next) {
                 break;
@@ -182,7 +240,10 @@ impl Layer for VhdxLayer {
     }
 
     fn identity(&self) -> Identity {
-        Identity { uuid: Some(self.header.data_write_guid.0), ..Identity::default() }
+        Identity {
+            uuid: Some(self.header.data_write_guid.0),
+            ..Identity::default()
+        }
     }
 
     fn files(&self) -> Vec<Arc<HostFile>> {
@@ -201,17 +262,29 @@ impl Layer for VhdxLayer {
         let mut d = vec![
             ("subformat".to_string(), kind.to_string()),
             ("block size".to_string(), m.block_size.to_string()),
-            (DETAIL_LOGICAL_SECTOR.to_string(), m.logical_sector.to_string()),
-            ("physical sector size".to_string(), m.physical_sector.to_string()),
+            (
+                DETAIL_LOGICAL_SECTOR.to_string(),
+                m.logical_sector.to_string(),
+            ),
+            (
+                "physical sector size".to_string(),
+                m.physical_sector.to_string(),
+            ),
             ("has parent".to_string(), m.has_parent.to_string()),
             ("log".to_string(), self.log_state.to_string()),
-            ("data write guid".to_string(), format!("{{{}}}", self.header.data_write_guid)),
+            (
+                "data write guid".to_string(),
+                format!("{{{}}}", self.header.data_write_guid),
+            ),
         ];
         if let Some(id) = m.disk_id {
             d.push(("virtual disk id".to_string(), format!("{{{id}}}")));
         }
         if let Some(link) = &self.linkage {
-            d.push(("parent linkage".to_string(), format!("{{{}}}", link.primary)));
+            d.push((
+                "parent linkage".to_string(),
+                format!("{{{}}}", link.primary),
+            ));
         }
         if !self.creator.is_empty() {
             d.push(("creator".to_string(), self.creator.clone()));

@@ -18,7 +18,10 @@ use std::sync::atomic::{AtomicU64, Ordering};
 enum Fill {
     Zero,
     /// Replayed bytes; `packed` is their offset in the private copy once frozen.
-    Data { bytes: Arc<[u8]>, packed: u64 },
+    Data {
+        bytes: Arc<[u8]>,
+        packed: u64,
+    },
 }
 
 #[derive(Clone, Debug)]
@@ -45,7 +48,14 @@ impl Overlay {
 
     pub fn write_data(&mut self, off: u64, bytes: Vec<u8>) {
         let end = off.saturating_add(bytes.len() as u64);
-        self.insert(off, end, Fill::Data { bytes: bytes.into(), packed: 0 });
+        self.insert(
+            off,
+            end,
+            Fill::Data {
+                bytes: bytes.into(),
+                packed: 0,
+            },
+        );
     }
 
     pub fn write_zeros(&mut self, off: u64, len: u64) {
@@ -64,12 +74,26 @@ impl Overlay {
             .map(|(&k, _)| k)
             .collect();
         for k in overlapping {
-            let Some(old) = self.segs.remove(&k) else { continue };
+            let Some(old) = self.segs.remove(&k) else {
+                continue;
+            };
             if k < start {
-                self.segs.insert(k, Segment { end: start, fill: slice(&old.fill, 0, start - k) });
+                self.segs.insert(
+                    k,
+                    Segment {
+                        end: start,
+                        fill: slice(&old.fill, 0, start - k),
+                    },
+                );
             }
             if old.end > end {
-                self.segs.insert(end, Segment { end: old.end, fill: slice(&old.fill, end - k, old.end - k) });
+                self.segs.insert(
+                    end,
+                    Segment {
+                        end: old.end,
+                        fill: slice(&old.fill, end - k, old.end - k),
+                    },
+                );
             }
         }
         self.segs.insert(start, Segment { end, fill });
@@ -112,7 +136,10 @@ impl Overlay {
 fn slice(fill: &Fill, from: u64, to: u64) -> Fill {
     match fill {
         Fill::Zero => Fill::Zero,
-        Fill::Data { bytes, .. } => Fill::Data { bytes: bytes[from as usize..to as usize].into(), packed: 0 },
+        Fill::Data { bytes, .. } => Fill::Data {
+            bytes: bytes[from as usize..to as usize].into(),
+            packed: 0,
+        },
     }
 }
 
@@ -131,21 +158,35 @@ impl Replayed {
     /// A file without replayed ranges.
     pub fn plain(file: Arc<HostFile>) -> Replayed {
         let len = file.len();
-        Replayed { file, overlay: Overlay::default(), len, copy: None }
+        Replayed {
+            file,
+            overlay: Overlay::default(),
+            len,
+            copy: None,
+        }
     }
 
     pub fn new(file: Arc<HostFile>, mut overlay: Overlay, min_len: u64) -> Result<Replayed> {
         let len = file.len().max(min_len).max(overlay.end());
         let packed = overlay.freeze();
-        let copy = if packed.is_empty() { None } else { Some(private_copy(file.path(), &packed)?) };
-        Ok(Replayed { file, overlay, len, copy })
+        let copy = if packed.is_empty() {
+            None
+        } else {
+            Some(private_copy(file.path(), &packed)?)
+        };
+        Ok(Replayed {
+            file,
+            overlay,
+            len,
+            copy,
+        })
     }
 
     pub fn file(&self) -> &Arc<HostFile> {
         &self.file
     }
 
-    pub fn len(&self) -> u64 {
+    pub fn size(&self) -> u64 {
         self.len
     }
 
@@ -158,7 +199,11 @@ impl Replayed {
                 self.file.path(),
                 field,
                 off,
-                format!("{} bytes reach past the end of the file ({} bytes)", buf.len(), self.len),
+                format!(
+                    "{} bytes reach past the end of the file ({} bytes)",
+                    buf.len(),
+                    self.len
+                ),
             ));
         }
         let in_file = self.file.len().saturating_sub(off).min(buf.len() as u64) as usize;
@@ -172,7 +217,12 @@ impl Replayed {
 
     pub fn read_vec(&self, off: u64, len: u64, limit: u64, field: &str) -> Result<Vec<u8>> {
         if len > limit {
-            return Err(Error::corrupt(self.file.path(), field, off, format!("size {len} exceeds the limit of {limit} bytes")));
+            return Err(Error::corrupt(
+                self.file.path(),
+                field,
+                off,
+                format!("size {len} exceeds the limit of {limit} bytes"),
+            ));
         }
         let mut buf = vec![0u8; len as usize];
         self.read(&mut buf, off, field)?;
@@ -182,13 +232,22 @@ impl Replayed {
     /// Maps payload bytes at host offset `off` (up to `len` of them): host data, replayed
     /// data in the private copy, or zeros (replayed zeros, or past the host file's end).
     pub fn map_data(&self, off: u64, len: u64) -> (Mapping, u64) {
-        let covering = self.overlay.segs.range(..=off).next_back().filter(|(_, s)| s.end > off);
+        let covering = self
+            .overlay
+            .segs
+            .range(..=off)
+            .next_back()
+            .filter(|(_, s)| s.end > off);
         if let Some((&start, seg)) = covering {
             let n = len.min(seg.end - off);
             return match (&seg.fill, &self.copy) {
-                (Fill::Data { packed, .. }, Some(copy)) => {
-                    (Mapping::Data { file: copy.clone(), host_off: packed + (off - start) }, n)
-                }
+                (Fill::Data { packed, .. }, Some(copy)) => (
+                    Mapping::Data {
+                        file: copy.clone(),
+                        host_off: packed + (off - start),
+                    },
+                    n,
+                ),
                 _ => (Mapping::Zero, n),
             };
         }
@@ -200,7 +259,13 @@ impl Replayed {
         if off >= host_len {
             (Mapping::Zero, n)
         } else {
-            (Mapping::Data { file: self.file.clone(), host_off: off }, n.min(host_len - off))
+            (
+                Mapping::Data {
+                    file: self.file.clone(),
+                    host_off: off,
+                },
+                n.min(host_len - off),
+            )
         }
     }
 }
@@ -208,10 +273,18 @@ impl Replayed {
 /// Writes `bytes` to a new private temporary file, opens it read-only and unlinks it.
 fn private_copy(image: &Path, bytes: &[u8]) -> Result<Arc<HostFile>> {
     static COUNTER: AtomicU64 = AtomicU64::new(0);
-    let name = format!("vmfs-vhdx-replay-{}-{}", std::process::id(), COUNTER.fetch_add(1, Ordering::Relaxed));
+    let name = format!(
+        "vmfs-vhdx-replay-{}-{}",
+        std::process::id(),
+        COUNTER.fetch_add(1, Ordering::Relaxed)
+    );
     let path = std::env::temp_dir().join(name);
     let io = |e| Error::io(&path, "write replayed log sectors", e);
-    let mut f = std::fs::OpenOptions::new().write(true).create_new(true).open(&path).map_err(io)?;
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(&path)
+        .map_err(io)?;
     let written = f.write_all(bytes).map_err(io);
     drop(f);
     let opened = written.and_then(|_| HostFile::open(&path, false));
