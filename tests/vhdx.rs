@@ -497,6 +497,19 @@ fn damaged_or_truncated_logs() {
         log.contains("replayed 1 entries (sequence 41..=41"),
         "{log}"
     );
+    // with entry 1 damaged too nothing is valid: the log is ignored (as QEMU does) and the
+    // stale BAT shows through
+    img_bytes[LOG_OFF as usize + 100] ^= 1;
+    write(&img, &img_bytes);
+    let view = open_view(&img).unwrap();
+    let details = view.layers()[0].details();
+    assert!(
+        details.contains(&("log".into(), "log GUID set, no valid entries".into())),
+        "{details:?}"
+    );
+    let mut first = vec![1u8; 4096];
+    view.read(0, &mut first).unwrap();
+    assert!(first.iter().all(|&b| b == 0));
     // a file shorter than the entry's FlushedFileOffset was truncated
     let (img_bytes, _) = dirty_image(&mut rng);
     let short = s.path("short.vhdx");

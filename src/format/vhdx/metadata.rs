@@ -136,8 +136,12 @@ pub fn read_metadata(src: &Replayed, region: &Region) -> Result<Metadata> {
             format!("{size} bytes is over 64 TiB or not a multiple of the {logical}-byte sector"),
         ));
     }
+    let locator_at = entries
+        .iter()
+        .find(|e| e.id == PARENT_LOCATOR && !e.is_user)
+        .map_or(region.offset, |e| region.offset + e.offset);
     let parent_locator = match item(PARENT_LOCATOR, 20)? {
-        Some(b) if has_parent => Some(parse_locator(path, region.offset, &b)?),
+        Some(b) if has_parent => Some(parse_locator(path, locator_at, &b)?),
         None if has_parent => {
             return Err(bad(
                 "metadata table",
@@ -231,8 +235,8 @@ fn parse_table(path: &Path, region: &Region, t: &[u8]) -> Result<Vec<Entry>> {
 }
 
 /// Decodes the VHDX parent locator: a type GUID and UTF-16LE key/value pairs.
-pub fn parse_locator(path: &Path, region_off: u64, b: &[u8]) -> Result<Vec<(String, String)>> {
-    let bad = |what: String| Error::corrupt(path, "parent locator", region_off, what);
+pub fn parse_locator(path: &Path, item_off: u64, b: &[u8]) -> Result<Vec<(String, String)>> {
+    let bad = |what: String| Error::corrupt(path, "parent locator", item_off, what);
     let kind = Guid::from_slice(&b[0..16]);
     if kind != VHDX_LOCATOR_TYPE {
         return Err(Error::unsupported(
