@@ -2,6 +2,8 @@
 //! (differencing disks, 4 KiB logical sectors, dirty logs, hostile fields).
 #![allow(dead_code)]
 
+pub mod model;
+
 use std::collections::HashMap;
 use vmfs_mount::format::vhdx::crc32c::crc32c;
 
