@@ -286,6 +286,26 @@ fn parent_identity_is_checked() {
     ]);
     write(&s.path("orphan.avhdx"), &build(&spec));
     assert_eq!(open_err(&s.path("orphan.avhdx")).kind(), Kind::NotFound);
+
+    // a stale relative_path: the Windows absolute path's file name beside the child is used
+    spec.parent = Some(vec![
+        ("parent_linkage".into(), right.clone()),
+        ("relative_path".into(), "..\\gone\\x.vhdx".into()),
+        (
+            "absolute_win32_path".into(),
+            "\\\\?\\D:\\vms\\base.vhdx".into(),
+        ),
+    ]);
+    write(&s.path("moved.avhdx"), &build(&spec));
+    let view = open_view(&s.path("moved.avhdx")).unwrap();
+    assert_same("moved", &read_all(&view), &model(&base));
+
+    // parent and child must agree on the logical sector size
+    let mut spec4k = Spec::new(4 << 20, 1 << 20, 4096);
+    spec4k.parent = Some(pairs(&right, None));
+    write(&s.path("sector.avhdx"), &build(&spec4k));
+    let e = open_err(&s.path("sector.avhdx"));
+    assert!(e.to_string().contains("logical sector size"), "{e}");
 }
 
 #[test]
