@@ -327,4 +327,41 @@ mod tests {
         assert!(b[..96].iter().all(|&x| x == 0xEE));
         assert_eq!(b[96], 0);
     }
+
+    #[test]
+    fn replayed_file_maps_host_data_copies_and_zeros() {
+        let dir = std::env::temp_dir().join(format!("vmfs-vhdx-overlay-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("f.vhdx");
+        std::fs::write(&path, vec![7u8; 16384]).unwrap();
+        let file = HostFile::open(&path, false).unwrap();
+        let mut o = Overlay::default();
+        o.write_data(4096, vec![9u8; 4096]);
+        o.write_zeros(8192, 4096);
+        let r = Replayed::new(file.clone(), o, 32768).unwrap();
+        assert_eq!(r.size(), 32768);
+        let expect = |off, len, want_len, host: Option<(u64, bool)>| {
+            let (m, n) = r.map_data(off, len);
+            assert_eq!(n, want_len, "at {off}");
+            match (m, host) {
+                (Mapping::Data { file: f, host_off }, Some((h, is_image))) => {
+                    assert_eq!(host_off, h, "at {off}");
+                    assert_eq!(f.id() == file.id(), is_image, "at {off}");
+                }
+                (Mapping::Zero, None) => {}
+                (m, _) => panic!("at {off}: {m:?}"),
+            }
+        };
+        expect(0, 65536, 4096, Some((0, true)));
+        expect(4096 + 10, 65536, 4086, Some((10, false)));
+        expect(8192, 100, 100, None);
+        expect(12288, 65536, 4096, Some((12288, true)));
+        expect(16384, 65536, 65536, None); // past the host file: the replay extended it
+        let mut buf = vec![0u8; 12288];
+        r.read(&mut buf, 4096, "t").unwrap();
+        assert!(buf[..4096].iter().all(|&b| b == 9) && buf[4096..8192].iter().all(|&b| b == 0));
+        assert!(buf[8192..].iter().all(|&b| b == 7));
+        assert!(r.read(&mut buf, 32768 - 100, "t").is_err());
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 }
