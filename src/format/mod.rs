@@ -12,6 +12,7 @@ pub mod raw;
 pub mod vdi;
 pub mod vhd;
 pub mod vmdk;
+pub mod vhdx;
 
 use crate::cache::ByteCache;
 use crate::error::{Error, Result};
@@ -208,6 +209,8 @@ pub fn open_layer(path: &Path, format: Format, ctx: &OpenCtx) -> Result<Arc<dyn 
             path,
             format!("format {other} is not implemented yet"),
         )),
+        Format::Vhdx => vhdx::VhdxLayer::open(path, ctx),
+        other => Err(Error::unsupported(path, format!("format {other} is not implemented yet"))),
     }
 }
 
