@@ -11,8 +11,8 @@ pub mod qcow2;
 pub mod raw;
 pub mod vdi;
 pub mod vhd;
-pub mod vmdk;
 pub mod vhdx;
+pub mod vmdk;
 
 use crate::cache::ByteCache;
 use crate::error::{Error, Result};
@@ -205,12 +205,7 @@ pub fn open_layer(path: &Path, format: Format, ctx: &OpenCtx) -> Result<Arc<dyn 
         Format::Vmdk => vmdk::VmdkLayer::open(path, ctx),
         Format::Vpc => vhd::VhdLayer::open(path, ctx),
         Format::Qcow2 => qcow2::Qcow2Layer::open(path, ctx),
-        other => Err(Error::unsupported(
-            path,
-            format!("format {other} is not implemented yet"),
-        )),
         Format::Vhdx => vhdx::VhdxLayer::open(path, ctx),
-        other => Err(Error::unsupported(path, format!("format {other} is not implemented yet"))),
     }
 }
 
