@@ -1,5 +1,87 @@
+//! vmfs-mount: the command line, the mount and the daemon around the vmfs_mount library.
+
+mod cli;
+mod daemon;
+mod fs;
+mod list;
+mod mount;
+mod mountpoint;
+
+use clap::Parser;
+use cli::{Access, Settings, UsageError};
+use mount::{MountRequest, open_for_mount};
+
 fn main() {
-    env_logger::init();
-    eprintln!("vmfs-mount: not wired yet");
-    std::process::exit(2);
+    let args = cli::Args::try_parse().unwrap_or_else(|e| e.exit());
+    let settings = match Settings::from_args(args) {
+        Ok(s) => s,
+        Err(UsageError(msg)) => {
+            eprintln!("vmfs-mount: {msg}");
+            std::process::exit(2);
+        }
+    };
+    if !settings.foreground && !settings.list {
+        daemon::close_inherited_fds();
+    }
+    init_logging(settings.verbose);
+    std::process::exit(run(&settings));
+}
+
+/// Quiet by default; -v info, -vv debug, -vvv trace; RUST_LOG overrides.
+fn init_logging(verbose: u8) {
+    let default = match verbose {
+        0 => "warn,fuser=error",
+        1 => "info,fuser=warn",
+        2 => "debug",
+        _ => "trace",
+    };
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or(default))
+        .format_timestamp_millis()
+        .init();
+}
+
+fn run(s: &Settings) -> i32 {
+    let mut req = MountRequest {
+        image: s.image.clone(),
+        format: s.format,
+        access: s.access,
+        overlay: s.overlay.clone(),
+        table_cache: s.table_cache,
+        cluster_cache: s.cluster_cache,
+    };
+    if s.list {
+        req.access = Access::ReadOnly;
+        return match open_for_mount(&req) {
+            Ok(opened) => {
+                let out = if s.json {
+                    list::json(&s.image, &opened)
+                } else {
+                    list::text(&s.image, &opened)
+                };
+                print!("{out}");
+                0
+            }
+            Err(e) => fail(&e.to_string()),
+        };
+    }
+    let Some(mnt) = &s.mountpoint else {
+        return fail("a mount point is needed (or use --list)");
+    };
+    let mountpoint = match mountpoint::check(mnt) {
+        Ok(p) => p,
+        Err(e) => return fail(&e),
+    };
+    let opened = match open_for_mount(&req) {
+        Ok(o) => o,
+        Err(e) => return fail(&e.to_string()),
+    };
+    if let Some(why) = &opened.fell_back_to_read_only {
+        eprintln!("vmfs-mount: warning: {why}; mounting read-only");
+    }
+    daemon::run(s, mountpoint, opened)
+}
+
+fn fail(msg: &str) -> i32 {
+    eprintln!("vmfs-mount: {msg}");
+    1
 }

@@ -1,0 +1,432 @@
+//! Command line: clap arguments plus mount(8)-style `-o` options, folded into one `Settings`.
+//!
+//! The `-o` parser is pure so that every option mount.fuse3 or an fstab line may pass is unit
+//! tested here rather than discovered at mount time.
+
+use clap::{ArgAction, Parser};
+use std::path::PathBuf;
+use vmfs_mount::format::Format;
+
+const ABOUT: &str = "Mount a virtual-machine disk image chain as raw files";
+
+const LONG_ABOUT: &str = "\
+Mount a virtual-machine disk image (with its whole backing chain) so that every view of it \
+appears as a raw disk file:
+
+  MOUNTPOINT/disk.raw                    the live disk (whole chain)
+  MOUNTPOINT/snapshots/<name>/disk.raw   one per backing layer and per internal snapshot
+
+Reading any of these files gives the bytes `qemu-img convert -O raw` gives for that view. \
+Snapshot files are read-only. The command returns once the mount answers; unmount with \
+`umount MOUNTPOINT` or `fusermount3 -u MOUNTPOINT` (or send SIGTERM to the daemon).";
+
+const AFTER_HELP: &str = "\
+Mount options (-o, comma-separated, repeatable):
+  ro, rw                  read-only / read-write (rw, the default, falls back to read-only
+                          with a warning when the image is write-protected)
+  allow_other, allow_root let other users / root access the mount
+  default_permissions     let the kernel check permissions
+  auto_unmount            unmount when the daemon dies (needs allow_other or allow_root)
+  overlay=FILE            write changes to FILE instead of the image
+  format=FMT              force the top image's format (qcow2, raw, vmdk, vpc, vhdx, vdi)
+  cache_size=SIZE         metadata cache size, e.g. 256M (default 256M)
+  threads=N               FUSE worker threads
+  log=FILE                daemon log file
+  fsname=NAME, subtype=NAME
+Generic mount(8)/fstab options are accepted and ignored (nodev, nosuid, noexec and noatime are
+applied): dev, nodev, suid, nosuid, exec, noexec, atime, noatime, relatime, auto, noauto,
+user, users, nouser, _netdev, nofail, defaults, x-*, comment=*.
+
+Examples:
+  vmfs-mount disk.qcow2 /mnt/vm
+  vmfs-mount -r -o allow_other disk.vmdk /mnt/vm
+  vmfs-mount --list --json disk.qcow2
+  mount -t fuse.vmfs-mount /images/disk.qcow2 /mnt/vm -o ro";
+
+#[derive(Parser, Debug)]
+#[command(name = "vmfs-mount", version, about = ABOUT, long_about = LONG_ABOUT, after_help = AFTER_HELP)]
+pub struct Args {
+    /// Disk image to mount (the top of its backing chain)
+    pub image: PathBuf,
+
+    /// Directory to mount on (not needed with --list)
+    #[arg(required_unless_present = "list")]
+    pub mountpoint: Option<PathBuf>,
+
+    /// Stay in the foreground and log to stderr
+    #[arg(short = 'f', long)]
+    pub foreground: bool,
+
+    /// Mount read-only (same as -o ro)
+    #[arg(short = 'r', long = "read-only")]
+    pub read_only: bool,
+
+    /// Force the top image's format instead of detecting it by content
+    #[arg(long, value_name = "FMT")]
+    pub format: Option<String>,
+
+    /// Write changes to this overlay file instead of the image
+    #[arg(long, value_name = "FILE")]
+    pub overlay: Option<PathBuf>,
+
+    /// Metadata cache size (K, M, G suffixes); decompressed data gets an eighth of it extra
+    #[arg(long, value_name = "SIZE")]
+    pub cache_size: Option<String>,
+
+    /// FUSE worker threads [default: twice the CPUs, at most 8]
+    #[arg(long, value_name = "N")]
+    pub threads: Option<String>,
+
+    /// Write the daemon's log to FILE instead of discarding it
+    #[arg(long, value_name = "FILE")]
+    pub log_file: Option<PathBuf>,
+
+    /// Mount options, comma-separated (see below)
+    #[arg(short = 'o', value_name = "OPTS", action = ArgAction::Append)]
+    pub options: Vec<String>,
+
+    /// More log output (-v info, -vv debug, -vvv trace); RUST_LOG also works
+    #[arg(short = 'v', long = "verbose", action = ArgAction::Count)]
+    pub verbose: u8,
+
+    /// Print the chain and the views that would be mounted, then exit
+    #[arg(long)]
+    pub list: bool,
+
+    /// With --list: print JSON
+    #[arg(long, requires = "list")]
+    pub json: bool,
+}
+
+/// Whether the user asked for read-only or read-write, or left it to us.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Access {
+    /// Read-write when the image can be opened for writing, read-only otherwise (like mount(8)
+    /// with a write-protected device). `rw` means this too: mount(8) passes it by default.
+    Auto,
+    ReadOnly,
+}
+
+/// Everything the program does, after the command line and `-o` options are merged.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Settings {
+    pub image: PathBuf,
+    pub mountpoint: Option<PathBuf>,
+    pub foreground: bool,
+    pub access: Access,
+    pub format: Option<Format>,
+    pub overlay: Option<PathBuf>,
+    pub table_cache: usize,
+    pub cluster_cache: usize,
+    pub threads: usize,
+    pub log_file: Option<PathBuf>,
+    pub verbose: u8,
+    pub list: bool,
+    pub json: bool,
+    pub allow_other: bool,
+    pub allow_root: bool,
+    pub default_permissions: bool,
+    pub auto_unmount: bool,
+    pub fsname: Option<String>,
+    pub subtype: Option<String>,
+    /// Restrictive kernel flags we honour: nodev, nosuid, noexec, noatime.
+    pub kernel_flags: Vec<&'static str>,
+}
+
+pub const DEFAULT_TABLE_CACHE: usize = 256 << 20;
+
+/// A command-line problem: printed as one line, exit status 2.
+#[derive(Debug, PartialEq, Eq)]
+pub struct UsageError(pub String);
+
+impl Settings {
+    pub fn from_args(a: Args) -> Result<Settings, UsageError> {
+        let mut s = Settings {
+            image: a.image,
+            mountpoint: a.mountpoint,
+            foreground: a.foreground,
+            access: if a.read_only {
+                Access::ReadOnly
+            } else {
+                Access::Auto
+            },
+            format: None,
+            overlay: a.overlay,
+            table_cache: DEFAULT_TABLE_CACHE,
+            cluster_cache: DEFAULT_TABLE_CACHE / 8,
+            threads: default_threads(),
+            log_file: a.log_file,
+            verbose: a.verbose,
+            list: a.list,
+            json: a.json,
+            allow_other: false,
+            allow_root: false,
+            default_permissions: false,
+            auto_unmount: false,
+            fsname: None,
+            subtype: None,
+            kernel_flags: Vec::new(),
+        };
+        if let Some(f) = &a.format {
+            s.apply_one(&format!("format={f}"))?;
+        }
+        if let Some(c) = &a.cache_size {
+            s.apply_one(&format!("cache_size={c}"))?;
+        }
+        if let Some(t) = &a.threads {
+            s.apply_one(&format!("threads={t}"))?;
+        }
+        for group in &a.options {
+            s.apply_options(group)?;
+        }
+        if s.allow_other && s.allow_root {
+            return Err(UsageError(
+                "allow_other and allow_root are mutually exclusive".into(),
+            ));
+        }
+        if s.auto_unmount && !(s.allow_other || s.allow_root) {
+            return Err(UsageError(
+                "auto_unmount needs allow_other or allow_root as well".into(),
+            ));
+        }
+        Ok(s)
+    }
+
+    /// Applies one `-o` argument: options separated by commas.
+    pub fn apply_options(&mut self, group: &str) -> Result<(), UsageError> {
+        for opt in group.split(',').map(str::trim).filter(|o| !o.is_empty()) {
+            self.apply_one(opt)?;
+        }
+        Ok(())
+    }
+
+    fn apply_one(&mut self, opt: &str) -> Result<(), UsageError> {
+        let (key, value) = match opt.split_once('=') {
+            Some((k, v)) => (k, Some(v)),
+            None => (opt, None),
+        };
+        let need = |v: Option<&str>| -> Result<String, UsageError> {
+            match v {
+                Some(v) if !v.is_empty() => Ok(v.to_string()),
+                _ => Err(UsageError(format!(
+                    "mount option {key} needs a value ({key}=...)"
+                ))),
+            }
+        };
+        match (key, value) {
+            ("ro", None) => self.access = Access::ReadOnly,
+            ("rw", None) => self.access = Access::Auto,
+            ("allow_other", None) => self.allow_other = true,
+            ("allow_root", None) => self.allow_root = true,
+            ("default_permissions", None) => self.default_permissions = true,
+            ("auto_unmount", None) => self.auto_unmount = true,
+            ("overlay", v) => self.overlay = Some(PathBuf::from(need(v)?)),
+            ("format", v) => {
+                let name = need(v)?;
+                self.format = Some(Format::parse(&name).map_err(|e| UsageError(e.to_string()))?);
+            }
+            ("cache_size", v) => {
+                let bytes = parse_size(&need(v)?)?;
+                self.table_cache = bytes;
+                self.cluster_cache = (bytes / 8).max(4 << 20);
+            }
+            ("threads", v) => {
+                let text = need(v)?;
+                self.threads = match text.parse::<usize>() {
+                    Ok(n) if (1..=256).contains(&n) => n,
+                    _ => {
+                        return Err(UsageError(format!(
+                            "threads={text}: expected a number from 1 to 256"
+                        )));
+                    }
+                };
+            }
+            ("log", v) => self.log_file = Some(PathBuf::from(need(v)?)),
+            ("fsname", v) => self.fsname = Some(need(v)?),
+            ("subtype", v) => self.subtype = Some(need(v)?),
+            ("nodev" | "nosuid" | "noexec" | "noatime", None) => {
+                let flag = match key {
+                    "nodev" => "nodev",
+                    "nosuid" => "nosuid",
+                    "noexec" => "noexec",
+                    _ => "noatime",
+                };
+                if !self.kernel_flags.contains(&flag) {
+                    self.kernel_flags.push(flag);
+                }
+            }
+            (k, None) if IGNORED.contains(&k) => {}
+            (k, _) if k.starts_with("x-") || k == "comment" => {}
+            _ => {
+                return Err(UsageError(format!(
+                    "unknown mount option {opt:?} (see --help for the list)"
+                )));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Options that mount(8), fstab or mount.fuse3 may pass and that mean nothing here.
+const IGNORED: &[&str] = &[
+    "dev",
+    "suid",
+    "exec",
+    "atime",
+    "relatime",
+    "norelatime",
+    "strictatime",
+    "nostrictatime",
+    "diratime",
+    "nodiratime",
+    "lazytime",
+    "nolazytime",
+    "auto",
+    "noauto",
+    "user",
+    "users",
+    "nouser",
+    "owner",
+    "group",
+    "_netdev",
+    "nofail",
+    "defaults",
+    "async",
+    "sync",
+    "dirsync",
+    "silent",
+    "loud",
+];
+
+/// FUSE worker threads: twice the CPUs, between 2 and 8.
+fn default_threads() -> usize {
+    let cpus = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1);
+    (cpus * 2).clamp(2, 8)
+}
+
+/// Parses `123`, `64K`, `256M`, `1G`, `2GiB`, `512MB` (binary units).
+pub fn parse_size(text: &str) -> Result<usize, UsageError> {
+    let t = text.trim();
+    let bad = || UsageError(format!("bad size {text:?} (expected e.g. 256M or 1G)"));
+    let digits = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let number: u64 = t[..digits].parse().map_err(|_| bad())?;
+    let shift = match t[digits..].trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 0,
+        "k" | "kb" | "kib" => 10,
+        "m" | "mb" | "mib" => 20,
+        "g" | "gb" | "gib" => 30,
+        "t" | "tb" | "tib" => 40,
+        _ => return Err(bad()),
+    };
+    let bytes = number.checked_mul(1u64 << shift).ok_or_else(bad)?;
+    let bytes = usize::try_from(bytes).map_err(|_| bad())?;
+    if bytes < (1 << 20) {
+        return Err(UsageError(format!(
+            "cache size {text:?} is too small (at least 1M)"
+        )));
+    }
+    Ok(bytes)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn settings(argv: &[&str]) -> Result<Settings, UsageError> {
+        let mut full = vec!["vmfs-mount"];
+        full.extend_from_slice(argv);
+        Settings::from_args(Args::try_parse_from(full).expect("clap accepts"))
+    }
+
+    #[test]
+    fn defaults() {
+        let s = settings(&["img", "mnt"]).unwrap();
+        assert_eq!(s.access, Access::Auto);
+        assert_eq!(s.table_cache, 256 << 20);
+        assert_eq!(s.cluster_cache, 32 << 20);
+        assert!((2..=8).contains(&s.threads));
+        assert!(!s.foreground && !s.list && s.overlay.is_none() && s.format.is_none());
+    }
+
+    #[test]
+    fn mount_options_parse_and_last_access_wins() {
+        let s = settings(&[
+            "-o",
+            "ro,allow_other",
+            "-o",
+            "threads=3,cache_size=64M,format=raw",
+            "img",
+            "mnt",
+        ])
+        .unwrap();
+        assert_eq!(s.access, Access::ReadOnly);
+        assert!(s.allow_other);
+        assert_eq!(s.threads, 3);
+        assert_eq!(s.table_cache, 64 << 20);
+        assert_eq!(s.cluster_cache, 8 << 20);
+        assert_eq!(s.format, Some(Format::Raw));
+        let s = settings(&["-r", "-o", "rw", "img", "mnt"]).unwrap();
+        assert_eq!(s.access, Access::Auto);
+    }
+
+    #[test]
+    fn generic_mount_options_are_ignored_or_applied() {
+        let s = settings(&[
+            "-o",
+            "defaults,nodev,nosuid,noexec,noatime,relatime,auto,noauto,user,users,nouser,_netdev,nofail",
+            "-o",
+            "dev,suid,exec,atime,x-systemd.automount,comment=hello=world,fsname=vm,subtype=vmfs-mount",
+            "img",
+            "mnt",
+        ])
+        .unwrap();
+        assert_eq!(s.kernel_flags, vec!["nodev", "nosuid", "noexec", "noatime"]);
+        assert_eq!(s.fsname.as_deref(), Some("vm"));
+    }
+
+    #[test]
+    fn overlay_and_log_take_values() {
+        let s = settings(&["-o", "overlay=/tmp/o.qcow2,log=/tmp/l", "img", "mnt"]).unwrap();
+        assert_eq!(s.overlay, Some(PathBuf::from("/tmp/o.qcow2")));
+        assert_eq!(s.log_file, Some(PathBuf::from("/tmp/l")));
+        let s = settings(&["--overlay", "o", "img", "mnt"]).unwrap();
+        assert_eq!(s.overlay, Some(PathBuf::from("o")));
+    }
+
+    #[test]
+    fn bad_options_are_usage_errors() {
+        let e = settings(&["-o", "ro,bogus", "img", "mnt"]).unwrap_err();
+        assert!(e.0.contains("unknown mount option \"bogus\""), "{e:?}");
+        assert!(settings(&["-o", "threads=0", "img", "mnt"]).is_err());
+        assert!(settings(&["-o", "threads", "img", "mnt"]).is_err());
+        assert!(settings(&["-o", "overlay=", "img", "mnt"]).is_err());
+        assert!(settings(&["-o", "format=floppy", "img", "mnt"]).is_err());
+        assert!(settings(&["-o", "ro=1", "img", "mnt"]).is_err());
+        assert!(settings(&["-o", "allow_other,allow_root", "img", "mnt"]).is_err());
+        assert!(settings(&["-o", "auto_unmount", "img", "mnt"]).is_err());
+        assert!(settings(&["-o", "auto_unmount,allow_root", "img", "mnt"]).is_ok());
+    }
+
+    #[test]
+    fn list_needs_no_mountpoint_but_mount_does() {
+        assert!(settings(&["--list", "img"]).unwrap().list);
+        assert!(settings(&["--list", "--json", "img"]).unwrap().json);
+        assert!(Args::try_parse_from(["vmfs-mount", "img"]).is_err());
+        assert!(Args::try_parse_from(["vmfs-mount", "--json", "img", "mnt"]).is_err());
+    }
+
+    #[test]
+    fn sizes() {
+        assert_eq!(parse_size("256M").unwrap(), 256 << 20);
+        assert_eq!(parse_size("1g").unwrap(), 1 << 30);
+        assert_eq!(parse_size("2GiB").unwrap(), 2 << 30);
+        assert_eq!(parse_size("1048576").unwrap(), 1 << 20);
+        assert_eq!(parse_size("4096K").unwrap(), 4 << 20);
+        assert!(parse_size("12").is_err());
+        assert!(parse_size("M").is_err());
+        assert!(parse_size("5Q").is_err());
+        assert!(parse_size("99999999999999999999T").is_err());
+    }
+}

@@ -1,0 +1,274 @@
+//! `--list`: the chain and the tree a mount would show, as text or JSON (hand-written, escaped).
+
+use crate::mount::{Exposed, Opened};
+use std::fmt::Write;
+use std::path::Path;
+use std::time::{SystemTime, UNIX_EPOCH};
+use vmfs_mount::format::{Layer, ParentRef};
+use vmfs_mount::tree::Origin;
+
+struct LayerRow {
+    file: String,
+    format: String,
+    virtual_size: u64,
+    backing: Option<(String, String)>,
+    mtime: i64,
+    details: Vec<(String, String)>,
+}
+
+struct ViewRow {
+    path: String,
+    name: String,
+    kind: &'static str,
+    size: u64,
+    date: i64,
+    writable: bool,
+}
+
+fn layer_row(layer: &dyn Layer) -> LayerRow {
+    let backing = match layer.parent() {
+        ParentRef::None => None,
+        ParentRef::Path { raw, path, .. } => Some((raw, path.display().to_string())),
+        ParentRef::Search { dir, wanted, .. } => Some((wanted, dir.display().to_string())),
+    };
+    let mtime = std::fs::metadata(layer.path())
+        .and_then(|m| m.modified())
+        .map(secs)
+        .unwrap_or(0);
+    LayerRow {
+        file: layer.path().display().to_string(),
+        format: layer.format().name().to_string(),
+        virtual_size: layer.virtual_size(),
+        backing,
+        mtime,
+        details: layer.details(),
+    }
+}
+
+fn view_row(e: &Exposed, live: bool) -> ViewRow {
+    let kind = match e.spec.origin {
+        Origin::Live => "live",
+        Origin::Layer { .. } => "layer",
+        Origin::Snapshot { .. } => "snapshot",
+    };
+    ViewRow {
+        path: if live {
+            "disk.raw".into()
+        } else {
+            format!("snapshots/{}/disk.raw", e.spec.name)
+        },
+        name: e.spec.name.clone(),
+        kind,
+        size: e.spec.size,
+        date: secs(e.spec.mtime),
+        writable: e.writable,
+    }
+}
+
+fn secs(t: SystemTime) -> i64 {
+    match t.duration_since(UNIX_EPOCH) {
+        Ok(d) => i64::try_from(d.as_secs()).unwrap_or(i64::MAX),
+        Err(e) => -i64::try_from(e.duration().as_secs()).unwrap_or(i64::MAX),
+    }
+}
+
+fn rows(opened: &Opened) -> (Vec<LayerRow>, Vec<ViewRow>) {
+    let layers = opened.layers.iter().map(|l| layer_row(&**l)).collect();
+    let mut views = vec![view_row(&opened.live, true)];
+    views.extend(opened.snapshots.iter().map(|s| view_row(s, false)));
+    (layers, views)
+}
+
+pub fn text(image: &Path, opened: &Opened) -> String {
+    let (layers, views) = rows(opened);
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "Image {} ({} layer{}, top first):",
+        image.display(),
+        layers.len(),
+        plural(layers.len())
+    );
+    for (i, l) in layers.iter().enumerate() {
+        let _ = writeln!(out, "  [{i}] {}", l.file);
+        let _ = writeln!(out, "      format:        {}", l.format);
+        let _ = writeln!(
+            out,
+            "      virtual size:  {} ({} bytes)",
+            human(l.virtual_size),
+            l.virtual_size
+        );
+        if let Some((raw, resolved)) = &l.backing {
+            let _ = writeln!(out, "      backing file:  {raw} ({resolved})");
+        }
+        let _ = writeln!(out, "      modified:      {}", iso8601(l.mtime));
+        for (k, v) in &l.details {
+            let _ = writeln!(out, "      {:<14} {v}", format!("{k}:"));
+        }
+    }
+    let _ = writeln!(
+        out,
+        "Mounted tree ({} file{}):",
+        views.len(),
+        plural(views.len())
+    );
+    let width = views.iter().map(|v| v.path.len()).max().unwrap_or(0);
+    for v in &views {
+        let access = if v.writable { "rw" } else { "ro" };
+        let _ = writeln!(
+            out,
+            "  {:<width$}  {:>10}  {}  {access}  {}",
+            v.path,
+            human(v.size),
+            iso8601(v.date),
+            v.kind
+        );
+    }
+    out
+}
+
+pub fn json(image: &Path, opened: &Opened) -> String {
+    let (layers, views) = rows(opened);
+    let mut out = String::new();
+    let _ = write!(
+        out,
+        "{{\"image\":{},\"layers\":[",
+        quote(&image.display().to_string())
+    );
+    for (i, l) in layers.iter().enumerate() {
+        if i > 0 {
+            out.push(',');
+        }
+        let backing = match &l.backing {
+            Some((raw, resolved)) => format!("{},\"backing_path\":{}", quote(raw), quote(resolved)),
+            None => "null,\"backing_path\":null".into(),
+        };
+        let details: Vec<String> = l
+            .details
+            .iter()
+            .map(|(k, v)| format!("{}:{}", quote(k), quote(v)))
+            .collect();
+        let _ = write!(
+            out,
+            "{{\"file\":{},\"format\":{},\"virtual_size\":{},\"backing_file\":{backing},\"mtime\":{},\"mtime_iso\":{},\"details\":{{{}}}}}",
+            quote(&l.file),
+            quote(&l.format),
+            l.virtual_size,
+            l.mtime,
+            quote(&iso8601(l.mtime)),
+            details.join(",")
+        );
+    }
+    out.push_str("],\"views\":[");
+    for (i, v) in views.iter().enumerate() {
+        if i > 0 {
+            out.push(',');
+        }
+        let _ = write!(
+            out,
+            "{{\"path\":{},\"name\":{},\"kind\":{},\"size\":{},\"date\":{},\"date_iso\":{},\"writable\":{}}}",
+            quote(&v.path),
+            quote(&v.name),
+            quote(v.kind),
+            v.size,
+            v.date,
+            quote(&iso8601(v.date)),
+            v.writable
+        );
+    }
+    out.push_str("]}\n");
+    out
+}
+
+fn plural(n: usize) -> &'static str {
+    if n == 1 { "" } else { "s" }
+}
+
+/// A JSON string literal.
+pub fn quote(s: &str) -> String {
+    let mut out = String::with_capacity(s.len() + 2);
+    out.push('"');
+    for c in s.chars() {
+        match c {
+            '"' => out.push_str("\\\""),
+            '\\' => out.push_str("\\\\"),
+            '\n' => out.push_str("\\n"),
+            '\r' => out.push_str("\\r"),
+            '\t' => out.push_str("\\t"),
+            c if (c as u32) < 0x20 || c == '\u{7f}' => {
+                let _ = write!(out, "\\u{:04x}", c as u32);
+            }
+            c => out.push(c),
+        }
+    }
+    out.push('"');
+    out
+}
+
+/// `1.5 GiB`-style sizes for people.
+pub fn human(bytes: u64) -> String {
+    const UNITS: [&str; 6] = ["B", "KiB", "MiB", "GiB", "TiB", "PiB"];
+    let mut value = bytes as f64;
+    let mut unit = 0;
+    while value >= 1024.0 && unit + 1 < UNITS.len() {
+        value /= 1024.0;
+        unit += 1;
+    }
+    if unit == 0 {
+        format!("{bytes} B")
+    } else {
+        format!("{value:.1} {}", UNITS[unit])
+    }
+}
+
+/// Seconds since the epoch as `YYYY-MM-DDTHH:MM:SSZ` (UTC, proleptic Gregorian).
+pub fn iso8601(secs: i64) -> String {
+    let days = secs.div_euclid(86_400);
+    let rem = secs.rem_euclid(86_400);
+    let (y, m, d) = civil_from_days(days);
+    format!(
+        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60
+    )
+}
+
+/// Howard Hinnant's days-to-civil algorithm.
+fn civil_from_days(z: i64) -> (i64, u32, u32) {
+    let z = z + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = (doy - (153 * mp + 2) / 5 + 1) as u32;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    (y, m, d)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn dates() {
+        assert_eq!(iso8601(0), "1970-01-01T00:00:00Z");
+        assert_eq!(iso8601(951_782_400), "2000-02-29T00:00:00Z");
+        assert_eq!(iso8601(1_700_000_000), "2023-11-14T22:13:20Z");
+        assert_eq!(iso8601(-1), "1969-12-31T23:59:59Z");
+    }
+
+    #[test]
+    fn json_strings_are_escaped() {
+        assert_eq!(quote("a\"b\\c\nd\u{1}é"), "\"a\\\"b\\\\c\\nd\\u0001é\"");
+    }
+
+    #[test]
+    fn human_sizes() {
+        assert_eq!(human(512), "512 B");
+        assert_eq!(human(1536), "1.5 KiB");
+        assert_eq!(human(10 << 30), "10.0 GiB");
+    }
+}

@@ -1,0 +1,179 @@
+//! The command line without mounting: errors before anything is mounted, --list, --help.
+
+mod common;
+use common::*;
+use std::path::Path;
+use std::process::{Command, Output, Stdio};
+
+const BIN: &str = env!("CARGO_BIN_EXE_vmfs-mount");
+
+fn vmfs(args: &[&Path]) -> Output {
+    Command::new(BIN)
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .unwrap()
+}
+
+fn vmfs_str(args: &[&str]) -> Output {
+    Command::new(BIN)
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .unwrap()
+}
+
+/// Asserts a failure with `code` and exactly one stderr line containing `needle`.
+fn assert_one_line_error(out: &Output, code: i32, needle: &str) {
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(code), "stderr: {err}");
+    assert!(err.starts_with("vmfs-mount: "), "{err}");
+    assert!(err.contains(needle), "expected {needle:?} in {err}");
+    assert_eq!(
+        err.trim_end().lines().count(),
+        1,
+        "one line expected: {err}"
+    );
+    assert!(out.stdout.is_empty());
+}
+
+fn scratch_with_image(name: &str, len: usize) -> (Scratch, std::path::PathBuf, std::path::PathBuf) {
+    let s = Scratch::new(name);
+    let img = s.path("disk.img");
+    std::fs::write(&img, Rng::new(len as u64).bytes(len)).unwrap();
+    let mnt = s.path("mnt");
+    std::fs::create_dir(&mnt).unwrap();
+    (s, img, mnt)
+}
+
+#[test]
+fn missing_image_is_one_line_and_mounts_nothing() {
+    let (s, _img, mnt) = scratch_with_image("cli-missing", 4096);
+    let out = vmfs(&[&s.path("nope.qcow2"), &mnt]);
+    assert_one_line_error(&out, 1, "nope.qcow2");
+    assert_eq!(std::fs::read_dir(&mnt).unwrap().count(), 0);
+}
+
+#[test]
+fn directory_as_image_is_refused() {
+    let (s, _img, mnt) = scratch_with_image("cli-dirimg", 4096);
+    let out = vmfs(&[&s.0, &mnt]);
+    assert_one_line_error(&out, 1, "not a disk image");
+}
+
+#[test]
+fn bad_mount_points_are_refused() {
+    let (s, img, _mnt) = scratch_with_image("cli-badmnt", 4096);
+    assert_one_line_error(&vmfs(&[&img, &s.path("absent")]), 1, "does not exist");
+    assert_one_line_error(&vmfs(&[&img, &img]), 1, "is not a directory");
+}
+
+#[test]
+fn unknown_mount_option_exits_2() {
+    let (_s, img, mnt) = scratch_with_image("cli-badopt", 4096);
+    let out = vmfs_str(&[
+        "-o",
+        "ro,frobnicate",
+        img.to_str().unwrap(),
+        mnt.to_str().unwrap(),
+    ]);
+    assert_one_line_error(&out, 2, "unknown mount option \"frobnicate\"");
+    let out = vmfs_str(&[
+        "-o",
+        "threads=lots",
+        img.to_str().unwrap(),
+        mnt.to_str().unwrap(),
+    ]);
+    assert_one_line_error(&out, 2, "threads=lots");
+    let out = vmfs_str(&[
+        "--format",
+        "floppy",
+        img.to_str().unwrap(),
+        mnt.to_str().unwrap(),
+    ]);
+    assert_one_line_error(&out, 2, "unknown format");
+}
+
+#[test]
+fn overlay_is_not_supported_yet() {
+    let (s, img, mnt) = scratch_with_image("cli-overlay", 4096);
+    let overlay = s.path("overlay.qcow2");
+    let out = vmfs(&[Path::new("--overlay"), &overlay, &img, &mnt]);
+    assert_one_line_error(&out, 1, "not supported yet");
+    let opt = format!("overlay={}", overlay.display());
+    let out = vmfs_str(&["-o", &opt, img.to_str().unwrap(), mnt.to_str().unwrap()]);
+    assert_one_line_error(&out, 1, "not supported yet");
+}
+
+#[test]
+fn list_prints_the_chain_and_the_tree() {
+    let (_s, img, _mnt) = scratch_with_image("cli-list", 3 * 1024 * 1024 + 512);
+    let out = vmfs_str(&["--list", img.to_str().unwrap()]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8(out.stdout).unwrap();
+    assert!(text.contains(&format!("[0] {}", img.display())), "{text}");
+    assert!(text.contains("format:        raw"), "{text}");
+    assert!(text.contains("3146240 bytes"), "{text}");
+    assert!(text.contains("modified:"), "{text}");
+    assert!(text.contains("disk.raw"), "{text}");
+    assert!(text.contains("live"), "{text}");
+}
+
+#[test]
+fn list_json_is_escaped_and_complete() {
+    let s = Scratch::new("cli-json");
+    let img = s.path("we\"ird\\name.img");
+    std::fs::write(&img, Rng::new(1).bytes(1 << 20)).unwrap();
+    let out = vmfs_str(&["--list", "--json", img.to_str().unwrap()]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let json = String::from_utf8(out.stdout).unwrap();
+    assert!(json.contains("we\\\"ird\\\\name.img"), "{json}");
+    for needle in [
+        "\"format\":\"raw\"",
+        "\"virtual_size\":1048576",
+        "\"backing_file\":null",
+        "\"details\":{}",
+        "\"path\":\"disk.raw\"",
+        "\"kind\":\"live\"",
+        "\"size\":1048576",
+        "\"mtime\":",
+        "\"date_iso\":\"",
+    ] {
+        assert!(json.contains(needle), "{needle} missing from {json}");
+    }
+    assert!(json.starts_with('{') && json.trim_end().ends_with('}'));
+    assert_eq!(json.matches('{').count(), json.matches('}').count());
+}
+
+#[test]
+fn list_errors_like_mount() {
+    let out = vmfs_str(&["--list", "/nonexistent/vmfs/test.img"]);
+    assert_one_line_error(&out, 1, "/nonexistent/vmfs/test.img");
+}
+
+#[test]
+fn help_and_usage() {
+    let out = vmfs_str(&["--help"]);
+    assert!(out.status.success());
+    let help = String::from_utf8(out.stdout).unwrap();
+    for needle in [
+        "--foreground",
+        "--read-only",
+        "--overlay",
+        "--list",
+        "allow_other",
+        "snapshots/<name>/disk.raw",
+    ] {
+        assert!(help.contains(needle), "{needle} missing from --help");
+    }
+    let out = vmfs_str(&["only-an-image"]);
+    assert_eq!(out.status.code(), Some(2));
+}
