@@ -7,7 +7,9 @@
 
 pub mod compress;
 pub mod probe;
+pub mod qcow2;
 pub mod raw;
+pub mod raw_write;
 
 use crate::cache::ByteCache;
 use crate::error::{Error, Result};
