@@ -3,7 +3,7 @@
 //! refcount table. Every change is written through before the caller may reference the
 //! cluster, so the image on disk never references a cluster whose refcount is 0.
 
-use super::entry::{get_refcount, max_refcount, set_refcount};
+use super::entry::{get_refcount, set_refcount};
 use super::header::MAX_REFTABLE_BYTES;
 use crate::error::{Error, Kind, Result};
 use crate::host::HostFile;
