@@ -3,10 +3,11 @@
 //! its backing file is the image.
 
 use crate::cache::ByteCache;
-use crate::chain::resolve_relative;
 use crate::error::{Error, Kind, Result};
-use crate::format::qcow2::write::{create, header};
-use crate::format::{self, Format, OpenCtx};
+use crate::format::qcow2::Qcow2Image;
+use crate::format::qcow2::header::MAGIC;
+use crate::format::qcow2::write::create;
+use crate::format::{self, Format, OpenCtx, ParentRef};
 use crate::host::HostFile;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
@@ -49,21 +50,20 @@ pub fn backing_name(image: &Path, overlay: &Path) -> Result<PathBuf> {
 }
 
 fn validate(image: &Path, image_meta: &std::fs::Metadata, overlay: &Path) -> Result<()> {
-    let file = HostFile::open(overlay, false)?;
-    let mut head = vec![0u8; file.len().min(1 << 21) as usize];
-    file.read_exact_at(&mut head, 0, "header")?;
     let not_ours = |why: &str| {
         Error::new(Kind::InvalidInput, format!("{}: cannot be used as the overlay of {}: {why}", overlay.display(), image.display()))
     };
-    if head.len() < 4 || crate::host::endian::be32(&head, 0) != header::MAGIC {
+    let file = HostFile::open(overlay, false)?;
+    let mut magic = [0u8; 4];
+    if file.len() < 4 || file.read_exact_at(&mut magic, 0, "magic").is_err() || &magic != MAGIC {
         return Err(not_ours("it exists and is not a qcow2 image"));
     }
-    let h = header::parse(&head, overlay, file.len())?;
-    let Some(raw) = h.backing else {
+    let ctx = OpenCtx { tables: Arc::new(ByteCache::new(1 << 20)), writable: false };
+    let q = Qcow2Image::open(overlay, &ctx)?;
+    let ParentRef::Path { raw, path, .. } = &q.parent else {
         return Err(not_ours("it has no backing file"));
     };
-    let backing = resolve_relative(overlay, &raw);
-    let m = std::fs::metadata(&backing).map_err(|_| not_ours(&format!("its backing file {raw:?} does not exist")))?;
+    let m = std::fs::metadata(path).map_err(|_| not_ours(&format!("its backing file {raw:?} does not exist")))?;
     if (m.dev(), m.ino()) != (image_meta.dev(), image_meta.ino()) {
         return Err(not_ours(&format!("its backing file is {raw:?}, another file")));
     }

@@ -185,7 +185,7 @@ pub struct OpenCtx {
 pub fn open_layer(path: &Path, format: Format, ctx: &OpenCtx) -> Result<Arc<dyn Layer>> {
     match format {
         Format::Raw => raw::RawLayer::open(path, ctx),
-        Format::Qcow2 => qcow2::write::open(path, ctx),
+        Format::Qcow2 => qcow2::Qcow2Layer::open(path, ctx),
         other => Err(Error::unsupported(path, format!("format {other} is not implemented yet"))),
     }
 }

@@ -5,7 +5,7 @@
 
 use super::entry::{self, ALL_ALLOC, COPIED, Kind as EntryKind, OFFSET_MASK};
 use super::refcount::Refcounts;
-use super::Qcow2Image;
+use super::Qcow2Writer;
 use crate::error::{Error, Result};
 use crate::format::compress;
 use crate::write::BelowReader;
@@ -13,11 +13,11 @@ use crate::write::BelowReader;
 /// The largest stored compressed cluster we accept (cluster size plus slack).
 const MAX_COMPRESSED_SLACK: u64 = 4096;
 
-impl Qcow2Image {
+impl Qcow2Writer {
     pub(super) fn write_range(&self, off: u64, data: &[u8], below: BelowReader<'_>) -> Result<()> {
         let end = off
             .checked_add(data.len() as u64)
-            .filter(|&e| e <= self.size)
+            .filter(|&e| e <= self.size())
             .ok_or_else(|| Error::invalid(format!("write {off:#x}+{} is past the end of the disk", data.len())))?;
         let cs = self.cs();
         let mut pos = off;
@@ -38,7 +38,7 @@ impl Qcow2Image {
     /// Returns the bytes written (0: the first cluster needs copy-on-write).
     fn write_in_place(&self, off: u64, data: &[u8]) -> Result<u64> {
         let guard = self.meta.read();
-        let Some(rc) = guard.as_ref() else { return Ok(0) };
+        let rc = &*guard;
         let cs = self.cs();
         let end = off + data.len() as u64;
         let mut pos = off;
@@ -70,12 +70,12 @@ impl Qcow2Image {
             return Ok(None);
         }
         let l2 = self.l2_table(l1e & OFFSET_MASK)?;
-        let (desc, bitmap) = self.l2_entry(&l2, (pos / cs) % self.h.l2_entries());
+        let (desc, bitmap) = self.l2_entry(&l2, (pos / cs) % self.l2_entries());
         let EntryKind::Normal { host, copied } = self.decode(desc) else { return Ok(None) };
-        if !(copied || self.data_file.is_some()) || host % cs != 0 {
+        if !(copied || self.has_data_file()) || host % cs != 0 {
             return Ok(None);
         }
-        if self.data_file.is_none() && rc.metadata.contains(&(host / cs)) {
+        if !self.has_data_file() && rc.metadata.contains(&(host / cs)) {
             return Ok(None); // the slow path reports it
         }
         if self.ext() {
@@ -98,12 +98,12 @@ impl Qcow2Image {
     /// so a raw data file keeps the guest's size).
     pub(super) fn write_data(&self, host: u64, buf: &[u8]) -> Result<()> {
         let f = self.data_host();
-        let n = if self.data_file.is_some() { (buf.len() as u64).min(self.size.saturating_sub(host)) as usize } else { buf.len() };
+        let n = if self.has_data_file() { (buf.len() as u64).min(self.size().saturating_sub(host)) as usize } else { buf.len() };
         f.write_all_at(&buf[..n], host)
     }
 
     pub(super) fn alloc(&self, rc: &mut Refcounts) -> Result<u64> {
-        let file = &self.file;
+        let file = self.file();
         let header_write = |off: u64, clusters: u32| {
             let mut b = [0u8; 12];
             b[..8].copy_from_slice(&off.to_be_bytes());
@@ -115,17 +115,17 @@ impl Qcow2Image {
 
     /// Drops the references an L2 entry held, after the entry no longer holds them.
     pub(super) fn drop_refs(&self, rc: &mut Refcounts, kind: EntryKind) -> Result<()> {
-        if self.data_file.is_some() {
+        if self.has_data_file() {
             return Ok(());
         }
         let cs = self.cs();
         match kind {
             EntryKind::Normal { host, .. } | EntryKind::Zero { host } if host != 0 => {
-                rc.decrement(&self.file, host / cs)?;
+                rc.decrement(self.file(), host / cs)?;
             }
             EntryKind::Compressed { off, len } => {
                 for c in entry::compressed_clusters(off, len, cs) {
-                    rc.decrement(&self.file, c)?;
+                    rc.decrement(self.file(), c)?;
                 }
             }
             _ => {}
@@ -138,9 +138,9 @@ impl Qcow2Image {
     pub(super) fn writable_l2(&self, rc: &mut Refcounts, pos: u64) -> Result<u64> {
         let cs = self.cs();
         let l1i = pos / self.l2_span();
-        let at = self.h.l1_offset + l1i * 8;
+        let at = self.img.header.l1_table_offset + l1i * 8;
         let e = self.l1.read().get(l1i as usize).copied().ok_or_else(|| {
-            Error::corrupt(self.file.path(), "L1 table", at, "too small for the disk size")
+            Error::corrupt(&self.img.path, "L1 table", at, "too small for the disk size")
         })?;
         let old = e & OFFSET_MASK;
         if old != 0 && e & COPIED != 0 {
@@ -151,10 +151,10 @@ impl Qcow2Image {
         self.write_new_l2(new, table)?;
         rc.metadata.insert(new / cs);
         let ne = new | COPIED;
-        self.file.write_all_at(&ne.to_be_bytes(), at)?;
-        self.l1.write()[l1i as usize] = ne;
+        self.file().write_all_at(&ne.to_be_bytes(), at)?;
+        self.set_l1(l1i as usize, ne);
         if old != 0 {
-            rc.decrement(&self.file, old / cs)?;
+            rc.decrement(self.file(), old / cs)?;
         }
         Ok(new)
     }
@@ -169,13 +169,13 @@ impl Qcow2Image {
             }
             EntryKind::Normal { host, .. } => self.data_host().read_data_at(buf, host),
             EntryKind::Compressed { off, len } => {
-                let path = self.file.path();
+                let path = &self.img.path;
                 if len > self.cs() + MAX_COMPRESSED_SLACK {
                     return Err(Error::corrupt(path, "compressed cluster", off, format!("absurd stored size {len}")));
                 }
                 let mut raw = vec![0u8; len as usize];
-                self.file.read_data_at(&mut raw, off)?;
-                let c = compress::decompress(self.codec, &raw, buf.len(), path, off)?;
+                self.file().read_data_at(&mut raw, off)?;
+                let c = compress::decompress(self.codec(), &raw, buf.len(), path, off)?;
                 buf.copy_from_slice(&c);
                 Ok(())
             }
@@ -185,29 +185,29 @@ impl Qcow2Image {
     /// Writes `data` at guest `pos`, all inside one cluster, allocating or copying as needed.
     fn write_cluster(&self, pos: u64, data: &[u8], below: BelowReader<'_>) -> Result<()> {
         let mut guard = self.meta.write();
-        let rc = guard.as_mut().ok_or_else(|| self.failed_error())?;
+        let rc = &mut *guard;
         let cs = self.cs();
         let g = pos / cs * cs;
         let a = pos - g;
         let l2_off = self.writable_l2(rc, pos)?;
         let l2 = self.l2_table(l2_off)?;
-        let idx = (pos / cs) % self.h.l2_entries();
+        let idx = (pos / cs) % self.l2_entries();
         let (desc, bitmap) = self.l2_entry(&l2, idx);
-        self.unit_at(desc, bitmap, pos)?;
+        self.validate(desc, bitmap, pos, l2_off + idx * self.entry_size())?;
         let kind = self.decode(desc);
         if let EntryKind::Normal { host, .. } = kind
-            && self.data_file.is_none()
+            && !self.has_data_file()
             && rc.metadata.contains(&(host / cs))
         {
-            return Err(Error::corrupt(self.file.path(), "L2 entry", l2_off + idx * self.entry_size(), format!("data cluster {host:#x} overlaps metadata")));
+            return Err(Error::corrupt(&self.img.path, "L2 entry", l2_off + idx * self.entry_size(), format!("data cluster {host:#x} overlaps metadata")));
         }
         if self.ext() && !matches!(kind, EntryKind::Compressed { .. }) {
             return self.write_subclusters(rc, l2_off, &l2, idx, pos, data, desc, bitmap, below);
         }
-        let owned = matches!(kind, EntryKind::Normal { copied: true, .. }) || self.data_file.is_some();
+        let owned = matches!(kind, EntryKind::Normal { copied: true, .. }) || self.has_data_file();
         let target = match kind {
             EntryKind::Normal { host, .. } if owned => host,
-            _ if self.data_file.is_some() => g,
+            _ if self.has_data_file() => g,
             _ => self.alloc(rc)?,
         };
         if owned && matches!(kind, EntryKind::Normal { .. }) {
@@ -248,9 +248,9 @@ impl Qcow2Image {
         let (a, b) = (pos - g, pos - g + data.len() as u64);
         let kind = self.decode(desc);
         let (target, old) = match kind {
-            EntryKind::Normal { host, copied } if copied || self.data_file.is_some() => (host, Some(host)),
+            EntryKind::Normal { host, copied } if copied || self.has_data_file() => (host, Some(host)),
             EntryKind::Normal { host, .. } => (self.alloc(rc)?, Some(host)),
-            _ if self.data_file.is_some() => (g, None),
+            _ if self.has_data_file() => (g, None),
             _ => (self.alloc(rc)?, None),
         };
         let (first, last) = (a / us, (b - 1) / us);

@@ -3,7 +3,7 @@
 //! table, cluster 2 refcount block, then the L1 table. This is what `qemu-img create -f
 //! qcow2 -b BACKING -F FMT` makes, minus the optional feature-name table.
 
-use super::header::{EXT_BACKING_FORMAT, MAGIC};
+use super::super::header::{EXT_BACKING_FORMAT, MAGIC};
 use crate::error::{Error, Result};
 use std::io::Write;
 use std::path::Path;
@@ -26,7 +26,7 @@ pub fn image_bytes(size: u64, backing: Option<(&str, &str)>) -> Result<Vec<u8>> 
     }
     let mut img = vec![0u8; (total * CS) as usize];
     let h = &mut img[..CS as usize];
-    put(h, 0, &MAGIC.to_be_bytes());
+    put(h, 0, MAGIC);
     put(h, 4, &3u32.to_be_bytes());
     put(h, 20, &CLUSTER_BITS.to_be_bytes());
     put(h, 24, &size.to_be_bytes());
@@ -91,19 +91,26 @@ pub fn create(path: &Path, size: u64, backing: Option<(&str, &str)>) -> Result<(
 
 #[cfg(test)]
 mod tests {
-    use super::super::header;
+    use super::super::super::{Qcow2Image, header};
     use super::*;
+    use crate::format::{OpenCtx, ParentRef};
 
     #[test]
-    fn fresh_image_parses_and_names_its_backing_file() {
+    fn fresh_image_opens_and_names_its_backing_file() {
         let img = image_bytes(10 << 30, Some(("base.raw", "raw"))).unwrap();
-        let h = header::parse(&img, Path::new("t"), img.len() as u64).unwrap();
-        assert_eq!(h.version, 3);
-        assert_eq!(h.size, 10 << 30);
-        assert_eq!(h.l1_size, 20);
-        assert_eq!(h.backing.as_deref(), Some("base.raw"));
-        assert_eq!(h.backing_format.as_deref(), Some("raw"));
+        let h = header::Header::parse(&img, Path::new("t")).unwrap();
+        assert_eq!((h.version, h.size, h.l1_size), (3, 10 << 30, 20));
         assert_eq!(img.len() as u64, 4 * CS);
+        let dir = std::env::temp_dir().join(format!("vmfs-create-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let p = dir.join("o.qcow2");
+        create(&p, 1 << 20, Some(("base.raw", "raw"))).unwrap();
+        assert!(create(&p, 1 << 20, None).is_err(), "an existing file must not be replaced");
+        let ctx = OpenCtx { tables: std::sync::Arc::new(crate::cache::ByteCache::new(1 << 20)), writable: false };
+        let q = Qcow2Image::open(&p, &ctx).unwrap();
+        assert_eq!(q.extensions.backing_format.as_deref(), Some("raw"));
+        assert!(matches!(&q.parent, ParentRef::Path { raw, .. } if raw == "base.raw"));
+        std::fs::remove_dir_all(&dir).unwrap();
         assert!(image_bytes(1, Some(("", "raw"))).is_err());
         assert!(image_bytes(1 << 62, None).is_err());
     }

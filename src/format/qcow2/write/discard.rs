@@ -4,18 +4,18 @@
 //! flag: a cluster over a backing file gets zeros written (allocating), one without a
 //! backing file is simply unallocated. Partial (sub)clusters are written with zeros.
 
-use super::Qcow2Image;
+use super::Qcow2Writer;
 use super::entry::{ALL_ALLOC, ALL_ZERO, Kind as EntryKind, ZERO};
 use crate::error::{Error, Result};
 use crate::write::BelowReader;
 
 const ZERO_CHUNK: usize = 1 << 20;
 
-impl Qcow2Image {
+impl Qcow2Writer {
     pub(super) fn discard_range(&self, off: u64, len: u64, below: BelowReader<'_>) -> Result<()> {
         let end = off
             .checked_add(len)
-            .filter(|&e| e <= self.size)
+            .filter(|&e| e <= self.size())
             .ok_or_else(|| Error::invalid(format!("discard {off:#x}+{len} is past the end of the disk")))?;
         let cs = self.cs();
         let us = self.unit_size();
@@ -24,7 +24,7 @@ impl Qcow2Image {
             let g = pos / cs * cs;
             let cend = (g + cs).min(end);
             // Bytes past the disk size are invisible: a cut there counts as the cluster end.
-            let to_end = if cend == self.size { g + cs } else { cend };
+            let to_end = if cend == self.size() { g + cs } else { cend };
             if pos == g && to_end == g + cs {
                 self.discard_cluster(g, below)?;
             } else if self.ext() {
@@ -67,13 +67,13 @@ impl Qcow2Image {
     fn discard_cluster(&self, g: u64, below: BelowReader<'_>) -> Result<()> {
         let cs = self.cs();
         let mut guard = self.meta.write();
-        let rc = guard.as_mut().ok_or_else(|| self.failed_error())?;
+        let rc = &mut *guard;
         let cur = self.l2_offset_of(g);
         let (desc, bitmap) = if cur == 0 {
             (0, 0)
         } else {
-            let (d, b) = self.l2_entry(&self.l2_table(cur)?, (g / cs) % self.h.l2_entries());
-            self.unit_at(d, b, g)?;
+            let (d, b) = self.l2_entry(&self.l2_table(cur)?, (g / cs) % self.l2_entries());
+            self.validate(d, b, g, cur + ((g / cs) % self.l2_entries()) * self.entry_size())?;
             (d, b)
         };
         let kind = self.decode(desc);
@@ -86,15 +86,15 @@ impl Qcow2Image {
         if zero_already {
             return Ok(());
         }
-        if self.h.version == 2 && self.has_backing() {
+        if self.version() == 2 && self.has_backing() {
             drop(guard);
-            return self.write_zeros(g, (g + cs).min(self.size), below);
+            return self.write_zeros(g, (g + cs).min(self.size()), below);
         }
         let l2_off = self.writable_l2(rc, g)?;
         let l2 = self.l2_table(l2_off)?;
-        let idx = (g / cs) % self.h.l2_entries();
+        let idx = (g / cs) % self.l2_entries();
         self.zero_raw_data_file(g, 0, cs)?;
-        let mut e = if self.h.version == 2 { 0u64 } else if self.ext() { 0 } else { ZERO }.to_be_bytes().to_vec();
+        let mut e = if self.version() == 2 { 0u64 } else if self.ext() { 0 } else { ZERO }.to_be_bytes().to_vec();
         if self.ext() {
             e.extend_from_slice(&ALL_ZERO.to_be_bytes());
         }
@@ -107,12 +107,12 @@ impl Qcow2Image {
         let cs = self.cs();
         let us = self.unit_size();
         let mut guard = self.meta.write();
-        let rc = guard.as_mut().ok_or_else(|| self.failed_error())?;
+        let rc = &mut *guard;
         let l2_off = self.writable_l2(rc, g)?;
         let l2 = self.l2_table(l2_off)?;
-        let idx = (g / cs) % self.h.l2_entries();
+        let idx = (g / cs) % self.l2_entries();
         let (desc, bitmap) = self.l2_entry(&l2, idx);
-        self.unit_at(desc, bitmap, g)?;
+        self.validate(desc, bitmap, g, l2_off + idx * 16)?;
         let kind = self.decode(desc);
         if matches!(kind, EntryKind::Compressed { .. }) {
             drop(guard);
@@ -120,7 +120,7 @@ impl Qcow2Image {
         }
         let mask = self.sub_mask(s0 * us, s1 * us);
         let new_bitmap = (bitmap & !mask) | (mask << 32);
-        let release = matches!(kind, EntryKind::Normal { .. }) && self.data_file.is_none() && new_bitmap & ALL_ALLOC == 0;
+        let release = matches!(kind, EntryKind::Normal { .. }) && !self.has_data_file() && new_bitmap & ALL_ALLOC == 0;
         let new_desc = if release { 0 } else { desc };
         if new_bitmap == bitmap && new_desc == desc {
             return Ok(());

@@ -4,7 +4,7 @@
 //! cluster, so the image on disk never references a cluster whose refcount is 0.
 
 use super::entry::{get_refcount, set_refcount};
-use super::header::MAX_REFTABLE_BYTES;
+use super::super::MAX_REFTABLE_BYTES;
 use crate::error::{Error, Kind, Result};
 use crate::host::HostFile;
 use std::collections::{HashMap, HashSet};
