@@ -18,6 +18,14 @@ fn open_rw(image: &Path) -> View {
     View::new(layers, size, Arc::new(ByteCache::new(8 << 20)), 4096)
 }
 
+/// The library's view of internal snapshot `name` of `image`.
+fn snapshot_view(image: &Path, name: &str) -> View {
+    let mut layers = vmfs_mount::chain::open_chain(image, None, &ctx()).unwrap();
+    let info = layers[0].snapshots().into_iter().find(|s| s.name == name).unwrap();
+    layers[0] = layers[0].open_snapshot(info.index).unwrap();
+    View::new(layers, info.virtual_size, Arc::new(ByteCache::new(8 << 20)), 4096)
+}
+
 /// `qemu-img check` must find neither corruption nor leaks.
 fn check_clean(image: &Path) {
     let out = Command::new("qemu-img").args(["check", "-f", "qcow2"]).arg(image).output().unwrap();
@@ -118,6 +126,7 @@ fn run_case(c: &Case, seed: u64) {
     assert_same("reopened", &read_all(&open_view(&top).unwrap()), &model);
     if let Some(before) = snap {
         assert_same("snapshot s1", &qemu_raw(&top, Some("qcow2"), &["-l", "snapshot.name=s1"]), &before);
+        assert_same("snapshot s1 through the library", &read_all(&snapshot_view(&top, "s1")), &before);
     }
     if let Some(before) = base_before {
         assert!(sha(&base) == before, "backing file changed");

@@ -88,6 +88,14 @@ fn run(opts: &str, name: &str) {
     }
     view.flush().unwrap();
     assert_same("view after concurrent writes", &read_all(&view), &model);
+    // The snapshot seen through the same open image (shared table cache) is unchanged.
+    let layers = view.layers();
+    let info = layers[0].snapshots().into_iter().find(|s| s.name == "s1").unwrap();
+    let mut snap_layers = layers.to_vec();
+    snap_layers[0] = layers[0].open_snapshot(info.index).unwrap();
+    let snap_view = View::new(snap_layers, info.virtual_size, Arc::new(ByteCache::new(1 << 20)), 64);
+    assert_same("snapshot through the live image", &read_all(&snap_view), &snap);
+    drop(snap_view);
     drop(view);
     let out = Command::new("qemu-img").args(["check", "-f", "qcow2"]).arg(&top).output().unwrap();
     assert!(out.status.success(), "qemu-img check: {}", String::from_utf8_lossy(&out.stdout));

@@ -213,12 +213,19 @@ impl Qcow2Writer {
         if owned && matches!(kind, EntryKind::Normal { .. }) {
             return self.write_data(target + a, data);
         }
-        let mut buf = vec![0u8; cs as usize];
-        if a > 0 || data.len() as u64 != cs {
-            self.read_cluster(kind, g, &mut buf, below)?;
+        // Space past the end of the file reads as zeros: a fresh cluster over zeros needs
+        // only the new bytes.
+        let zeros_below = matches!(kind, EntryKind::Zero { .. }) || (kind == EntryKind::Unallocated && !self.has_backing());
+        if zeros_below && target >= self.data_host().len() {
+            self.write_data(target + a, data)?;
+        } else {
+            let mut buf = vec![0u8; cs as usize];
+            if a > 0 || data.len() as u64 != cs {
+                self.read_cluster(kind, g, &mut buf, below)?;
+            }
+            buf[a as usize..a as usize + data.len()].copy_from_slice(data);
+            self.write_data(target, &buf)?;
         }
-        buf[a as usize..a as usize + data.len()].copy_from_slice(data);
-        self.write_data(target, &buf)?;
         let mut e = (target | COPIED).to_be_bytes().to_vec();
         if self.ext() {
             e.extend_from_slice(&ALL_ALLOC.to_be_bytes());
