@@ -34,12 +34,20 @@ pub struct Perms {
 
 impl Perms {
     /// A writable image, as QEMU's qcow2/raw format node over it asks.
-    pub const WRITER: Perms =
-        Perms { held: PERM_CONSISTENT_READ | PERM_WRITE | PERM_RESIZE, shared: PERM_CONSISTENT_READ | PERM_WRITE_UNCHANGED };
+    pub const WRITER: Perms = Perms {
+        held: PERM_CONSISTENT_READ | PERM_WRITE | PERM_RESIZE,
+        shared: PERM_CONSISTENT_READ | PERM_WRITE_UNCHANGED,
+    };
     /// A read-only image or a backing file: nobody may change it under us.
-    pub const READER: Perms = Perms { held: PERM_CONSISTENT_READ, shared: PERM_CONSISTENT_READ | PERM_WRITE_UNCHANGED };
+    pub const READER: Perms = Perms {
+        held: PERM_CONSISTENT_READ,
+        shared: PERM_CONSISTENT_READ | PERM_WRITE_UNCHANGED,
+    };
     /// `-U` / force-share: read whatever others do to the file.
-    pub const FORCE_SHARE: Perms = Perms { held: PERM_CONSISTENT_READ, shared: PERM_ALL };
+    pub const FORCE_SHARE: Perms = Perms {
+        held: PERM_CONSISTENT_READ,
+        shared: PERM_ALL,
+    };
 
     /// The bytes this open file must lock (shared).
     pub fn lock_bytes(self) -> Vec<u64> {
@@ -51,7 +59,9 @@ impl Perms {
     /// The bytes that must be free of other owners' locks, with the permission each protects
     /// and whether the conflict is on "shared" (someone refuses to share what we want).
     pub fn test_bytes(self) -> Vec<(u64, u32, bool)> {
-        let mut v: Vec<(u64, u32, bool)> = bits(self.held).map(|i| (SHARED_BASE + i, 1 << i, false)).collect();
+        let mut v: Vec<(u64, u32, bool)> = bits(self.held)
+            .map(|i| (SHARED_BASE + i, 1 << i, false))
+            .collect();
         v.extend(bits(!self.shared & PERM_ALL).map(|i| (PERM_BASE + i, 1 << i, true)));
         v
     }
@@ -97,8 +107,16 @@ pub fn lock_for_mount_shared(files_ro: &[Arc<HostFile>]) -> Result<LockGuard> {
     lock_with(&[], files_ro, true)
 }
 
-fn lock_with(files_rw: &[Arc<HostFile>], files_ro: &[Arc<HostFile>], force_share: bool) -> Result<LockGuard> {
-    let ro_perms = if force_share { Perms::FORCE_SHARE } else { Perms::READER };
+fn lock_with(
+    files_rw: &[Arc<HostFile>],
+    files_ro: &[Arc<HostFile>],
+    force_share: bool,
+) -> Result<LockGuard> {
+    let ro_perms = if force_share {
+        Perms::FORCE_SHARE
+    } else {
+        Perms::READER
+    };
     let mut guard = LockGuard { held: Vec::new() };
     let mut seen = std::collections::HashSet::new();
     let rw = files_rw.iter().map(|f| (f, Perms::WRITER));
@@ -118,7 +136,8 @@ fn lock_with(files_rw: &[Arc<HostFile>], files_ro: &[Arc<HostFile>], force_share
         }
         guard.held.push((file.clone(), taken));
         for (b, perm, shared) in perms.test_bytes() {
-            let busy = ofd_test(file, b).map_err(|e| Error::io(file.path(), &format!("test lock byte {b}"), e))?;
+            let busy = ofd_test(file, b)
+                .map_err(|e| Error::io(file.path(), &format!("test lock byte {b}"), e))?;
             if busy {
                 let what = if shared { "shared " } else { "" };
                 return Err(Error::new(
@@ -149,7 +168,11 @@ fn ofd_lock(file: &HostFile, byte: u64, kind: libc::c_short) -> std::io::Result<
     let mut fl = flock_for(byte, kind);
     // SAFETY: the fd is open for the lifetime of `file`; fl is a valid flock.
     let r = unsafe { libc::fcntl(file.std_file().as_raw_fd(), libc::F_OFD_SETLK, &mut fl) };
-    if r == -1 { Err(std::io::Error::last_os_error()) } else { Ok(()) }
+    if r == -1 {
+        Err(std::io::Error::last_os_error())
+    } else {
+        Ok(())
+    }
 }
 
 /// True if another open file description holds a lock that an exclusive lock would hit.
@@ -186,14 +209,26 @@ mod tests {
         let b = HostFile::open(&p, true).unwrap();
         let c = HostFile::open(&p, false).unwrap();
         let g = lock_for_mount(&[a], &[]).unwrap();
-        let e = lock_for_mount(&[b.clone()], &[]).err().unwrap();
+        let e = lock_for_mount(std::slice::from_ref(&b), &[]).err().unwrap();
         assert_eq!(e.kind(), Kind::Busy, "{e}");
-        assert_eq!(lock_for_mount(&[], &[c.clone()]).err().unwrap().kind(), Kind::Busy);
-        let shared = lock_for_mount_shared(&[c.clone()]).unwrap();
+        assert_eq!(
+            lock_for_mount(&[], std::slice::from_ref(&c))
+                .err()
+                .unwrap()
+                .kind(),
+            Kind::Busy
+        );
+        let shared = lock_for_mount_shared(std::slice::from_ref(&c)).unwrap();
         drop(shared);
         drop(g);
-        let g2 = lock_for_mount(&[], &[c.clone()]).unwrap();
-        assert_eq!(lock_for_mount(&[b.clone()], &[]).err().unwrap().kind(), Kind::Busy);
+        let g2 = lock_for_mount(&[], std::slice::from_ref(&c)).unwrap();
+        assert_eq!(
+            lock_for_mount(std::slice::from_ref(&b), &[])
+                .err()
+                .unwrap()
+                .kind(),
+            Kind::Busy
+        );
         drop(g2);
         lock_for_mount(&[b], &[]).unwrap();
         std::fs::remove_dir_all(&dir).unwrap();

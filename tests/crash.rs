@@ -30,12 +30,19 @@ fn next_op(rng: &mut Rng) -> (Op, bool) {
         off = off / CS * CS;
     }
     let len = (1 + rng.below(3 * CS)).min(SIZE - off);
-    let op = if rng.below(6) == 0 { Op::Discard(off, len) } else { Op::Write(off, rng.bytes(len as usize)) };
+    let op = if rng.below(6) == 0 {
+        Op::Discard(off, len)
+    } else {
+        Op::Write(off, rng.bytes(len as usize))
+    };
     (op, rng.below(5) == 0)
 }
 
 fn open_rw(image: &Path) -> View {
-    let ctx = OpenCtx { tables: Arc::new(ByteCache::new(16 << 20)), writable: true };
+    let ctx = OpenCtx {
+        tables: Arc::new(ByteCache::new(16 << 20)),
+        writable: true,
+    };
     let layers = vmfs_mount::chain::open_chain(image, None, &ctx).unwrap();
     let size = layers[0].virtual_size();
     View::new(layers, size, Arc::new(ByteCache::new(8 << 20)), 4096)
@@ -45,7 +52,9 @@ fn open_rw(image: &Path) -> View {
 /// flush after op i returned.
 #[test]
 fn crash_child() {
-    let Ok(image) = std::env::var(CHILD_ENV) else { return };
+    let Ok(image) = std::env::var(CHILD_ENV) else {
+        return;
+    };
     let seed: u64 = std::env::var("VMFS_CRASH_SEED").unwrap().parse().unwrap();
     let view = open_rw(Path::new(&image));
     let mut rng = Rng::new(seed);
@@ -67,12 +76,23 @@ fn crash_child() {
 }
 
 fn qemu_check_no_corruption(image: &Path) {
-    let out = Command::new("qemu-img").args(["check", "-f", "qcow2"]).arg(image).output().unwrap();
-    let text = String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+    let out = Command::new("qemu-img")
+        .args(["check", "-f", "qcow2"])
+        .arg(image)
+        .output()
+        .unwrap();
+    let text =
+        String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
     // Exit status 0: clean; 3: leaked clusters only. 2 would be corruption.
     let code = out.status.code();
-    assert!(code == Some(0) || code == Some(3), "qemu-img check after crash: {text}");
-    assert!(!text.contains("ERROR"), "qemu-img check after crash: {text}");
+    assert!(
+        code == Some(0) || code == Some(3),
+        "qemu-img check after crash: {text}"
+    );
+    assert!(
+        !text.contains("ERROR"),
+        "qemu-img check after crash: {text}"
+    );
 }
 
 fn round(s: &Scratch, r: u64, opts: &str) {
@@ -80,13 +100,27 @@ fn round(s: &Scratch, r: u64, opts: &str) {
     let base = s.path("base.raw");
     let top = s.path(&format!("top{r}.qcow2"));
     std::fs::write(&base, rng.bytes(SIZE as usize)).unwrap();
-    qemu_img(&["create", "-q", "-f", "qcow2", "-o", opts, "-b", "base.raw", "-F", "raw", top.to_str().unwrap(), &SIZE.to_string()]);
+    qemu_img(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-o",
+        opts,
+        "-b",
+        "base.raw",
+        "-F",
+        "raw",
+        top.to_str().unwrap(),
+        &SIZE.to_string(),
+    ]);
     if r % 2 == 1 {
         write_random("qcow2", &top, &mut rng, 0, 64 * 1024);
         qemu_img(&["snapshot", "-c", "s1", top.to_str().unwrap()]);
     }
     let start = qemu_raw(&top, Some("qcow2"), &[]);
-    let snap_before = (r % 2 == 1).then(|| qemu_raw(&top, Some("qcow2"), &["-l", "snapshot.name=s1"]));
+    let snap_before =
+        (r % 2 == 1).then(|| qemu_raw(&top, Some("qcow2"), &["-l", "snapshot.name=s1"]));
 
     let seed = 5000 + r;
     let kill_after_flushes = 1 + rng.below(30);
@@ -148,12 +182,22 @@ fn round(s: &Scratch, r: u64, opts: &str) {
         }
     }
     let got = qemu_raw(&top, Some("qcow2"), &[]);
-    let lost = got.iter().zip(&model).zip(&unsure).position(|((g, m), u)| !u && g != m);
+    let lost = got
+        .iter()
+        .zip(&model)
+        .zip(&unsure)
+        .position(|((g, m), u)| !u && g != m);
     if let Some(i) = lost {
-        panic!("round {r}: flushed data lost at {i:#x} (flushed up to op {flushed:?}, started {started:?})");
+        panic!(
+            "round {r}: flushed data lost at {i:#x} (flushed up to op {flushed:?}, started {started:?})"
+        );
     }
     if let Some(before) = snap_before {
-        assert_same("snapshot after crash", &qemu_raw(&top, Some("qcow2"), &["-l", "snapshot.name=s1"]), &before);
+        assert_same(
+            "snapshot after crash",
+            &qemu_raw(&top, Some("qcow2"), &["-l", "snapshot.name=s1"]),
+            &before,
+        );
     }
     std::fs::remove_file(&top).unwrap();
 }

@@ -13,7 +13,8 @@ use vmfs_mount::lock::{lock_for_mount, lock_for_mount_shared};
 /// Runs a QEMU tool and returns (success, stdout + stderr).
 fn try_run(cmd: &str, args: &[&str]) -> (bool, String) {
     let out = Command::new(cmd).args(args).output().unwrap();
-    let text = String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+    let text =
+        String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
     // qemu-io reports some failures on stdout with status 0.
     (out.status.success() && !text.contains("ailed"), text)
 }
@@ -22,7 +23,18 @@ fn images(s: &Scratch) -> (std::path::PathBuf, std::path::PathBuf) {
     let base = s.path("base.raw");
     let top = s.path("top.qcow2");
     std::fs::write(&base, vec![0u8; 1 << 20]).unwrap();
-    qemu_img(&["create", "-q", "-f", "qcow2", "-b", "base.raw", "-F", "raw", top.to_str().unwrap(), "1M"]);
+    qemu_img(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-b",
+        "base.raw",
+        "-F",
+        "raw",
+        top.to_str().unwrap(),
+        "1M",
+    ]);
     (base, top)
 }
 
@@ -39,9 +51,15 @@ fn qemu_cannot_write_what_we_mount() {
     let guard = lock_for_mount(&[rw], &[ro]).unwrap();
 
     let (ok, text) = try_run("qemu-io", &["-f", "qcow2", "-c", "write 0 512", p(&top)]);
-    assert!(!ok && text.contains("lock"), "qemu-io wrote the mounted image: {text}");
+    assert!(
+        !ok && text.contains("lock"),
+        "qemu-io wrote the mounted image: {text}"
+    );
     let (ok, text) = try_run("qemu-io", &["-f", "raw", "-c", "write 0 512", p(&base)]);
-    assert!(!ok && text.contains("lock"), "qemu-io wrote the backing file: {text}");
+    assert!(
+        !ok && text.contains("lock"),
+        "qemu-io wrote the backing file: {text}"
+    );
     // As with a running QEMU: info needs -U on the written image, works on the backing file.
     let (ok, _) = try_run("qemu-img", &["info", "-U", p(&top)]);
     assert!(ok);
@@ -78,11 +96,18 @@ fn we_cannot_mount_what_qemu_writes() {
     }
 
     let rw = HostFile::open(&top, true).unwrap();
-    let e = lock_for_mount(&[rw.clone()], &[]).err().expect("locked a file qemu-io writes");
+    let e = lock_for_mount(std::slice::from_ref(&rw), &[])
+        .err()
+        .expect("locked a file qemu-io writes");
     assert_eq!(e.kind(), Kind::Busy, "{e}");
     assert!(e.to_string().contains("lock"), "{e}");
     let ro = HostFile::open(&top, false).unwrap();
-    assert_eq!(lock_for_mount(&[], &[ro.clone()]).err().map(|e| e.kind()), Some(Kind::Busy));
+    assert_eq!(
+        lock_for_mount(&[], std::slice::from_ref(&ro))
+            .err()
+            .map(|e| e.kind()),
+        Some(Kind::Busy)
+    );
     // Force-share (read-only mounts only) reads along.
     drop(lock_for_mount_shared(&[ro]).unwrap());
 

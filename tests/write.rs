@@ -12,7 +12,10 @@ use vmfs_mount::format::OpenCtx;
 use vmfs_mount::view::View;
 
 fn open_rw(image: &Path) -> View {
-    let ctx = OpenCtx { tables: Arc::new(ByteCache::new(16 << 20)), writable: true };
+    let ctx = OpenCtx {
+        tables: Arc::new(ByteCache::new(16 << 20)),
+        writable: true,
+    };
     let layers = vmfs_mount::chain::open_chain(image, None, &ctx).unwrap();
     let size = layers[0].virtual_size();
     View::new(layers, size, Arc::new(ByteCache::new(8 << 20)), 4096)
@@ -21,16 +24,34 @@ fn open_rw(image: &Path) -> View {
 /// The library's view of internal snapshot `name` of `image`.
 fn snapshot_view(image: &Path, name: &str) -> View {
     let mut layers = vmfs_mount::chain::open_chain(image, None, &ctx()).unwrap();
-    let info = layers[0].snapshots().into_iter().find(|s| s.name == name).unwrap();
+    let info = layers[0]
+        .snapshots()
+        .into_iter()
+        .find(|s| s.name == name)
+        .unwrap();
     layers[0] = layers[0].open_snapshot(info.index).unwrap();
-    View::new(layers, info.virtual_size, Arc::new(ByteCache::new(8 << 20)), 4096)
+    View::new(
+        layers,
+        info.virtual_size,
+        Arc::new(ByteCache::new(8 << 20)),
+        4096,
+    )
 }
 
 /// `qemu-img check` must find neither corruption nor leaks.
 fn check_clean(image: &Path) {
-    let out = Command::new("qemu-img").args(["check", "-f", "qcow2"]).arg(image).output().unwrap();
-    let text = String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success() && text.contains("No errors"), "qemu-img check {}: {text}", image.display());
+    let out = Command::new("qemu-img")
+        .args(["check", "-f", "qcow2"])
+        .arg(image)
+        .output()
+        .unwrap();
+    let text =
+        String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success() && text.contains("No errors"),
+        "qemu-img check {}: {text}",
+        image.display()
+    );
 }
 
 fn sha(p: &Path) -> Vec<u8> {
@@ -41,7 +62,12 @@ fn sha(p: &Path) -> Vec<u8> {
 fn workload(view: &View, model: &mut [u8], rng: &mut Rng, ops: usize, cs: u64) {
     let size = model.len() as u64;
     // The first and the last byte, then a run over the end of the disk.
-    for (off, len) in [(0, 1), (size - 1, 1), (size - 3 * cs / 2, 3 * cs / 2), (size / 2 + 7, 9)] {
+    for (off, len) in [
+        (0, 1),
+        (size - 1, 1),
+        (size - 3 * cs / 2, 3 * cs / 2),
+        (size / 2 + 7, 9),
+    ] {
         let data = rng.bytes(len as usize);
         view.write(off, &data).unwrap();
         model[off as usize..(off + len) as usize].copy_from_slice(&data);
@@ -89,7 +115,14 @@ fn run_case(c: &Case, seed: u64) {
     let mut rng = Rng::new(seed);
     let top = s.path("top.qcow2");
     let base = s.path("base.raw");
-    let mut args: Vec<String> = vec!["create".into(), "-q".into(), "-f".into(), "qcow2".into(), "-o".into(), c.opts.into()];
+    let mut args: Vec<String> = vec![
+        "create".into(),
+        "-q".into(),
+        "-f".into(),
+        "qcow2".into(),
+        "-o".into(),
+        c.opts.into(),
+    ];
     if c.backing {
         // A shorter backing file: reads past its end are zeros.
         std::fs::write(&base, rng.bytes((c.size - c.size / 5) as usize)).unwrap();
@@ -100,12 +133,31 @@ fn run_case(c: &Case, seed: u64) {
     // Some data, a compressed cluster, zero clusters, then (optionally) a snapshot that
     // shares all of it, then more data on top.
     write_random("qcow2", &top, &mut rng, 0, (3 * c.cs) as usize);
-    write_random("qcow2", &top, &mut rng, c.size / 2 + 100, (2 * c.cs) as usize);
+    write_random(
+        "qcow2",
+        &top,
+        &mut rng,
+        c.size / 2 + 100,
+        (2 * c.cs) as usize,
+    );
     let pat = s.path("pat");
     std::fs::write(&pat, rng.bytes(c.cs as usize)).unwrap();
-    qemu_io("qcow2", &top, &[format!("write -c -s {} {} {}", pat.display(), 4 * c.cs, c.cs)]);
+    qemu_io(
+        "qcow2",
+        &top,
+        &[format!(
+            "write -c -s {} {} {}",
+            pat.display(),
+            4 * c.cs,
+            c.cs
+        )],
+    );
     if c.opts.contains("compat=1.1") || !c.opts.contains("compat=0.10") {
-        qemu_io("qcow2", &top, &[format!("write -z {} {}", 6 * c.cs, 2 * c.cs)]);
+        qemu_io(
+            "qcow2",
+            &top,
+            &[format!("write -z {} {}", 6 * c.cs, 2 * c.cs)],
+        );
     }
     let mut snap = None;
     if c.snapshot {
@@ -122,11 +174,23 @@ fn run_case(c: &Case, seed: u64) {
         assert_same("through the view", &read_all(&view), &model);
     }
     check_clean(&top);
-    assert_same("qemu-img convert", &qemu_raw(&top, Some("qcow2"), &[]), &model);
+    assert_same(
+        "qemu-img convert",
+        &qemu_raw(&top, Some("qcow2"), &[]),
+        &model,
+    );
     assert_same("reopened", &read_all(&open_view(&top).unwrap()), &model);
     if let Some(before) = snap {
-        assert_same("snapshot s1", &qemu_raw(&top, Some("qcow2"), &["-l", "snapshot.name=s1"]), &before);
-        assert_same("snapshot s1 through the library", &read_all(&snapshot_view(&top, "s1")), &before);
+        assert_same(
+            "snapshot s1",
+            &qemu_raw(&top, Some("qcow2"), &["-l", "snapshot.name=s1"]),
+            &before,
+        );
+        assert_same(
+            "snapshot s1 through the library",
+            &read_all(&snapshot_view(&top, "s1")),
+            &before,
+        );
     }
     if let Some(before) = base_before {
         assert!(sha(&base) == before, "backing file changed");
@@ -135,39 +199,88 @@ fn run_case(c: &Case, seed: u64) {
 
 #[test]
 fn v3_over_backing_with_snapshot() {
-    let c = Case { name: "v3", opts: "compat=1.1,cluster_size=65536", cs: 65536, size: (5 << 20) + 1536, backing: true, snapshot: true, ops: 300 };
+    let c = Case {
+        name: "v3",
+        opts: "compat=1.1,cluster_size=65536",
+        cs: 65536,
+        size: (5 << 20) + 1536,
+        backing: true,
+        snapshot: true,
+        ops: 300,
+    };
     run_case(&c, 1);
 }
 
 #[test]
 fn v2_over_backing_with_snapshot() {
-    let c = Case { name: "v2", opts: "compat=0.10,cluster_size=4096", cs: 4096, size: (2 << 20) + 512, backing: true, snapshot: true, ops: 300 };
+    let c = Case {
+        name: "v2",
+        opts: "compat=0.10,cluster_size=4096",
+        cs: 4096,
+        size: (2 << 20) + 512,
+        backing: true,
+        snapshot: true,
+        ops: 300,
+    };
     run_case(&c, 2);
 }
 
 #[test]
 fn v2_without_backing() {
-    let c = Case { name: "v2nb", opts: "compat=0.10,cluster_size=4096", cs: 4096, size: 1 << 20, backing: false, snapshot: false, ops: 200 };
+    let c = Case {
+        name: "v2nb",
+        opts: "compat=0.10,cluster_size=4096",
+        cs: 4096,
+        size: 1 << 20,
+        backing: false,
+        snapshot: false,
+        ops: 200,
+    };
     run_case(&c, 3);
 }
 
 #[test]
 fn extended_l2_over_backing_with_snapshot() {
-    let c = Case { name: "extl2", opts: "compat=1.1,extended_l2=on,cluster_size=65536", cs: 65536, size: (4 << 20) + 3 * 512, backing: true, snapshot: true, ops: 400 };
+    let c = Case {
+        name: "extl2",
+        opts: "compat=1.1,extended_l2=on,cluster_size=65536",
+        cs: 65536,
+        size: (4 << 20) + 3 * 512,
+        backing: true,
+        snapshot: true,
+        ops: 400,
+    };
     run_case(&c, 4);
 }
 
 #[test]
 fn extended_l2_small_clusters_without_backing() {
-    let c = Case { name: "extl2s", opts: "compat=1.1,extended_l2=on,cluster_size=16384,refcount_bits=8", cs: 16384, size: 2 << 20, backing: false, snapshot: false, ops: 300 };
+    let c = Case {
+        name: "extl2s",
+        opts: "compat=1.1,extended_l2=on,cluster_size=16384,refcount_bits=8",
+        cs: 16384,
+        size: 2 << 20,
+        backing: false,
+        snapshot: false,
+        ops: 300,
+    };
     run_case(&c, 5);
 }
 
 #[test]
 fn refcount_widths() {
     for (i, bits) in [1u32, 4, 16, 64].into_iter().enumerate() {
-        let opts = Box::leak(format!("compat=1.1,cluster_size=512,refcount_bits={bits}").into_boxed_str());
-        let c = Case { name: Box::leak(format!("rc{bits}").into_boxed_str()), opts, cs: 512, size: 1 << 20, backing: bits != 1, snapshot: bits >= 16, ops: 60 };
+        let opts =
+            Box::leak(format!("compat=1.1,cluster_size=512,refcount_bits={bits}").into_boxed_str());
+        let c = Case {
+            name: Box::leak(format!("rc{bits}").into_boxed_str()),
+            opts,
+            cs: 512,
+            size: 1 << 20,
+            backing: bits != 1,
+            snapshot: bits >= 16,
+            ops: 60,
+        };
         run_case(&c, 10 + i as u64);
     }
 }
@@ -185,7 +298,16 @@ fn grow(bits: u32, mib: usize) {
     let s = Scratch::new(&format!("write-grow{bits}"));
     let top = s.path("top.qcow2");
     let opts = format!("cluster_size=512,refcount_bits={bits}");
-    qemu_img(&["create", "-q", "-f", "qcow2", "-o", &opts, top.to_str().unwrap(), &format!("{mib}M")]);
+    qemu_img(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-o",
+        &opts,
+        top.to_str().unwrap(),
+        &format!("{mib}M"),
+    ]);
     let before = std::fs::read(&top).unwrap()[48..60].to_vec();
     let mut rng = Rng::new(77);
     let mut model = vec![0u8; mib << 20];
@@ -200,7 +322,10 @@ fn grow(bits: u32, mib: usize) {
     }
     let after = std::fs::read(&top).unwrap()[48..60].to_vec();
     assert_ne!(before, after, "refcount table did not move");
-    assert!(u32::from_be_bytes(after[8..12].try_into().unwrap()) > 1, "refcount table did not grow");
+    assert!(
+        u32::from_be_bytes(after[8..12].try_into().unwrap()) > 1,
+        "refcount table did not grow"
+    );
     check_clean(&top);
     assert_same("convert", &qemu_raw(&top, Some("qcow2"), &[]), &model);
 }
@@ -211,9 +336,17 @@ fn external_raw_data_file() {
     let top = s.path("top.qcow2");
     let data = s.path("top.data");
     qemu_img(&[
-        "create", "-q", "-f", "qcow2", "-o",
-        &format!("data_file={},data_file_raw=on,extended_l2=on", data.display()),
-        top.to_str().unwrap(), "3M",
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-o",
+        &format!(
+            "data_file={},data_file_raw=on,extended_l2=on",
+            data.display()
+        ),
+        top.to_str().unwrap(),
+        "3M",
     ]);
     let mut rng = Rng::new(9);
     write_random("qcow2", &top, &mut rng, 70000, 100000);
@@ -225,7 +358,11 @@ fn external_raw_data_file() {
     check_clean(&top);
     assert_same("convert", &qemu_raw(&top, Some("qcow2"), &[]), &model);
     // A raw data file reads as the disk on its own.
-    assert_same("data file", &std::fs::read(&data).unwrap()[..model.len()], &model);
+    assert_same(
+        "data file",
+        &std::fs::read(&data).unwrap()[..model.len()],
+        &model,
+    );
 }
 
 #[test]
@@ -262,7 +399,8 @@ fn hostile_l2_entry_pointing_at_metadata_is_refused() {
     // Point guest cluster 0 at the header cluster (offset 0 | COPIED).
     let mut bytes = std::fs::read(&top).unwrap();
     let l1 = u64::from_be_bytes(bytes[40..48].try_into().unwrap()) as usize;
-    let l2 = (u64::from_be_bytes(bytes[l1..l1 + 8].try_into().unwrap()) & 0x00ff_ffff_ffff_fe00) as usize;
+    let l2 = (u64::from_be_bytes(bytes[l1..l1 + 8].try_into().unwrap()) & 0x00ff_ffff_ffff_fe00)
+        as usize;
     bytes[l2..l2 + 8].copy_from_slice(&((1u64 << 63) | (l1 as u64)).to_be_bytes());
     std::fs::write(&top, &bytes).unwrap();
     let header_before = bytes[..4096].to_vec();
@@ -270,7 +408,10 @@ fn hostile_l2_entry_pointing_at_metadata_is_refused() {
     let e = view.write(10, &[1, 2, 3]).unwrap_err();
     assert_eq!(e.kind(), vmfs_mount::error::Kind::Corrupt, "{e}");
     // Later writes are refused too (latched), reads go on.
-    assert_eq!(view.write(200_000, &[1]).unwrap_err().kind(), vmfs_mount::error::Kind::Failed);
+    assert_eq!(
+        view.write(200_000, &[1]).unwrap_err().kind(),
+        vmfs_mount::error::Kind::Failed
+    );
     let mut b = [0u8; 16];
     view.read(500_000, &mut b).unwrap();
     drop(view);

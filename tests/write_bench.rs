@@ -13,7 +13,10 @@ use vmfs_mount::view::View;
 const SIZE: u64 = 1 << 30;
 
 fn open_rw(image: &Path) -> View {
-    let ctx = OpenCtx { tables: Arc::new(ByteCache::new(64 << 20)), writable: true };
+    let ctx = OpenCtx {
+        tables: Arc::new(ByteCache::new(64 << 20)),
+        writable: true,
+    };
     let layers = vmfs_mount::chain::open_chain(image, None, &ctx).unwrap();
     let size = layers[0].virtual_size();
     View::new(layers, size, Arc::new(ByteCache::new(8 << 20)), 4096)
@@ -21,19 +24,45 @@ fn open_rw(image: &Path) -> View {
 
 fn fresh(s: &Scratch, name: &str) -> std::path::PathBuf {
     let p = s.path(name);
-    qemu_img(&["create", "-q", "-f", "qcow2", p.to_str().unwrap(), &SIZE.to_string()]);
+    qemu_img(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        p.to_str().unwrap(),
+        &SIZE.to_string(),
+    ]);
     p
 }
 
 fn report(what: &str, bytes: u64, ops: u64, t: Instant) {
     let secs = t.elapsed().as_secs_f64();
-    println!("{what:<44} {:>8.1} MiB/s {:>9.0} IOPS", bytes as f64 / secs / 1048576.0, ops as f64 / secs);
+    println!(
+        "{what:<44} {:>8.1} MiB/s {:>9.0} IOPS",
+        bytes as f64 / secs / 1048576.0,
+        ops as f64 / secs
+    );
 }
 
 fn qemu_bench(what: &str, image: &Path, bs: u64, count: u64) {
     let t = Instant::now();
     let (bs_s, count_s) = (bs.to_string(), count.to_string());
-    qemu_img(&["bench", "-q", "-w", "-f", "qcow2", "-t", "writeback", "-s", &bs_s, "-S", &bs_s, "-c", &count_s, image.to_str().unwrap()]);
+    qemu_img(&[
+        "bench",
+        "-q",
+        "-w",
+        "-f",
+        "qcow2",
+        "-t",
+        "writeback",
+        "-s",
+        &bs_s,
+        "-S",
+        &bs_s,
+        "-c",
+        &count_s,
+        image.to_str().unwrap(),
+    ]);
     report(what, bs * count, count, t);
 }
 
@@ -52,7 +81,12 @@ fn write_throughput() {
         view.write(off, &block).unwrap();
     }
     view.flush().unwrap();
-    report("library: 1M sequential, allocating", SIZE / 2, SIZE / 2 >> 20, t);
+    report(
+        "library: 1M sequential, allocating",
+        SIZE / 2,
+        (SIZE / 2) >> 20,
+        t,
+    );
     // 4 KiB random over the now allocated half (the in-place path).
     let n = 50_000u64;
     let t = Instant::now();
@@ -74,8 +108,23 @@ fn write_throughput() {
     drop(view);
 
     let img = fresh(&s, "qemu.qcow2");
-    qemu_bench("qemu-img bench: 1M sequential, allocating", &img, 1 << 20, SIZE / 2 >> 20);
-    qemu_bench("qemu-img bench: 4k sequential, allocated", &img, 4096, 50_000);
+    qemu_bench(
+        "qemu-img bench: 1M sequential, allocating",
+        &img,
+        1 << 20,
+        (SIZE / 2) >> 20,
+    );
+    qemu_bench(
+        "qemu-img bench: 4k sequential, allocated",
+        &img,
+        4096,
+        50_000,
+    );
     let img2 = fresh(&s, "qemu2.qcow2");
-    qemu_bench("qemu-img bench: 4k sequential, allocating", &img2, 4096, 50_000);
+    qemu_bench(
+        "qemu-img bench: 4k sequential, allocating",
+        &img2,
+        4096,
+        50_000,
+    );
 }

@@ -17,7 +17,10 @@ const STRIPE: u64 = 512;
 const WRITERS: u64 = 4;
 
 fn open_rw(image: &Path) -> View {
-    let ctx = OpenCtx { tables: Arc::new(ByteCache::new(16 << 20)), writable: true };
+    let ctx = OpenCtx {
+        tables: Arc::new(ByteCache::new(16 << 20)),
+        writable: true,
+    };
     let layers = vmfs_mount::chain::open_chain(image, None, &ctx).unwrap();
     let size = layers[0].virtual_size();
     View::new(layers, size, Arc::new(ByteCache::new(8 << 20)), 4096)
@@ -30,7 +33,20 @@ fn run(opts: &str, name: &str) {
     let size: u64 = 1 << 20;
     let mut rng = Rng::new(42);
     std::fs::write(&base, rng.bytes(size as usize)).unwrap();
-    qemu_img(&["create", "-q", "-f", "qcow2", "-o", opts, "-b", "base.raw", "-F", "raw", top.to_str().unwrap(), &size.to_string()]);
+    qemu_img(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-o",
+        opts,
+        "-b",
+        "base.raw",
+        "-F",
+        "raw",
+        top.to_str().unwrap(),
+        &size.to_string(),
+    ]);
     write_random("qcow2", &top, &mut rng, 0, 256 * 1024);
     qemu_img(&["snapshot", "-c", "s1", top.to_str().unwrap()]);
     let snap = qemu_raw(&top, Some("qcow2"), &["-l", "snapshot.name=s1"]);
@@ -90,17 +106,42 @@ fn run(opts: &str, name: &str) {
     assert_same("view after concurrent writes", &read_all(&view), &model);
     // The snapshot seen through the same open image (shared table cache) is unchanged.
     let layers = view.layers();
-    let info = layers[0].snapshots().into_iter().find(|s| s.name == "s1").unwrap();
+    let info = layers[0]
+        .snapshots()
+        .into_iter()
+        .find(|s| s.name == "s1")
+        .unwrap();
     let mut snap_layers = layers.to_vec();
     snap_layers[0] = layers[0].open_snapshot(info.index).unwrap();
-    let snap_view = View::new(snap_layers, info.virtual_size, Arc::new(ByteCache::new(1 << 20)), 64);
-    assert_same("snapshot through the live image", &read_all(&snap_view), &snap);
+    let snap_view = View::new(
+        snap_layers,
+        info.virtual_size,
+        Arc::new(ByteCache::new(1 << 20)),
+        64,
+    );
+    assert_same(
+        "snapshot through the live image",
+        &read_all(&snap_view),
+        &snap,
+    );
     drop(snap_view);
     drop(view);
-    let out = Command::new("qemu-img").args(["check", "-f", "qcow2"]).arg(&top).output().unwrap();
-    assert!(out.status.success(), "qemu-img check: {}", String::from_utf8_lossy(&out.stdout));
+    let out = Command::new("qemu-img")
+        .args(["check", "-f", "qcow2"])
+        .arg(&top)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "qemu-img check: {}",
+        String::from_utf8_lossy(&out.stdout)
+    );
     assert_same("convert", &qemu_raw(&top, Some("qcow2"), &[]), &model);
-    assert_same("snapshot", &qemu_raw(&top, Some("qcow2"), &["-l", "snapshot.name=s1"]), &snap);
+    assert_same(
+        "snapshot",
+        &qemu_raw(&top, Some("qcow2"), &["-l", "snapshot.name=s1"]),
+        &snap,
+    );
 }
 
 #[test]

@@ -15,7 +15,10 @@ use vmfs_mount::view::View;
 const CHILD_ENV: &str = "VMFS_FAIL_CHILD";
 
 fn open_rw(image: &Path) -> View {
-    let ctx = OpenCtx { tables: Arc::new(ByteCache::new(16 << 20)), writable: true };
+    let ctx = OpenCtx {
+        tables: Arc::new(ByteCache::new(16 << 20)),
+        writable: true,
+    };
     let layers = vmfs_mount::chain::open_chain(image, None, &ctx).unwrap();
     let size = layers[0].virtual_size();
     View::new(layers, size, Arc::new(ByteCache::new(8 << 20)), 4096)
@@ -24,7 +27,9 @@ fn open_rw(image: &Path) -> View {
 /// The child: the file may not grow past its current size, so the next allocation fails.
 #[test]
 fn failure_child() {
-    let Ok(image) = std::env::var(CHILD_ENV) else { return };
+    let Ok(image) = std::env::var(CHILD_ENV) else {
+        return;
+    };
     let view = open_rw(Path::new(&image));
     let mut rng = Rng::new(1);
     let first = rng.bytes(100_000);
@@ -34,7 +39,10 @@ fn failure_child() {
     // SAFETY: plain syscalls on this process only (the test runs alone in this child).
     unsafe {
         libc::signal(libc::SIGXFSZ, libc::SIG_IGN);
-        let lim = libc::rlimit { rlim_cur: len, rlim_max: libc::RLIM_INFINITY };
+        let lim = libc::rlimit {
+            rlim_cur: len,
+            rlim_max: libc::RLIM_INFINITY,
+        };
         assert_eq!(libc::setrlimit(libc::RLIMIT_FSIZE, &lim), 0);
     }
     let e = view.write(1 << 20, &rng.bytes(200_000)).unwrap_err();
@@ -54,15 +62,40 @@ fn failure_child() {
 fn a_failed_host_write_latches_and_leaves_the_image_consistent() {
     let s = Scratch::new("write-fail");
     let top = s.path("top.qcow2");
-    qemu_img(&["create", "-q", "-f", "qcow2", "-o", "cluster_size=4096", top.to_str().unwrap(), "4M"]);
+    qemu_img(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-o",
+        "cluster_size=4096",
+        top.to_str().unwrap(),
+        "4M",
+    ]);
     let out = Command::new(std::env::current_exe().unwrap())
-        .args(["failure_child", "--exact", "--nocapture", "--test-threads=1"])
+        .args([
+            "failure_child",
+            "--exact",
+            "--nocapture",
+            "--test-threads=1",
+        ])
         .env(CHILD_ENV, &top)
         .output()
         .unwrap();
-    let text = String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success() && text.contains("CHILD OK"), "child: {text}");
-    let check = Command::new("qemu-img").args(["check", "-f", "qcow2"]).arg(&top).output().unwrap();
+    let text =
+        String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success() && text.contains("CHILD OK"),
+        "child: {text}"
+    );
+    let check = Command::new("qemu-img")
+        .args(["check", "-f", "qcow2"])
+        .arg(&top)
+        .output()
+        .unwrap();
     let ctext = String::from_utf8_lossy(&check.stdout);
-    assert!(matches!(check.status.code(), Some(0) | Some(3)) && !ctext.contains("ERROR"), "{ctext}");
+    assert!(
+        matches!(check.status.code(), Some(0) | Some(3)) && !ctext.contains("ERROR"),
+        "{ctext}"
+    );
 }

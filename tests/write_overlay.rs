@@ -13,7 +13,10 @@ use vmfs_mount::overlay::prepare_overlay;
 use vmfs_mount::view::View;
 
 fn open_rw(image: &Path) -> View {
-    let ctx = OpenCtx { tables: Arc::new(ByteCache::new(16 << 20)), writable: true };
+    let ctx = OpenCtx {
+        tables: Arc::new(ByteCache::new(16 << 20)),
+        writable: true,
+    };
     let layers = vmfs_mount::chain::open_chain(image, None, &ctx).unwrap();
     let size = layers[0].virtual_size();
     View::new(layers, size, Arc::new(ByteCache::new(8 << 20)), 4096)
@@ -26,8 +29,14 @@ fn info(image: &Path) -> String {
 /// The backing file name as stored (qemu-img adds " (actual path: ...)" to relative ones).
 fn stored_backing(image: &Path) -> String {
     let text = info(image);
-    let line = text.lines().find_map(|l| l.strip_prefix("backing file: ")).unwrap_or_default();
-    line.split(" (actual path").next().unwrap_or_default().to_string()
+    let line = text
+        .lines()
+        .find_map(|l| l.strip_prefix("backing file: "))
+        .unwrap_or_default();
+    line.split(" (actual path")
+        .next()
+        .unwrap_or_default()
+        .to_string()
 }
 
 #[test]
@@ -42,7 +51,10 @@ fn overlay_over_raw_image_in_the_same_directory() {
     let text = info(&ov);
     assert_eq!(stored_backing(&ov), "disk.img");
     assert!(text.contains("backing file format: raw"), "{text}");
-    assert!(text.contains(&format!("virtual size: 3 MiB ({} bytes)", original.len())), "{text}");
+    assert!(
+        text.contains(&format!("virtual size: 3 MiB ({} bytes)", original.len())),
+        "{text}"
+    );
     qemu_img(&["check", ov.to_str().unwrap()]);
 
     let mut model = original.clone();
@@ -61,7 +73,10 @@ fn overlay_over_raw_image_in_the_same_directory() {
     }
     qemu_img(&["check", ov.to_str().unwrap()]);
     assert_same("overlay", &qemu_raw(&ov, Some("qcow2"), &[]), &model);
-    assert!(std::fs::read(&img).unwrap() == original, "the image was written");
+    assert!(
+        std::fs::read(&img).unwrap() == original,
+        "the image was written"
+    );
     // Reused as is.
     prepare_overlay(&img, &ov, Format::Raw).unwrap();
     assert_same("reused", &read_all(&open_view(&ov).unwrap()), &model);
@@ -82,7 +97,11 @@ fn overlay_elsewhere_stores_an_absolute_path_and_wrong_overlays_are_refused() {
     let abs = img.canonicalize().unwrap();
     assert_eq!(stored_backing(&ov), abs.to_str().unwrap());
     assert!(text.contains("backing file format: qcow2"), "{text}");
-    assert_same("overlay reads the image", &qemu_raw(&ov, Some("qcow2"), &[]), &qemu_raw(&img, Some("qcow2"), &[]));
+    assert_same(
+        "overlay reads the image",
+        &qemu_raw(&ov, Some("qcow2"), &[]),
+        &qemu_raw(&img, Some("qcow2"), &[]),
+    );
 
     // Below the overlay's directory: relative.
     let sub = s.path("imgs/ov2.qcow2");
@@ -92,10 +111,20 @@ fn overlay_elsewhere_stores_an_absolute_path_and_wrong_overlays_are_refused() {
     // Not qcow2, no backing file, another backing file: refused.
     let other = s.path("ovl/other.raw");
     std::fs::write(&other, [0u8; 4096]).unwrap();
-    assert_eq!(prepare_overlay(&img, &other, Format::Qcow2).unwrap_err().kind(), Kind::InvalidInput);
+    assert_eq!(
+        prepare_overlay(&img, &other, Format::Qcow2)
+            .unwrap_err()
+            .kind(),
+        Kind::InvalidInput
+    );
     let plain = s.path("ovl/plain.qcow2");
     qemu_img(&["create", "-q", "-f", "qcow2", plain.to_str().unwrap(), "5M"]);
-    assert_eq!(prepare_overlay(&img, &plain, Format::Qcow2).unwrap_err().kind(), Kind::InvalidInput);
+    assert_eq!(
+        prepare_overlay(&img, &plain, Format::Qcow2)
+            .unwrap_err()
+            .kind(),
+        Kind::InvalidInput
+    );
     let img2 = s.path("imgs/base2.qcow2");
     std::fs::copy(&img, &img2).unwrap();
     let e = prepare_overlay(&img2, &ov, Format::Qcow2).unwrap_err();

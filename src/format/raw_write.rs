@@ -16,14 +16,20 @@ pub struct RawWriter {
 
 impl RawWriter {
     pub fn new(file: Arc<HostFile>) -> RawWriter {
-        RawWriter { file, failed: AtomicBool::new(false) }
+        RawWriter {
+            file,
+            failed: AtomicBool::new(false),
+        }
     }
 
     fn check(&self) -> Result<()> {
         if self.failed.load(Ordering::Acquire) {
             return Err(Error::new(
                 Kind::Failed,
-                format!("{}: an earlier write failed; refusing further writes", self.file.path().display()),
+                format!(
+                    "{}: an earlier write failed; refusing further writes",
+                    self.file.path().display()
+                ),
             ));
         }
         Ok(())
@@ -64,7 +70,14 @@ impl LayerWriter for RawWriter {
         }
         let mode = libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE;
         // SAFETY: plain syscall on an fd owned by `file`.
-        let r = unsafe { libc::fallocate(self.file.std_file().as_raw_fd(), mode, off as libc::off_t, len as libc::off_t) };
+        let r = unsafe {
+            libc::fallocate(
+                self.file.std_file().as_raw_fd(),
+                mode,
+                off as libc::off_t,
+                len as libc::off_t,
+            )
+        };
         if r == 0 {
             return Ok(());
         }

@@ -3,9 +3,9 @@
 //! cluster, its data (with the untouched part copied from what the view showed), the L2
 //! entry, and only then the reference drop on what it replaced.
 
+use super::Qcow2Writer;
 use super::entry::{self, ALL_ALLOC, COPIED, Kind as EntryKind, OFFSET_MASK};
 use super::refcount::Refcounts;
-use super::Qcow2Writer;
 use crate::error::{Error, Result};
 use crate::format::compress;
 use crate::write::BelowReader;
@@ -18,7 +18,12 @@ impl Qcow2Writer {
         let end = off
             .checked_add(data.len() as u64)
             .filter(|&e| e <= self.size())
-            .ok_or_else(|| Error::invalid(format!("write {off:#x}+{} is past the end of the disk", data.len())))?;
+            .ok_or_else(|| {
+                Error::invalid(format!(
+                    "write {off:#x}+{} is past the end of the disk",
+                    data.len()
+                ))
+            })?;
         let cs = self.cs();
         let mut pos = off;
         while pos < end {
@@ -26,7 +31,11 @@ impl Qcow2Writer {
             pos += done;
             if pos < end {
                 let cend = ((pos / cs + 1) * cs).min(end);
-                self.write_cluster(pos, &data[(pos - off) as usize..(cend - off) as usize], below)?;
+                self.write_cluster(
+                    pos,
+                    &data[(pos - off) as usize..(cend - off) as usize],
+                    below,
+                )?;
                 pos = cend;
             }
         }
@@ -46,7 +55,9 @@ impl Qcow2Writer {
         let mut run: Option<(u64, u64)> = None;
         while pos < end {
             let cend = ((pos / cs + 1) * cs).min(end);
-            let Some(host) = self.owned_host(rc, pos, cend)? else { break };
+            let Some(host) = self.owned_host(rc, pos, cend)? else {
+                break;
+            };
             if let Some((h0, g0)) = run
                 && h0 + (pos - g0) != host + pos % cs
             {
@@ -65,13 +76,20 @@ impl Qcow2Writer {
     /// The host cluster of [pos, cend) if it can be written in place.
     fn owned_host(&self, rc: &Refcounts, pos: u64, cend: u64) -> Result<Option<u64>> {
         let cs = self.cs();
-        let l1e = self.l1.read().get((pos / self.l2_span()) as usize).copied().unwrap_or(0);
+        let l1e = self
+            .l1
+            .read()
+            .get((pos / self.l2_span()) as usize)
+            .copied()
+            .unwrap_or(0);
         if l1e & OFFSET_MASK == 0 || l1e & COPIED == 0 {
             return Ok(None);
         }
         let l2 = self.l2_table(l1e & OFFSET_MASK)?;
         let (desc, bitmap) = self.l2_entry(&l2, (pos / cs) % self.l2_entries());
-        let EntryKind::Normal { host, copied } = self.decode(desc) else { return Ok(None) };
+        let EntryKind::Normal { host, copied } = self.decode(desc) else {
+            return Ok(None);
+        };
         if !(copied || self.has_data_file()) || host % cs != 0 {
             return Ok(None);
         }
@@ -98,7 +116,11 @@ impl Qcow2Writer {
     /// so a raw data file keeps the guest's size).
     pub(super) fn write_data(&self, host: u64, buf: &[u8]) -> Result<()> {
         let f = self.data_host();
-        let n = if self.has_data_file() { (buf.len() as u64).min(self.size().saturating_sub(host)) as usize } else { buf.len() };
+        let n = if self.has_data_file() {
+            (buf.len() as u64).min(self.size().saturating_sub(host)) as usize
+        } else {
+            buf.len()
+        };
         f.write_all_at(&buf[..n], host)
     }
 
@@ -140,13 +162,22 @@ impl Qcow2Writer {
         let l1i = pos / self.l2_span();
         let at = self.img.header.l1_table_offset + l1i * 8;
         let e = self.l1.read().get(l1i as usize).copied().ok_or_else(|| {
-            Error::corrupt(&self.img.path, "L1 table", at, "too small for the disk size")
+            Error::corrupt(
+                &self.img.path,
+                "L1 table",
+                at,
+                "too small for the disk size",
+            )
         })?;
         let old = e & OFFSET_MASK;
         if old != 0 && e & COPIED != 0 {
             return Ok(old);
         }
-        let table = if old == 0 { vec![0u8; cs as usize] } else { self.l2_table(old)?.to_vec() };
+        let table = if old == 0 {
+            vec![0u8; cs as usize]
+        } else {
+            self.l2_table(old)?.to_vec()
+        };
         let new = self.alloc(rc)?;
         self.write_new_l2(new, table)?;
         rc.metadata.insert(new / cs);
@@ -160,7 +191,13 @@ impl Qcow2Writer {
     }
 
     /// Fills `buf` with the current contents of the cluster at guest `g` as `kind` says.
-    fn read_cluster(&self, kind: EntryKind, g: u64, buf: &mut [u8], below: BelowReader<'_>) -> Result<()> {
+    fn read_cluster(
+        &self,
+        kind: EntryKind,
+        g: u64,
+        buf: &mut [u8],
+        below: BelowReader<'_>,
+    ) -> Result<()> {
         match kind {
             EntryKind::Unallocated => below(g, buf),
             EntryKind::Zero { .. } => {
@@ -171,7 +208,12 @@ impl Qcow2Writer {
             EntryKind::Compressed { off, len } => {
                 let path = &self.img.path;
                 if len > self.cs() + MAX_COMPRESSED_SLACK {
-                    return Err(Error::corrupt(path, "compressed cluster", off, format!("absurd stored size {len}")));
+                    return Err(Error::corrupt(
+                        path,
+                        "compressed cluster",
+                        off,
+                        format!("absurd stored size {len}"),
+                    ));
                 }
                 let mut raw = vec![0u8; len as usize];
                 self.file().read_data_at(&mut raw, off)?;
@@ -199,7 +241,12 @@ impl Qcow2Writer {
             && !self.has_data_file()
             && rc.metadata.contains(&(host / cs))
         {
-            return Err(Error::corrupt(&self.img.path, "L2 entry", l2_off + idx * self.entry_size(), format!("data cluster {host:#x} overlaps metadata")));
+            return Err(Error::corrupt(
+                &self.img.path,
+                "L2 entry",
+                l2_off + idx * self.entry_size(),
+                format!("data cluster {host:#x} overlaps metadata"),
+            ));
         }
         if self.ext() && !matches!(kind, EntryKind::Compressed { .. }) {
             return self.write_subclusters(rc, l2_off, &l2, idx, pos, data, desc, bitmap, below);
@@ -215,7 +262,8 @@ impl Qcow2Writer {
         }
         // Space past the end of the file reads as zeros: a fresh cluster over zeros needs
         // only the new bytes.
-        let zeros_below = matches!(kind, EntryKind::Zero { .. }) || (kind == EntryKind::Unallocated && !self.has_backing());
+        let zeros_below = matches!(kind, EntryKind::Zero { .. })
+            || (kind == EntryKind::Unallocated && !self.has_backing());
         if zeros_below && target >= self.data_host().len() {
             self.write_data(target + a, data)?;
         } else {
@@ -255,7 +303,9 @@ impl Qcow2Writer {
         let (a, b) = (pos - g, pos - g + data.len() as u64);
         let kind = self.decode(desc);
         let (target, old) = match kind {
-            EntryKind::Normal { host, copied } if copied || self.has_data_file() => (host, Some(host)),
+            EntryKind::Normal { host, copied } if copied || self.has_data_file() => {
+                (host, Some(host))
+            }
             EntryKind::Normal { host, .. } => (self.alloc(rc)?, Some(host)),
             _ if self.has_data_file() => (g, None),
             _ => (self.alloc(rc)?, None),
@@ -272,7 +322,8 @@ impl Qcow2Writer {
             if bitmap >> (32 + sc) & 1 != 0 {
                 dst.fill(0);
             } else if bitmap >> sc & 1 != 0 {
-                let host = old.ok_or_else(|| Error::invalid("internal: allocated subcluster without host"))?;
+                let host = old
+                    .ok_or_else(|| Error::invalid("internal: allocated subcluster without host"))?;
                 self.data_host().read_data_at(dst, host + s0)?;
             } else {
                 below(g + s0, dst)?;

@@ -22,7 +22,9 @@ pub fn image_bytes(size: u64, backing: Option<(&str, &str)>) -> Result<Vec<u8>> 
     let total = 3 + l1_clusters;
     // One 16-bit refcount block counts 32768 clusters: 2^63-byte disks fit easily.
     if total > CS / 2 || l1_entries > u64::from(u32::MAX) || size > i64::MAX as u64 {
-        return Err(Error::invalid(format!("cannot create a qcow2 image of {size} bytes")));
+        return Err(Error::invalid(format!(
+            "cannot create a qcow2 image of {size} bytes"
+        )));
     }
     let mut img = vec![0u8; (total * CS) as usize];
     let h = &mut img[..CS as usize];
@@ -39,7 +41,9 @@ pub fn image_bytes(size: u64, backing: Option<(&str, &str)>) -> Result<Vec<u8>> 
     let mut pos = HEADER_LEN;
     if let Some((name, fmt)) = backing {
         if name.is_empty() || name.len() > MAX_BACKING_NAME || name.contains('\0') {
-            return Err(Error::invalid(format!("backing file name {name:?} cannot be stored")));
+            return Err(Error::invalid(format!(
+                "backing file name {name:?} cannot be stored"
+            )));
         }
         put(h, pos, &EXT_BACKING_FORMAT.to_be_bytes());
         put(h, pos + 4, &(fmt.len() as u32).to_be_bytes());
@@ -65,10 +69,19 @@ fn put(buf: &mut [u8], at: usize, bytes: &[u8]) {
 /// name first and renamed, so a crash never leaves a half-written image under `path`.
 pub fn create(path: &Path, size: u64, backing: Option<(&str, &str)>) -> Result<()> {
     let bytes = image_bytes(size, backing)?;
-    let name = path.file_name().ok_or_else(|| Error::invalid(format!("{}: not a file path", path.display())))?;
-    let tmp = path.with_file_name(format!(".{}.tmp{}", name.to_string_lossy(), std::process::id()));
+    let name = path
+        .file_name()
+        .ok_or_else(|| Error::invalid(format!("{}: not a file path", path.display())))?;
+    let tmp = path.with_file_name(format!(
+        ".{}.tmp{}",
+        name.to_string_lossy(),
+        std::process::id()
+    ));
     let write = || -> std::io::Result<()> {
-        let mut f = std::fs::OpenOptions::new().write(true).create_new(true).open(&tmp)?;
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(&tmp)?;
         f.write_all(&bytes)?;
         f.sync_all()?;
         Ok(())
@@ -105,8 +118,14 @@ mod tests {
         std::fs::create_dir_all(&dir).unwrap();
         let p = dir.join("o.qcow2");
         create(&p, 1 << 20, Some(("base.raw", "raw"))).unwrap();
-        assert!(create(&p, 1 << 20, None).is_err(), "an existing file must not be replaced");
-        let ctx = OpenCtx { tables: std::sync::Arc::new(crate::cache::ByteCache::new(1 << 20)), writable: false };
+        assert!(
+            create(&p, 1 << 20, None).is_err(),
+            "an existing file must not be replaced"
+        );
+        let ctx = OpenCtx {
+            tables: std::sync::Arc::new(crate::cache::ByteCache::new(1 << 20)),
+            writable: false,
+        };
         let q = Qcow2Image::open(&p, &ctx).unwrap();
         assert_eq!(q.extensions.backing_format.as_deref(), Some("raw"));
         assert!(matches!(&q.parent, ParentRef::Path { raw, .. } if raw == "base.raw"));

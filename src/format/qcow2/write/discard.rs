@@ -16,7 +16,11 @@ impl Qcow2Writer {
         let end = off
             .checked_add(len)
             .filter(|&e| e <= self.size())
-            .ok_or_else(|| Error::invalid(format!("discard {off:#x}+{len} is past the end of the disk")))?;
+            .ok_or_else(|| {
+                Error::invalid(format!(
+                    "discard {off:#x}+{len} is past the end of the disk"
+                ))
+            })?;
         let cs = self.cs();
         let us = self.unit_size();
         let mut pos = off;
@@ -73,7 +77,12 @@ impl Qcow2Writer {
             (0, 0)
         } else {
             let (d, b) = self.l2_entry(&self.l2_table(cur)?, (g / cs) % self.l2_entries());
-            self.validate(d, b, g, cur + ((g / cs) % self.l2_entries()) * self.entry_size())?;
+            self.validate(
+                d,
+                b,
+                g,
+                cur + ((g / cs) % self.l2_entries()) * self.entry_size(),
+            )?;
             (d, b)
         };
         let kind = self.decode(desc);
@@ -94,7 +103,13 @@ impl Qcow2Writer {
         let l2 = self.l2_table(l2_off)?;
         let idx = (g / cs) % self.l2_entries();
         self.zero_raw_data_file(g, 0, cs)?;
-        let mut e = if self.version() == 2 { 0u64 } else if self.ext() { 0 } else { ZERO }.to_be_bytes().to_vec();
+        let mut e = if self.version() == 2 || self.ext() {
+            0u64
+        } else {
+            ZERO
+        }
+        .to_be_bytes()
+        .to_vec();
         if self.ext() {
             e.extend_from_slice(&ALL_ZERO.to_be_bytes());
         }
@@ -120,7 +135,9 @@ impl Qcow2Writer {
         }
         let mask = self.sub_mask(s0 * us, s1 * us);
         let new_bitmap = (bitmap & !mask) | (mask << 32);
-        let release = matches!(kind, EntryKind::Normal { .. }) && !self.has_data_file() && new_bitmap & ALL_ALLOC == 0;
+        let release = matches!(kind, EntryKind::Normal { .. })
+            && !self.has_data_file()
+            && new_bitmap & ALL_ALLOC == 0;
         let new_desc = if release { 0 } else { desc };
         if new_bitmap == bitmap && new_desc == desc {
             return Ok(());

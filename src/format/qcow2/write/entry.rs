@@ -16,10 +16,18 @@ pub enum Kind {
     /// Nothing here (the subcluster bitmap may still say zero).
     Unallocated,
     /// Reads as zeros; `host` is preallocated space (0 if none). Standard entries only.
-    Zero { host: u64 },
-    Normal { host: u64, copied: bool },
+    Zero {
+        host: u64,
+    },
+    Normal {
+        host: u64,
+        copied: bool,
+    },
     /// `off` is a byte offset, `len` the bytes stored (sector-rounded).
-    Compressed { off: u64, len: u64 },
+    Compressed {
+        off: u64,
+        len: u64,
+    },
 }
 
 /// Decodes an L2 descriptor. `data_file`: with an external data file an entry with offset 0
@@ -29,7 +37,10 @@ pub fn decode(e: u64, cluster_bits: u32, extended: bool, data_file: bool) -> Kin
         let x = 62 - (cluster_bits - 8);
         let off = e & ((1u64 << x) - 1);
         let nsect = ((e >> x) & ((1u64 << (cluster_bits - 8)) - 1)) + 1;
-        return Kind::Compressed { off, len: nsect * 512 - (off & 511) };
+        return Kind::Compressed {
+            off,
+            len: nsect * 512 - (off & 511),
+        };
     }
     let host = e & OFFSET_MASK;
     let copied = e & COPIED != 0;
@@ -67,7 +78,9 @@ pub fn get_refcount(block: &[u8], order: u32, i: u64) -> u64 {
     if bits >= 8 {
         let w = (bits / 8) as usize;
         let at = i as usize * w;
-        block.get(at..at + w).map_or(0, |s| s.iter().fold(0u64, |a, &b| (a << 8) | u64::from(b)))
+        block
+            .get(at..at + w)
+            .map_or(0, |s| s.iter().fold(0u64, |a, &b| (a << 8) | u64::from(b)))
     } else {
         let bit = i * bits;
         let byte = block.get((bit / 8) as usize).copied().unwrap_or(0);
@@ -77,7 +90,11 @@ pub fn get_refcount(block: &[u8], order: u32, i: u64) -> u64 {
 
 /// Largest refcount an entry can hold.
 pub fn max_refcount(order: u32) -> u64 {
-    if order >= 6 { u64::MAX } else { (1u64 << (1u64 << order)) - 1 }
+    if order >= 6 {
+        u64::MAX
+    } else {
+        (1u64 << (1u64 << order)) - 1
+    }
 }
 
 /// Stores `v` (<= max_refcount) in entry `i`; returns the byte range that changed.
@@ -105,13 +122,34 @@ mod tests {
     #[test]
     fn decodes_every_kind() {
         assert_eq!(decode(0, 16, false, false), Kind::Unallocated);
-        assert_eq!(decode(COPIED, 16, false, true), Kind::Normal { host: 0, copied: true });
-        assert_eq!(decode(0x30000 | COPIED, 16, false, false), Kind::Normal { host: 0x30000, copied: true });
-        assert_eq!(decode(0x30000 | ZERO, 16, false, false), Kind::Zero { host: 0x30000 });
+        assert_eq!(
+            decode(COPIED, 16, false, true),
+            Kind::Normal {
+                host: 0,
+                copied: true
+            }
+        );
+        assert_eq!(
+            decode(0x30000 | COPIED, 16, false, false),
+            Kind::Normal {
+                host: 0x30000,
+                copied: true
+            }
+        );
+        assert_eq!(
+            decode(0x30000 | ZERO, 16, false, false),
+            Kind::Zero { host: 0x30000 }
+        );
         assert_eq!(decode(ZERO, 16, true, false), Kind::Unallocated);
         // cluster_bits 16: x = 54; 2 extra sectors at byte offset 0x10123.
         let e = COMPRESSED | (2u64 << 54) | 0x10123;
-        assert_eq!(decode(e, 16, false, false), Kind::Compressed { off: 0x10123, len: 3 * 512 - 0x123 });
+        assert_eq!(
+            decode(e, 16, false, false),
+            Kind::Compressed {
+                off: 0x10123,
+                len: 3 * 512 - 0x123
+            }
+        );
         assert_eq!(compressed_clusters(0x1ff00, 0x200, 0x10000), 1..=2);
         assert_eq!(reserved_bits(0x30000 | 0x100, false), 0x100);
     }
@@ -121,15 +159,19 @@ mod tests {
         for order in 0..=6u32 {
             let mut b = vec![0u8; 512];
             let max = max_refcount(order);
-            let n = 512 * 8 >> order;
+            let n = (512 * 8) >> order;
             for i in 0..n {
                 set_refcount(&mut b, order, i, (i * 7 + 3) & max);
             }
             for i in 0..n {
-                assert_eq!(get_refcount(&b, order, i), (i * 7 + 3) & max, "order {order} entry {i}");
+                assert_eq!(
+                    get_refcount(&b, order, i),
+                    (i * 7 + 3) & max,
+                    "order {order} entry {i}"
+                );
             }
             let r = set_refcount(&mut b, order, 5, max);
-            assert!(r.len() >= 1 && r.len() <= 8);
+            assert!(!r.is_empty() && r.len() <= 8);
             assert_eq!(get_refcount(&b, order, 5), max);
             assert_eq!(get_refcount(&b, order, 4), (4 * 7 + 3) & max);
         }

@@ -16,7 +16,12 @@ pub struct L2Sync {
 
 impl L2Sync {
     /// The cached table, or one loaded with `load` (outside any lock).
-    pub fn get_or_load(&self, tables: &ByteCache, key: Key, load: impl FnOnce() -> Result<Vec<u8>>) -> Result<Blob> {
+    pub fn get_or_load(
+        &self,
+        tables: &ByteCache,
+        key: Key,
+        load: impl FnOnce() -> Result<Vec<u8>>,
+    ) -> Result<Blob> {
         if let Some(b) = tables.get(&key) {
             return Ok(b);
         }

@@ -46,7 +46,9 @@ pub struct Qcow2Writer {
 
 impl fmt::Debug for Qcow2Writer {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Qcow2Writer").field("path", &self.img.path).finish()
+        f.debug_struct("Qcow2Writer")
+            .field("path", &self.img.path)
+            .finish()
     }
 }
 
@@ -56,19 +58,35 @@ impl Qcow2Writer {
         let h = &img.header;
         let path = &img.path;
         if !img.file.writable() {
-            return Err(Error::new(Kind::ReadOnly, format!("{}: opened read-only (marked corrupt?)", path.display())));
+            return Err(Error::new(
+                Kind::ReadOnly,
+                format!("{}: opened read-only (marked corrupt?)", path.display()),
+            ));
         }
         if h.dirty() {
-            return Err(Error::unsupported(path, "the image is dirty (lazy refcounts); run qemu-img check -r all first"));
+            return Err(Error::unsupported(
+                path,
+                "the image is dirty (lazy refcounts); run qemu-img check -r all first",
+            ));
         }
         if let Some(e) = &img.snapshot_error {
-            return Err(Error::unsupported(path, format!("writing with an unreadable snapshot table ({e})")));
+            return Err(Error::unsupported(
+                path,
+                format!("writing with an unreadable snapshot table ({e})"),
+            ));
         }
         let file = &img.file;
-        let mut rc = Refcounts::new(file, h.cluster_bits, h.refcount_order, h.refcount_table_offset, u64::from(h.refcount_table_clusters))?;
+        let mut rc = Refcounts::new(
+            file,
+            h.cluster_bits,
+            h.refcount_order,
+            h.refcount_table_offset,
+            u64::from(h.refcount_table_clusters),
+        )?;
         let cs = h.cluster_size();
         // Metadata clusters: never handed out, never written as data (QEMU's overlap check).
-        let mut table = |off: u64, bytes: u64| rc.metadata.extend((off / cs)..(off + bytes).div_ceil(cs));
+        let mut table =
+            |off: u64, bytes: u64| rc.metadata.extend((off / cs)..(off + bytes).div_ceil(cs));
         table(h.l1_table_offset, u64::from(h.l1_size) * 8);
         table(h.snapshots_offset, u64::from(h.nb_snapshots) * 40);
         for s in &img.snapshots {
@@ -76,12 +94,23 @@ impl Qcow2Writer {
         }
         for (i, &e) in img.l1.iter().enumerate() {
             let off = e & OFFSET_MASK;
-            ensure_corrupt!(off % cs == 0, path, "L1 entry", h.l1_table_offset + i as u64 * 8, "L2 offset {off:#x} is not cluster-aligned");
+            ensure_corrupt!(
+                off.is_multiple_of(cs),
+                path,
+                "L1 entry",
+                h.l1_table_offset + i as u64 * 8,
+                "L2 offset {off:#x} is not cluster-aligned"
+            );
             if off != 0 {
                 rc.metadata.insert(off / cs);
             }
         }
-        let w = Qcow2Writer { img: img.clone(), l1: RwLock::new(img.l1.clone()), meta: RwLock::new(rc), failed: AtomicBool::new(false) };
+        let w = Qcow2Writer {
+            img: img.clone(),
+            l1: RwLock::new(img.l1.clone()),
+            meta: RwLock::new(rc),
+            failed: AtomicBool::new(false),
+        };
         w.clear_unknown_autoclear()?;
         Ok(w)
     }
@@ -113,7 +142,11 @@ impl Qcow2Writer {
 
     /// Bytes one unit covers (subcluster or cluster).
     fn unit_size(&self) -> u64 {
-        if self.ext() { self.cs() / entry::SUBCLUSTERS } else { self.cs() }
+        if self.ext() {
+            self.cs() / entry::SUBCLUSTERS
+        } else {
+            self.cs()
+        }
     }
 
     fn entry_size(&self) -> u64 {
@@ -170,8 +203,18 @@ impl Qcow2Writer {
     /// The L2 table at `off`, through the shared table cache.
     fn l2_table(&self, off: u64) -> Result<Blob> {
         let cs = self.cs();
-        ensure_corrupt!(off % cs == 0, &self.img.path, "L1 entry", off, "L2 table offset is not cluster-aligned");
-        self.img.l2_sync.get_or_load(&self.img.tables, self.l2_key(off), || self.file().read_table(off, cs, cs, "L2 table"))
+        ensure_corrupt!(
+            off.is_multiple_of(cs),
+            &self.img.path,
+            "L1 entry",
+            off,
+            "L2 table offset is not cluster-aligned"
+        );
+        self.img
+            .l2_sync
+            .get_or_load(&self.img.tables, self.l2_key(off), || {
+                self.file().read_table(off, cs, cs, "L2 table")
+            })
     }
 
     /// Writes `bytes` at `at` inside the L2 table at `l2_off` and publishes the new table.
@@ -179,14 +222,18 @@ impl Qcow2Writer {
         self.file().write_all_at(bytes, l2_off + at)?;
         let mut t = old.to_vec();
         t[at as usize..at as usize + bytes.len()].copy_from_slice(bytes);
-        self.img.l2_sync.publish(&self.img.tables, self.l2_key(l2_off), t.into());
+        self.img
+            .l2_sync
+            .publish(&self.img.tables, self.l2_key(l2_off), t.into());
         Ok(())
     }
 
     /// Writes a whole new L2 table (before anything points to it) and publishes it.
     fn write_new_l2(&self, l2_off: u64, table: Vec<u8>) -> Result<()> {
         self.file().write_all_at(&table, l2_off)?;
-        self.img.l2_sync.publish(&self.img.tables, self.l2_key(l2_off), table.into());
+        self.img
+            .l2_sync
+            .publish(&self.img.tables, self.l2_key(l2_off), table.into());
         Ok(())
     }
 
@@ -198,7 +245,12 @@ impl Qcow2Writer {
     }
 
     fn decode(&self, desc: u64) -> EntryKind {
-        entry::decode(desc, self.img.geometry.cluster_bits, self.ext(), self.has_data_file())
+        entry::decode(
+            desc,
+            self.img.geometry.cluster_bits,
+            self.ext(),
+            self.has_data_file(),
+        )
     }
 
     /// Validates the entry of the cluster holding guest `pos` as the read driver does.
@@ -226,7 +278,13 @@ impl Qcow2Writer {
     }
 
     fn failed_error(&self) -> Error {
-        Error::new(Kind::Failed, format!("{}: an earlier write failed; refusing further writes", self.img.path.display()))
+        Error::new(
+            Kind::Failed,
+            format!(
+                "{}: an earlier write failed; refusing further writes",
+                self.img.path.display()
+            ),
+        )
     }
 
     fn check_writable(&self) -> Result<()> {
@@ -242,7 +300,10 @@ impl Qcow2Writer {
         if let Err(e) = &r
             && !matches!(e.kind(), Kind::InvalidInput | Kind::ReadOnly)
         {
-            log::error!("{}: write failed, the image now refuses writes: {e}", self.img.path.display());
+            log::error!(
+                "{}: write failed, the image now refuses writes: {e}",
+                self.img.path.display()
+            );
             self.failed.store(true, Ordering::Release);
         }
         r
@@ -265,10 +326,13 @@ impl LayerWriter for Qcow2Writer {
     fn flush(&self) -> Result<()> {
         self.check_writable()?;
         // Metadata is written through in dependency order; only durability is left.
-        let r = self.file().sync_data().and_then(|_| match &self.img.data_file {
-            Some(d) => d.sync_data(),
-            None => Ok(()),
-        });
+        let r = self
+            .file()
+            .sync_data()
+            .and_then(|_| match &self.img.data_file {
+                Some(d) => d.sync_data(),
+                None => Ok(()),
+            });
         self.latch(r)
     }
 }

@@ -3,8 +3,8 @@
 //! refcount table. Every change is written through before the caller may reference the
 //! cluster, so the image on disk never references a cluster whose refcount is 0.
 
-use super::entry::{get_refcount, set_refcount};
 use super::super::MAX_REFTABLE_BYTES;
+use super::entry::{get_refcount, set_refcount};
 use crate::error::{Error, Kind, Result};
 use crate::host::HostFile;
 use std::collections::{HashMap, HashSet};
@@ -42,17 +42,28 @@ impl Refcounts {
         table_clusters: u64,
     ) -> Result<Refcounts> {
         let cs = 1u64 << cluster_bits;
-        let bytes = table_clusters.checked_mul(cs).unwrap_or(u64::MAX);
+        let bytes = table_clusters.saturating_mul(cs);
         let raw = file.read_table(table_offset, bytes, MAX_REFTABLE_BYTES, "refcount table")?;
-        let table: Vec<u64> = raw.chunks_exact(8).map(|c| crate::host::endian::be64(c, 0)).collect();
-        let mut metadata: HashSet<u64> = (0..table_clusters).map(|i| (table_offset >> cluster_bits) + i).collect();
+        let table: Vec<u64> = raw
+            .chunks_exact(8)
+            .map(|c| crate::host::endian::be64(c, 0))
+            .collect();
+        let mut metadata: HashSet<u64> = (0..table_clusters)
+            .map(|i| (table_offset >> cluster_bits) + i)
+            .collect();
         for (i, &e) in table.iter().enumerate() {
             let off = e & REFTABLE_OFFSET_MASK;
             if off == 0 {
                 continue;
             }
             let at = table_offset + i as u64 * 8;
-            crate::ensure_corrupt!(off % cs == 0, file.path(), "refcount table entry", at, "block offset {off:#x} is not cluster-aligned");
+            crate::ensure_corrupt!(
+                off.is_multiple_of(cs),
+                file.path(),
+                "refcount table entry",
+                at,
+                "block offset {off:#x} is not cluster-aligned"
+            );
             metadata.insert(off >> cluster_bits);
         }
         metadata.insert(0);
@@ -76,7 +87,9 @@ impl Refcounts {
 
     /// The loaded refcount block covering table index `ri`, if one is allocated.
     fn block(&mut self, file: &HostFile, ri: u64) -> Result<Option<u64>> {
-        let Some(&e) = self.table.get(ri as usize) else { return Ok(None) };
+        let Some(&e) = self.table.get(ri as usize) else {
+            return Ok(None);
+        };
         let off = e & REFTABLE_OFFSET_MASK;
         if off == 0 {
             return Ok(None);
@@ -93,7 +106,10 @@ impl Refcounts {
     pub fn get(&mut self, file: &HostFile, c: u64) -> Result<u64> {
         let (ri, i) = (c / self.per_block, c % self.per_block);
         Ok(match self.block(file, ri)? {
-            Some(off) => self.blocks.get(&off).map_or(0, |b| get_refcount(b, self.order, i)),
+            Some(off) => self
+                .blocks
+                .get(&off)
+                .map_or(0, |b| get_refcount(b, self.order, i)),
             None => 0,
         })
     }
@@ -102,10 +118,18 @@ impl Refcounts {
     fn set(&mut self, file: &HostFile, c: u64, v: u64) -> Result<()> {
         let (ri, i) = (c / self.per_block, c % self.per_block);
         let off = self.block(file, ri)?.ok_or_else(|| {
-            Error::corrupt(file.path(), "refcount table", self.table_offset + ri * 8, format!("no refcount block covers cluster {c}"))
+            Error::corrupt(
+                file.path(),
+                "refcount table",
+                self.table_offset + ri * 8,
+                format!("no refcount block covers cluster {c}"),
+            )
         })?;
         let order = self.order;
-        let b = self.blocks.get_mut(&off).ok_or_else(|| Error::invalid("internal: refcount block not loaded"))?;
+        let b = self
+            .blocks
+            .get_mut(&off)
+            .ok_or_else(|| Error::invalid("internal: refcount block not loaded"))?;
         let r = set_refcount(b, order, i, v);
         file.write_all_at(&b[r.clone()], off + r.start as u64)
     }
@@ -115,7 +139,12 @@ impl Refcounts {
     pub fn decrement(&mut self, file: &HostFile, c: u64) -> Result<bool> {
         let v = self.get(file, c)?;
         if v == 0 {
-            return Err(Error::corrupt(file.path(), "refcount", c << self.cluster_bits, "dropping a reference to a free cluster"));
+            return Err(Error::corrupt(
+                file.path(),
+                "refcount",
+                c << self.cluster_bits,
+                "dropping a reference to a free cluster",
+            ));
         }
         self.set(file, c, v - 1)?;
         if v == 1 {
@@ -147,14 +176,31 @@ impl Refcounts {
     }
 
     /// Allocates one cluster: its refcount is 1 on disk when this returns.
-    pub fn alloc(&mut self, file: &HostFile, header_write: &dyn Fn(u64, u32) -> Result<()>) -> Result<u64> {
+    pub fn alloc(
+        &mut self,
+        file: &HostFile,
+        header_write: &dyn Fn(u64, u32) -> Result<()>,
+    ) -> Result<u64> {
         loop {
             let c = self.find_free(file)?;
-            if c.checked_mul(self.cs()).is_none_or(|o| o >= MAX_HOST_CLUSTER_BYTES) {
-                return Err(Error::new(Kind::Unsupported, format!("{}: the image file is full (2^56 bytes)", file.path().display())));
+            if c.checked_mul(self.cs())
+                .is_none_or(|o| o >= MAX_HOST_CLUSTER_BYTES)
+            {
+                return Err(Error::new(
+                    Kind::Unsupported,
+                    format!(
+                        "{}: the image file is full (2^56 bytes)",
+                        file.path().display()
+                    ),
+                ));
             }
             if self.metadata.contains(&c) {
-                return Err(Error::corrupt(file.path(), "refcount", c << self.cluster_bits, "a metadata cluster has refcount 0"));
+                return Err(Error::corrupt(
+                    file.path(),
+                    "refcount",
+                    c << self.cluster_bits,
+                    "a metadata cluster has refcount 0",
+                ));
             }
             let ri = c / self.per_block;
             if ri >= self.table.len() as u64 {
@@ -184,7 +230,12 @@ impl Refcounts {
     /// Moves the refcount table to a bigger one at the end of the file that covers index
     /// `need`, with new refcount blocks for the area it occupies (which count themselves),
     /// then switches the header with one write and frees the old table.
-    fn grow_table(&mut self, file: &HostFile, need: u64, header_write: &dyn Fn(u64, u32) -> Result<()>) -> Result<()> {
+    fn grow_table(
+        &mut self,
+        file: &HostFile,
+        need: u64,
+        header_write: &dyn Fn(u64, u32) -> Result<()>,
+    ) -> Result<()> {
         let cs = self.cs();
         let pb = self.per_block;
         let mut start = self.end.max(1);
@@ -192,7 +243,11 @@ impl Refcounts {
         let new_blocks: Vec<u64> = loop {
             let last = start + nblocks + nclusters.max(1) - 1;
             let blocks: Vec<u64> = (start / pb..=last / pb)
-                .filter(|&ri| self.table.get(ri as usize).is_none_or(|e| e & REFTABLE_OFFSET_MASK == 0))
+                .filter(|&ri| {
+                    self.table
+                        .get(ri as usize)
+                        .is_none_or(|e| e & REFTABLE_OFFSET_MASK == 0)
+                })
                 .collect();
             let entries = (need + 1).max(last / pb + 1).max(self.table.len() as u64);
             let want = (entries * 8).div_ceil(cs);
@@ -203,14 +258,22 @@ impl Refcounts {
             nblocks = blocks.len() as u64;
             nclusters = want;
             // Hostile refcounts may claim clusters past the end: start after them.
-            for c in start..start + nblocks + nclusters {
+            let (mut c, hi) = (start, start + nblocks + nclusters);
+            while c < hi {
                 if self.get(file, c)? != 0 {
                     start = c + 1;
                 }
+                c += 1;
             }
         };
         if nclusters * cs > MAX_REFTABLE_BYTES {
-            return Err(Error::new(Kind::Unsupported, format!("{}: the refcount table would exceed {MAX_REFTABLE_BYTES} bytes", file.path().display())));
+            return Err(Error::new(
+                Kind::Unsupported,
+                format!(
+                    "{}: the refcount table would exceed {MAX_REFTABLE_BYTES} bytes",
+                    file.path().display()
+                ),
+            ));
         }
         let area = start..start + nblocks + nclusters;
         let table_start = start + nblocks;
