@@ -95,7 +95,8 @@ fn qemu_check_no_corruption(image: &Path) {
     );
 }
 
-fn round(s: &Scratch, r: u64, opts: &str) {
+/// One crash round; returns whether the refcount table moved (grew) during it.
+fn round(s: &Scratch, r: u64, opts: &str) -> bool {
     let mut rng = Rng::new(1000 + r);
     let base = s.path("base.raw");
     let top = s.path(&format!("top{r}.qcow2"));
@@ -114,13 +115,23 @@ fn round(s: &Scratch, r: u64, opts: &str) {
         top.to_str().unwrap(),
         &SIZE.to_string(),
     ]);
-    if r % 2 == 1 {
+    // Tiny clusters: prefill the whole disk so copy-on-write soon outgrows the refcount table.
+    let tiny = opts.contains("cluster_size=512");
+    let with_snapshot = r % 2 == 1 || tiny;
+    if tiny {
+        // Fill the file to just below what one refcount table cluster covers (2 MiB).
+        write_random("qcow2", &top, &mut rng, 0, SIZE as usize);
+        qemu_img(&["snapshot", "-c", "s0", top.to_str().unwrap()]);
+        write_random("qcow2", &top, &mut rng, 0, (SIZE * 7 / 8) as usize);
+    }
+    if with_snapshot {
         write_random("qcow2", &top, &mut rng, 0, 64 * 1024);
         qemu_img(&["snapshot", "-c", "s1", top.to_str().unwrap()]);
     }
     let start = qemu_raw(&top, Some("qcow2"), &[]);
     let snap_before =
-        (r % 2 == 1).then(|| qemu_raw(&top, Some("qcow2"), &["-l", "snapshot.name=s1"]));
+        with_snapshot.then(|| qemu_raw(&top, Some("qcow2"), &["-l", "snapshot.name=s1"]));
+    let reftable_before = std::fs::read(&top).unwrap()[48..60].to_vec();
 
     let seed = 5000 + r;
     let kill_after_flushes = 1 + rng.below(30);
@@ -199,19 +210,24 @@ fn round(s: &Scratch, r: u64, opts: &str) {
             &before,
         );
     }
+    let moved = std::fs::read(&top).unwrap()[48..60] != reftable_before[..];
     std::fs::remove_file(&top).unwrap();
+    moved
 }
 
 #[test]
 fn kill_9_at_random_moments_never_corrupts() {
     let s = Scratch::new("crash");
+    let mut grown = 0;
     for r in 0..20 {
-        let opts = match r % 4 {
+        let opts = match r % 5 {
             0 => "cluster_size=4096",
             1 => "cluster_size=4096,refcount_bits=8",
             2 => "cluster_size=16384,extended_l2=on",
-            _ => "cluster_size=4096,compat=0.10",
+            3 => "cluster_size=4096,compat=0.10",
+            _ => "cluster_size=512,refcount_bits=64",
         };
-        round(&s, r, opts);
+        grown += u32::from(round(&s, r, opts));
     }
+    assert!(grown > 0, "no round grew the refcount table");
 }

@@ -417,3 +417,24 @@ fn hostile_l2_entry_pointing_at_metadata_is_refused() {
     drop(view);
     assert_eq!(&std::fs::read(&top).unwrap()[..4096], &header_before[..]);
 }
+
+#[test]
+fn external_data_file_over_backing() {
+    let s = Scratch::new("write-datafile-backing");
+    let base = s.path("base.raw");
+    let top = s.path("top.qcow2");
+    let data = s.path("top.data");
+    let mut rng = Rng::new(21);
+    std::fs::write(&base, rng.bytes(2 << 20)).unwrap();
+    let opts = format!("data_file={},cluster_size=4096", data.display());
+    qemu_img(&["create", "-q", "-f", "qcow2", "-o", &opts, "-b", "base.raw", "-F", "raw", top.to_str().unwrap(), "2M"]);
+    write_random("qcow2", &top, &mut rng, 5000, 20000);
+    qemu_io("qcow2", &top, &["write -z 65536 8192".to_string()]);
+    let mut model = qemu_raw(&top, Some("qcow2"), &[]);
+    {
+        let view = open_rw(&top);
+        workload(&view, &mut model, &mut rng, 200, 4096);
+    }
+    check_clean(&top);
+    assert_same("convert", &qemu_raw(&top, Some("qcow2"), &[]), &model);
+}
