@@ -93,6 +93,9 @@ impl Qcow2Writer {
         if !(copied || self.has_data_file()) || host % cs != 0 {
             return Ok(None);
         }
+        if self.has_data_file() && host != pos / cs * cs {
+            return Ok(None); // the slow path reports it
+        }
         if !self.has_data_file() && rc.metadata.contains(&(host / cs)) {
             return Ok(None); // the slow path reports it
         }
@@ -143,7 +146,9 @@ impl Qcow2Writer {
         }
         let cs = self.cs();
         let clusters = match kind {
-            EntryKind::Normal { host, .. } | EntryKind::Zero { host } if host != 0 => host / cs..=host / cs,
+            EntryKind::Normal { host, .. } | EntryKind::Zero { host } if host != 0 => {
+                host / cs..=host / cs
+            }
             EntryKind::Compressed { off, len } => entry::compressed_clusters(off, len, cs),
             _ => return Ok(()),
         };

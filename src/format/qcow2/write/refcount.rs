@@ -252,29 +252,33 @@ impl Refcounts {
             let entries = (need + 1).max(last / pb + 1).max(self.table.len() as u64);
             let want = (entries * 8).div_ceil(cs);
             let want = (want + want / 2).max(self.table_clusters + 1);
+            if want * cs > MAX_REFTABLE_BYTES {
+                return Err(Error::new(
+                    Kind::Unsupported,
+                    format!(
+                        "{}: the refcount table would exceed {MAX_REFTABLE_BYTES} bytes",
+                        file.path().display()
+                    ),
+                ));
+            }
+            // Hostile refcounts may claim clusters past the end: start after them.
+            let hi = start + blocks.len() as u64 + want;
+            let mut claimed = None;
+            for c in start..hi {
+                if self.get(file, c)? != 0 {
+                    claimed = Some(c);
+                }
+            }
+            if let Some(c) = claimed {
+                start = c + 1;
+                continue;
+            }
             if blocks.len() as u64 == nblocks && want == nclusters {
                 break blocks;
             }
             nblocks = blocks.len() as u64;
             nclusters = want;
-            // Hostile refcounts may claim clusters past the end: start after them.
-            let (mut c, hi) = (start, start + nblocks + nclusters);
-            while c < hi {
-                if self.get(file, c)? != 0 {
-                    start = c + 1;
-                }
-                c += 1;
-            }
         };
-        if nclusters * cs > MAX_REFTABLE_BYTES {
-            return Err(Error::new(
-                Kind::Unsupported,
-                format!(
-                    "{}: the refcount table would exceed {MAX_REFTABLE_BYTES} bytes",
-                    file.path().display()
-                ),
-            ));
-        }
         let area = start..start + nblocks + nclusters;
         let table_start = start + nblocks;
         let mut table = self.table.clone();
@@ -375,6 +379,42 @@ mod tests {
             assert!(rc.decrement(&f, 2).is_ok());
             assert!(rc.decrement(&f, 2).is_err(), "underflow must be refused");
         }
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn table_growth_skips_clusters_a_hostile_block_claims() {
+        let dir = std::env::temp_dir().join(format!("vmfs-rc-claim-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let p = dir.join("img");
+        // 64-bit refcounts, 512-byte clusters: 64 per block, 64 blocks per table cluster.
+        // Block 63 (at cluster 3) claims clusters 4090..4096 past the end of the file.
+        let mut img = vec![0u8; 4 * 512];
+        img[512..520].copy_from_slice(&1024u64.to_be_bytes());
+        img[512 + 63 * 8..512 + 64 * 8].copy_from_slice(&1536u64.to_be_bytes());
+        for c in 0..4 {
+            set_refcount(&mut img[1024..1536], 6, c, 1);
+        }
+        for c in 4090..4096 {
+            set_refcount(&mut img[1536..2048], 6, c % 64, 1);
+        }
+        std::fs::write(&p, &img).unwrap();
+        let f = HostFile::open(&p, true).unwrap();
+        let mut rc = Refcounts::new(&f, 9, 6, 512, 1).unwrap();
+        let moved = std::cell::Cell::new(false);
+        let hw = |_: u64, _: u32| {
+            moved.set(true);
+            Ok(())
+        };
+        while !moved.get() {
+            let c = rc.alloc(&f, &hw).unwrap();
+            assert!(!(4090..4096).contains(&c), "handed out claimed cluster {c}");
+        }
+        let t = rc.table_offset / 512;
+        assert!(
+            t >= 4096,
+            "new table at cluster {t} overlaps the claimed clusters"
+        );
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }
