@@ -387,6 +387,15 @@ fn read_only_views_refuse_writes() {
     let view = open_view(&top).unwrap();
     let e = view.write(0, &[1]).unwrap_err();
     assert_eq!(e.kind(), vmfs_mount::error::Kind::ReadOnly);
+    // Dirty (lazy refcounts) and corrupt images open, but never for writing.
+    for bit in [1u64, 2] {
+        let mut bytes = std::fs::read(&top).unwrap();
+        bytes[72..80].copy_from_slice(&bit.to_be_bytes());
+        std::fs::write(&top, &bytes).unwrap();
+        let view = open_rw(&top);
+        assert!(!view.is_writable(), "incompatible bit {bit}");
+        assert_eq!(view.write(0, &[1]).unwrap_err().kind(), vmfs_mount::error::Kind::ReadOnly);
+    }
 }
 
 #[test]

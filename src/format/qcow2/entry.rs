@@ -51,7 +51,11 @@ impl Geometry {
         self.cluster_bits + self.l2_bits()
     }
     pub fn subcluster_bits(&self) -> u32 {
-        if self.extended_l2 { self.cluster_bits - 5 } else { self.cluster_bits }
+        if self.extended_l2 {
+            self.cluster_bits - 5
+        } else {
+            self.cluster_bits
+        }
     }
     /// L1 entries needed for `size` guest bytes (QEMU `size_to_l1`).
     pub fn l1_entries_for(&self, size: u64) -> u64 {
@@ -73,7 +77,13 @@ pub fn l2_offset(geo: &Geometry, l1_entry: u64) -> Result<Option<u64>, String> {
 
 /// Decodes the L2 entry of the cluster at guest offset `guest_cluster` for subcluster
 /// `sub` (always 0 without extended L2). `bitmap` is the second word of an extended entry.
-pub fn decode(geo: &Geometry, entry: u64, bitmap: u64, sub: u32, guest_cluster: u64) -> Result<Cluster, String> {
+pub fn decode(
+    geo: &Geometry,
+    entry: u64,
+    bitmap: u64,
+    sub: u32,
+    guest_cluster: u64,
+) -> Result<Cluster, String> {
     if entry & OFLAG_COMPRESSED != 0 {
         if geo.has_data_file {
             return Err("compressed cluster in an image with an external data file".into());
@@ -82,7 +92,10 @@ pub fn decode(geo: &Geometry, entry: u64, bitmap: u64, sub: u32, guest_cluster: 
         let shift = 62 - (geo.cluster_bits - 8);
         let offset = entry & ((1u64 << shift) - 1);
         let sectors = ((entry >> shift) & ((1u64 << (geo.cluster_bits - 8)) - 1)) + 1;
-        return Ok(Cluster::Compressed { offset, stored_len: sectors * 512 - (offset & 511) });
+        return Ok(Cluster::Compressed {
+            offset,
+            stored_len: sectors * 512 - (offset & 511),
+        });
     }
     let off = entry & OFFSET_MASK;
     let check_host = |host: u64| -> Result<u64, String> {
@@ -108,13 +121,21 @@ pub fn decode(geo: &Geometry, entry: u64, bitmap: u64, sub: u32, guest_cluster: 
             }
             return Ok(Cluster::Zero);
         }
-        return Ok(if allocated { Cluster::Normal { host: check_host(off)? } } else { Cluster::Unallocated });
+        return Ok(if allocated {
+            Cluster::Normal {
+                host: check_host(off)?,
+            }
+        } else {
+            Cluster::Unallocated
+        });
     }
     let zero = bitmap >> 32 & 1 << sub != 0;
     let alloc = bitmap & 1 << sub != 0;
     if allocated {
         if (bitmap >> 32) & bitmap != 0 {
-            return Err(format!("subcluster bitmap {bitmap:#018x} marks subclusters both allocated and zero"));
+            return Err(format!(
+                "subcluster bitmap {bitmap:#018x} marks subclusters both allocated and zero"
+            ));
         }
         let host = check_host(off)?;
         Ok(if zero {
@@ -125,7 +146,9 @@ pub fn decode(geo: &Geometry, entry: u64, bitmap: u64, sub: u32, guest_cluster: 
             Cluster::Unallocated
         })
     } else if bitmap & ALL_ALLOC != 0 {
-        Err(format!("subcluster bitmap {bitmap:#018x} allocates subclusters of an unallocated cluster"))
+        Err(format!(
+            "subcluster bitmap {bitmap:#018x} allocates subclusters of an unallocated cluster"
+        ))
     } else if zero {
         Ok(Cluster::Zero)
     } else {
@@ -137,55 +160,119 @@ pub fn decode(geo: &Geometry, entry: u64, bitmap: u64, sub: u32, guest_cluster: 
 mod tests {
     use super::*;
 
-    const G16: Geometry = Geometry { cluster_bits: 16, version: 3, extended_l2: false, has_data_file: false };
+    const G16: Geometry = Geometry {
+        cluster_bits: 16,
+        version: 3,
+        extended_l2: false,
+        has_data_file: false,
+    };
 
     #[test]
     fn standard_entries() {
         assert_eq!(decode(&G16, 0, 0, 0, 0), Ok(Cluster::Unallocated));
-        assert_eq!(decode(&G16, OFLAG_COPIED | 0x50000, 0, 0, 0), Ok(Cluster::Normal { host: 0x50000 }));
+        assert_eq!(
+            decode(&G16, OFLAG_COPIED | 0x50000, 0, 0, 0),
+            Ok(Cluster::Normal { host: 0x50000 })
+        );
         // Reserved bits 1..8 and 56..61 are ignored, as QEMU does.
-        assert_eq!(decode(&G16, 0x0100_0000_0005_0002, 0, 0, 0), Ok(Cluster::Normal { host: 0x50000 }));
+        assert_eq!(
+            decode(&G16, 0x0100_0000_0005_0002, 0, 0, 0),
+            Ok(Cluster::Normal { host: 0x50000 })
+        );
         assert_eq!(decode(&G16, OFLAG_ZERO, 0, 0, 0), Ok(Cluster::Zero));
-        assert_eq!(decode(&G16, OFLAG_ZERO | 0x70000, 0, 0, 0), Ok(Cluster::Zero));
-        assert!(decode(&G16, 0x50200, 0, 0, 0).unwrap_err().contains("aligned"));
+        assert_eq!(
+            decode(&G16, OFLAG_ZERO | 0x70000, 0, 0, 0),
+            Ok(Cluster::Zero)
+        );
+        assert!(
+            decode(&G16, 0x50200, 0, 0, 0)
+                .unwrap_err()
+                .contains("aligned")
+        );
         assert!(decode(&G16, OFLAG_ZERO | 0x70200, 0, 0, 0).is_err());
         let v2 = Geometry { version: 2, ..G16 };
-        assert!(decode(&v2, OFLAG_ZERO, 0, 0, 0).unwrap_err().contains("version 2"));
+        assert!(
+            decode(&v2, OFLAG_ZERO, 0, 0, 0)
+                .unwrap_err()
+                .contains("version 2")
+        );
     }
 
     #[test]
     fn compressed_descriptor_split_depends_on_cluster_bits() {
         // 64 KiB clusters: offset in bits 0..53, sector count in 54..61.
         let e = OFLAG_COMPRESSED | (3u64 << 54) | 0x12345;
-        let want = Cluster::Compressed { offset: 0x12345, stored_len: 4 * 512 - 0x145 };
+        let want = Cluster::Compressed {
+            offset: 0x12345,
+            stored_len: 4 * 512 - 0x145,
+        };
         assert_eq!(decode(&G16, e, 0, 0, 0), Ok(want));
         // 512-byte clusters: offset in bits 0..60, one count bit (61).
-        let g9 = Geometry { cluster_bits: 9, ..G16 };
+        let g9 = Geometry {
+            cluster_bits: 9,
+            ..G16
+        };
         let e = OFLAG_COMPRESSED | (1u64 << 61) | 0x1000;
-        assert_eq!(decode(&g9, e, 0, 0, 0), Ok(Cluster::Compressed { offset: 0x1000, stored_len: 1024 }));
+        assert_eq!(
+            decode(&g9, e, 0, 0, 0),
+            Ok(Cluster::Compressed {
+                offset: 0x1000,
+                stored_len: 1024
+            })
+        );
         // 2 MiB clusters: offset in bits 0..48, count in 49..61.
-        let g21 = Geometry { cluster_bits: 21, ..G16 };
+        let g21 = Geometry {
+            cluster_bits: 21,
+            ..G16
+        };
         let e = OFLAG_COMPRESSED | (0x1fffu64 << 49) | 0x200;
-        assert_eq!(decode(&g21, e, 0, 0, 0), Ok(Cluster::Compressed { offset: 0x200, stored_len: 0x2000 * 512 }));
-        let df = Geometry { has_data_file: true, ..G16 };
+        assert_eq!(
+            decode(&g21, e, 0, 0, 0),
+            Ok(Cluster::Compressed {
+                offset: 0x200,
+                stored_len: 0x2000 * 512
+            })
+        );
+        let df = Geometry {
+            has_data_file: true,
+            ..G16
+        };
         assert!(decode(&df, e, 0, 0, 0).is_err());
     }
 
     #[test]
     fn data_file_offsets() {
-        let df = Geometry { has_data_file: true, ..G16 };
-        assert_eq!(decode(&df, OFLAG_COPIED, 0, 0, 0), Ok(Cluster::Normal { host: 0 }));
+        let df = Geometry {
+            has_data_file: true,
+            ..G16
+        };
+        assert_eq!(
+            decode(&df, OFLAG_COPIED, 0, 0, 0),
+            Ok(Cluster::Normal { host: 0 })
+        );
         assert_eq!(decode(&df, 0, 0, 0, 0), Ok(Cluster::Unallocated));
-        assert_eq!(decode(&df, 0x30000, 0, 0, 0x30000), Ok(Cluster::Normal { host: 0x30000 }));
-        assert!(decode(&df, 0x30000, 0, 0, 0x40000).unwrap_err().contains("differs"));
+        assert_eq!(
+            decode(&df, 0x30000, 0, 0, 0x30000),
+            Ok(Cluster::Normal { host: 0x30000 })
+        );
+        assert!(
+            decode(&df, 0x30000, 0, 0, 0x40000)
+                .unwrap_err()
+                .contains("differs")
+        );
     }
 
     #[test]
     fn extended_entries() {
-        let g = Geometry { extended_l2: true, ..G16 };
+        let g = Geometry {
+            extended_l2: true,
+            ..G16
+        };
         let bitmap = 0b0101 | (0b1000u64 << 32);
         let e = 0x80000;
-        let states: Vec<_> = (0..5).map(|s| decode(&g, e, bitmap, s, 0).unwrap()).collect();
+        let states: Vec<_> = (0..5)
+            .map(|s| decode(&g, e, bitmap, s, 0).unwrap())
+            .collect();
         use Cluster::*;
         let n = Normal { host: 0x80000 };
         assert_eq!(states, vec![n, Unallocated, n, Zero, Unallocated]);
@@ -203,7 +290,10 @@ mod tests {
         assert_eq!(l2_offset(&G16, OFLAG_COPIED | 0x20000), Ok(Some(0x20000)));
         assert!(l2_offset(&G16, 0x20200).is_err());
         assert_eq!(G16.l1_entries_for((1 << 29) + 1), 2);
-        let g = Geometry { extended_l2: true, ..G16 };
+        let g = Geometry {
+            extended_l2: true,
+            ..G16
+        };
         assert_eq!(g.l1_span_bits(), 28);
         assert_eq!(g.subcluster_bits(), 11);
     }

@@ -83,10 +83,16 @@ impl Header {
         }
         let version = be32(b, 4);
         if version == 1 {
-            return Err(Error::unsupported(file, "qcow version 1 (the original QEMU qcow format), only qcow2 v2/v3"));
+            return Err(Error::unsupported(
+                file,
+                "qcow version 1 (the original QEMU qcow format), only qcow2 v2/v3",
+            ));
         }
         if version != 2 && version != 3 {
-            return Err(Error::unsupported(file, format!("qcow2 version {version} (only 2 and 3 exist)")));
+            return Err(Error::unsupported(
+                file,
+                format!("qcow2 version {version} (only 2 and 3 exist)"),
+            ));
         }
         let need = if version == 2 { V2_LEN } else { V3_MIN_LEN };
         if b.len() < need {
@@ -94,7 +100,10 @@ impl Header {
                 file,
                 "qcow2 header",
                 0,
-                format!("truncated: {} bytes, a version {version} header needs {need}", b.len()),
+                format!(
+                    "truncated: {} bytes, a version {version} header needs {need}",
+                    b.len()
+                ),
             ));
         }
         let cluster_bits = be32(b, 20);
@@ -139,7 +148,10 @@ impl Header {
                     file,
                     "header_length",
                     100,
-                    format!("{} is shorter than the version 3 header ({V3_MIN_LEN})", h.header_length),
+                    format!(
+                        "{} is shorter than the version 3 header ({V3_MIN_LEN})",
+                        h.header_length
+                    ),
                 ));
             }
         }
@@ -148,7 +160,10 @@ impl Header {
                 file,
                 "header_length",
                 100,
-                format!("{} exceeds the cluster size {cluster_size}", h.header_length),
+                format!(
+                    "{} exceeds the cluster size {cluster_size}",
+                    h.header_length
+                ),
             ));
         }
         if h.backing_file_offset > cluster_size {
@@ -156,17 +171,30 @@ impl Header {
                 file,
                 "backing_file_offset",
                 8,
-                format!("{:#x} lies outside the first cluster", h.backing_file_offset),
+                format!(
+                    "{:#x} lies outside the first cluster",
+                    h.backing_file_offset
+                ),
             ));
         }
         if h.header_length as usize > COMPRESSION_TYPE_OFF {
             if b.len() <= COMPRESSION_TYPE_OFF {
-                return Err(Error::corrupt(file, "compression_type", COMPRESSION_TYPE_OFF as u64, "truncated header"));
+                return Err(Error::corrupt(
+                    file,
+                    "compression_type",
+                    COMPRESSION_TYPE_OFF as u64,
+                    "truncated header",
+                ));
             }
             h.compression = match b[COMPRESSION_TYPE_OFF] {
                 0 => Compression::Zlib,
                 1 => Compression::Zstd,
-                t => return Err(Error::unsupported(file, format!("compression type {t} (known: 0 zlib, 1 zstd)"))),
+                t => {
+                    return Err(Error::unsupported(
+                        file,
+                        format!("compression type {t} (known: 0 zlib, 1 zstd)"),
+                    ));
+                }
             };
         }
         let bit_set = h.incompatible_features & INCOMPAT_COMPRESSION != 0;
@@ -190,18 +218,28 @@ impl Header {
             };
             return Err(Error::unsupported(
                 file,
-                format!("encrypted image (crypt_method {} = {what}); decrypt it with qemu-img convert first", h.crypt_method),
+                format!(
+                    "encrypted image (crypt_method {} = {what}); decrypt it with qemu-img convert first",
+                    h.crypt_method
+                ),
             ));
         }
         if h.refcount_order > 6 {
-            return Err(Error::corrupt(file, "refcount_order", 96, format!("{} (at most 6)", h.refcount_order)));
+            return Err(Error::corrupt(
+                file,
+                "refcount_order",
+                96,
+                format!("{} (at most 6)", h.refcount_order),
+            ));
         }
         if h.extended_l2() && cluster_bits < MIN_EXTL2_CLUSTER_BITS {
             return Err(Error::corrupt(
                 file,
                 "cluster_bits",
                 20,
-                format!("extended L2 entries need clusters of at least 16 KiB, not {cluster_size} bytes"),
+                format!(
+                    "extended L2 entries need clusters of at least 16 KiB, not {cluster_size} bytes"
+                ),
             ));
         }
         Ok(h)
@@ -233,7 +271,11 @@ impl Header {
 
     /// Where the header extensions stop: the backing file name, or the end of cluster 0.
     pub fn extensions_end(&self) -> u64 {
-        if self.backing_file_offset != 0 { self.backing_file_offset } else { self.cluster_size() }
+        if self.backing_file_offset != 0 {
+            self.backing_file_offset
+        } else {
+            self.cluster_size()
+        }
     }
 
     /// Refuses incompatible feature bits this reader does not know, naming each bit and,
@@ -245,12 +287,17 @@ impl Header {
         }
         let names: Vec<String> = (0..64u8)
             .filter(|bit| unknown & (1u64 << bit) != 0)
-            .map(|bit| match ext.feature_name(FeatureKind::Incompatible, bit) {
-                Some(name) => format!("bit {bit} ({name:?})"),
-                None => format!("bit {bit}"),
-            })
+            .map(
+                |bit| match ext.feature_name(FeatureKind::Incompatible, bit) {
+                    Some(name) => format!("bit {bit} ({name:?})"),
+                    None => format!("bit {bit}"),
+                },
+            )
             .collect();
-        Err(Error::unsupported(file, format!("incompatible qcow2 feature {}", names.join(", "))))
+        Err(Error::unsupported(
+            file,
+            format!("incompatible qcow2 feature {}", names.join(", ")),
+        ))
     }
 }
 
@@ -280,7 +327,10 @@ impl Extensions {
             FeatureKind::Compatible => 1,
             FeatureKind::Autoclear => 2,
         };
-        self.feature_names.iter().find(|(t, b, _)| *t == k && *b == bit).map(|(_, _, n)| n.as_str())
+        self.feature_names
+            .iter()
+            .find(|(t, b, _)| *t == k && *b == bit)
+            .map(|(_, _, n)| n.as_str())
     }
 
     /// Walks the extensions in `cluster0` (the file's bytes from 0, zero-padded where the file
@@ -291,7 +341,12 @@ impl Extensions {
         let mut off = start;
         while off < end {
             let Some(data_off) = off.checked_add(8).filter(|&d| d <= end) else {
-                return Err(Error::corrupt(file, "header extension", off, "header runs past the extension area"));
+                return Err(Error::corrupt(
+                    file,
+                    "header extension",
+                    off,
+                    "header runs past the extension area",
+                ));
             };
             let kind = be32(cluster0, off as usize);
             let len = be32(cluster0, off as usize + 4);
@@ -301,7 +356,9 @@ impl Extensions {
                     file,
                     "header extension",
                     off,
-                    format!("type {kind:#010x} length {len} runs past the extension area (ends at {end:#x})"),
+                    format!(
+                        "type {kind:#010x} length {len} runs past the extension area (ends at {end:#x})"
+                    ),
                 ));
             }
             if kind == EXT_END {
@@ -391,12 +448,16 @@ mod tests {
         set32(&mut b, 4, 2);
         set64(&mut b, 72, u64::MAX); // garbage past the v2 header must be ignored
         let h = Header::parse(&b[..V2_LEN], p()).unwrap();
-        assert_eq!((h.incompatible_features, h.refcount_order, h.header_length), (0, 4, 72));
+        assert_eq!(
+            (h.incompatible_features, h.refcount_order, h.header_length),
+            (0, 4, 72)
+        );
     }
 
     #[test]
     fn refuses_bad_fixed_fields() {
-        let cases: Vec<(Box<dyn Fn(&mut Vec<u8>)>, &str)> = vec![
+        type Patch = Box<dyn Fn(&mut Vec<u8>)>;
+        let cases: Vec<(Patch, &str)> = vec![
             (Box::new(|b| b[3] = 0), "magic"),
             (Box::new(|b| set32(b, 4, 1)), "version 1"),
             (Box::new(|b| set32(b, 4, 4)), "version 4"),
@@ -409,8 +470,17 @@ mod tests {
             (Box::new(|b| set64(b, 8, 0x20000)), "backing_file_offset"),
             (Box::new(|b| b[104] = 1), "compression type bit"),
             (Box::new(|b| b[104] = 9), "compression type 9"),
-            (Box::new(|b| set64(b, 72, INCOMPAT_COMPRESSION)), "compression type bit"),
-            (Box::new(|b| { set32(b, 20, 12); set64(b, 72, INCOMPAT_EXTL2) }), "extended L2"),
+            (
+                Box::new(|b| set64(b, 72, INCOMPAT_COMPRESSION)),
+                "compression type bit",
+            ),
+            (
+                Box::new(|b| {
+                    set32(b, 20, 12);
+                    set64(b, 72, INCOMPAT_EXTL2)
+                }),
+                "extended L2",
+            ),
         ];
         for (patch, want) in cases {
             let mut b = v3();
@@ -427,14 +497,17 @@ mod tests {
         let mut b = v3();
         b[104] = 1;
         set64(&mut b, 72, INCOMPAT_COMPRESSION);
-        assert_eq!(Header::parse(&b, p()).unwrap().compression, Compression::Zstd);
+        assert_eq!(
+            Header::parse(&b, p()).unwrap().compression,
+            Compression::Zstd
+        );
     }
 
     fn ext(kind: u32, data: &[u8]) -> Vec<u8> {
         let mut v = kind.to_be_bytes().to_vec();
         v.extend_from_slice(&(data.len() as u32).to_be_bytes());
         v.extend_from_slice(data);
-        while v.len() % 8 != 0 {
+        while !v.len().is_multiple_of(8) {
             v.push(0);
         }
         v
@@ -459,7 +532,10 @@ mod tests {
         let mut h = Header::parse(&v3(), p()).unwrap();
         h.incompatible_features |= 1 << 7 | 1 << 9;
         let err = h.check_features(&e, p()).unwrap_err().to_string();
-        assert!(err.contains("bit 7 (\"feature\")") && err.contains("bit 9"), "{err}");
+        assert!(
+            err.contains("bit 7 (\"feature\")") && err.contains("bit 9"),
+            "{err}"
+        );
     }
 
     #[test]

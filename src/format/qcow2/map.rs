@@ -20,7 +20,11 @@ enum State {
     Zero,
     /// Host offset of the unit's first requested byte.
     Data(u64),
-    Compressed { offset: u64, stored_len: u64, skip: u64 },
+    Compressed {
+        offset: u64,
+        stored_len: u64,
+        skip: u64,
+    },
 }
 
 struct Walker<'a> {
@@ -33,10 +37,22 @@ struct Walker<'a> {
 
 /// Maps [off, off+len) of the layer whose L1 is `l1` (stored at `l1_offset`).
 pub fn map(img: &Qcow2Image, l1: &[u64], l1_offset: u64, off: u64, len: u64) -> Result<Extent> {
-    let end = off.checked_add(len).ok_or_else(|| Error::invalid(format!("range {off:#x}+{len} overflows")))?;
-    let mut w = Walker { img, l1, l1_offset, l2: None };
+    let end = off
+        .checked_add(len)
+        .ok_or_else(|| Error::invalid(format!("range {off:#x}+{len} overflows")))?;
+    let mut w = Walker {
+        img,
+        l1,
+        l1_offset,
+        l2: None,
+    };
     let (first, n) = w.unit(off, end)?;
-    if let State::Compressed { offset, stored_len, skip } = first {
+    if let State::Compressed {
+        offset,
+        stored_len,
+        skip,
+    } = first
+    {
         let codec = match img.header.compression {
             Compression::Zlib => Codec::Deflate,
             Compression::Zstd => Codec::Zstd,
@@ -54,7 +70,9 @@ pub fn map(img: &Qcow2Image, l1: &[u64], l1_offset: u64, off: u64, len: u64) -> 
     let mut pos = off + n;
     while pos < end {
         // A bad entry after the first unit ends the run; it is reported when it is asked for.
-        let Ok((next, n)) = w.unit(pos, end) else { break };
+        let Ok((next, n)) = w.unit(pos, end) else {
+            break;
+        };
         let continues = match (first, next) {
             (State::Unallocated, State::Unallocated) | (State::Zero, State::Zero) => true,
             (State::Data(h0), State::Data(h)) => h0.checked_add(pos - off) == Some(h),
@@ -68,10 +86,16 @@ pub fn map(img: &Qcow2Image, l1: &[u64], l1_offset: u64, off: u64, len: u64) -> 
     let map = match first {
         State::Unallocated => Mapping::Unallocated,
         State::Zero => Mapping::Zero,
-        State::Data(host_off) => Mapping::Data { file: img.data_file().clone(), host_off },
+        State::Data(host_off) => Mapping::Data {
+            file: img.data_file().clone(),
+            host_off,
+        },
         State::Compressed { .. } => return Err(Error::invalid("internal: compressed run merged")),
     };
-    Ok(Extent { len: pos - off, map })
+    Ok(Extent {
+        len: pos - off,
+        map,
+    })
 }
 
 impl Walker<'_> {
@@ -86,7 +110,8 @@ impl Walker<'_> {
         };
         let span_end = (l1_index + 1).saturating_mul(1 << g.l1_span_bits());
         let l1e_off = self.l1_offset.saturating_add(l1_index * 8);
-        let l2_off = entry::l2_offset(g, l1_entry).map_err(|w| Error::corrupt(img.file.path(), "L1 entry", l1e_off, w))?;
+        let l2_off = entry::l2_offset(g, l1_entry)
+            .map_err(|w| Error::corrupt(img.file.path(), "L1 entry", l1e_off, w))?;
         let Some(l2_off) = l2_off else {
             return Ok((State::Unallocated, span_end.min(end) - pos));
         };
@@ -96,7 +121,11 @@ impl Walker<'_> {
         let index = (pos >> g.cluster_bits) & ((1 << g.l2_bits()) - 1);
         let entry_off = (index * g.entry_len()) as usize;
         let word = be64(&table, entry_off);
-        let bitmap = if g.extended_l2 { be64(&table, entry_off + 8) } else { 0 };
+        let bitmap = if g.extended_l2 {
+            be64(&table, entry_off + 8)
+        } else {
+            0
+        };
         let sub_bits = g.subcluster_bits();
         let sub = ((pos & (cs - 1)) >> sub_bits) as u32;
         let field_off = l2_off + entry_off as u64;
@@ -118,7 +147,11 @@ impl Walker<'_> {
                         img.file.path(),
                         "L2 entry",
                         field_off,
-                        format!("cluster offset {host:#x} is past the end of {} ({} bytes)", data.path().display(), data.len()),
+                        format!(
+                            "cluster offset {host:#x} is past the end of {} ({} bytes)",
+                            data.path().display(),
+                            data.len()
+                        ),
                     ));
                 }
                 State::Data(host + (pos - guest_cluster))
@@ -129,10 +162,17 @@ impl Walker<'_> {
                         img.file.path(),
                         "L2 entry",
                         field_off,
-                        format!("compressed cluster at {offset:#x} is past the end of the file ({} bytes)", img.file.len()),
+                        format!(
+                            "compressed cluster at {offset:#x} is past the end of the file ({} bytes)",
+                            img.file.len()
+                        ),
                     ));
                 }
-                State::Compressed { offset, stored_len, skip: pos - guest_cluster }
+                State::Compressed {
+                    offset,
+                    stored_len,
+                    skip: pos - guest_cluster,
+                }
             }
         };
         Ok((state, n))
@@ -147,7 +187,9 @@ impl Walker<'_> {
         let file = &self.img.file;
         let cs = self.img.geometry.cluster_size();
         let key = Key::new(file.id(), l2_off, TAG_L2);
-        let t = self.img.l2_sync.get_or_load(&self.img.tables, key, || file.read_table(l2_off, cs, cs, "L2 table"))?;
+        let t = self.img.l2_sync.get_or_load(&self.img.tables, key, || {
+            file.read_table(l2_off, cs, cs, "L2 table")
+        })?;
         self.l2 = Some((l2_off, t.clone()));
         Ok(t)
     }

@@ -7,15 +7,18 @@
 pub mod entry;
 pub mod header;
 pub mod map;
+mod open;
 pub mod snapshot;
 pub mod write;
 
 use self::entry::Geometry;
 use self::header::{Extensions, Header};
+use self::open::{
+    backing_ref, check_l1_placement, check_tables, load_l1, open_data_file, read_snapshots,
+};
 use self::snapshot::Snapshot;
 use super::{Extent, Format, Layer, OpenCtx, ParentRef, SnapshotInfo};
 use crate::cache::ByteCache;
-use crate::chain::resolve_relative;
 use crate::error::{Error, Kind, Result};
 use crate::host::HostFile;
 use parking_lot::Mutex;
@@ -69,7 +72,10 @@ impl fmt::Debug for Qcow2Image {
         f.debug_struct("Qcow2Image")
             .field("path", &self.path)
             .field("header", &self.header)
-            .field("data_file", &self.data_file.as_ref().map(|d| d.path().to_path_buf()))
+            .field(
+                "data_file",
+                &self.data_file.as_ref().map(|d| d.path().to_path_buf()),
+            )
             .field("snapshots", &self.snapshots.len())
             .finish()
     }
@@ -91,7 +97,11 @@ pub struct Qcow2Layer {
 impl Qcow2Layer {
     pub fn open(path: &Path, ctx: &OpenCtx) -> Result<Arc<dyn Layer>> {
         let image = Arc::new(Qcow2Image::open(path, ctx)?);
-        let writer = if ctx.writable { Some(Arc::new(write::Qcow2Writer::new(&image)?)) } else { None };
+        let writer = if ctx.writable {
+            write::Qcow2Writer::new(&image)?.map(Arc::new)
+        } else {
+            None
+        };
         Ok(Arc::new(Qcow2Layer {
             l1: image.l1.clone(),
             l1_offset: image.header.l1_table_offset,
@@ -116,12 +126,16 @@ impl Qcow2Image {
         let mut cluster0 = vec![0u8; ext_end as usize];
         let have = ext_end.min(file.len()) as usize;
         file.read_exact_at(&mut cluster0[..have], 0, "header extensions")?;
-        let extensions = Extensions::parse(&cluster0, u64::from(header.header_length), ext_end, path);
+        let extensions =
+            Extensions::parse(&cluster0, u64::from(header.header_length), ext_end, path);
         header.check_features(extensions.as_ref().unwrap_or(&Extensions::default()), path)?;
         let extensions = extensions?;
 
         if header.corrupt() {
-            log::warn!("{}: the image is marked corrupt; opening it read-only", path.display());
+            log::warn!(
+                "{}: the image is marked corrupt; opening it read-only",
+                path.display()
+            );
             if file.writable() {
                 file = HostFile::open(path, false)?;
             }
@@ -168,12 +182,24 @@ impl Qcow2Image {
 
     /// A read-only layer showing snapshot `index` over the image's backing file.
     pub fn open_snapshot(self: &Arc<Self>, index: usize) -> Result<Arc<dyn Layer>> {
-        let sn = self.snapshots.get(index).ok_or_else(|| match &self.snapshot_error {
-            Some(e) => Error::new(Kind::Corrupt, e.clone()),
-            None => Error::invalid(format!("{}: no snapshot with index {index}", self.path.display())),
-        })?;
+        let sn = self
+            .snapshots
+            .get(index)
+            .ok_or_else(|| match &self.snapshot_error {
+                Some(e) => Error::new(Kind::Corrupt, e.clone()),
+                None => Error::invalid(format!(
+                    "{}: no snapshot with index {index}",
+                    self.path.display()
+                )),
+            })?;
         let field = format!("snapshot {index} ({:?}) L1 table", sn.name);
-        check_l1_placement(&self.file, &self.geometry, sn.l1_table_offset, sn.l1_size, &field)?;
+        check_l1_placement(
+            &self.file,
+            &self.geometry,
+            sn.l1_table_offset,
+            sn.l1_size,
+            &field,
+        )?;
         let l1 = self.snapshot_l1(sn, &field)?;
         let size = sn.disk_size.unwrap_or(self.size) & !511;
         Ok(Arc::new(Qcow2Layer {
@@ -207,153 +233,12 @@ impl Qcow2Image {
         }
         // Loaded outside the lock; two racing loads of one table are harmless.
         let l1 = load_l1(&self.file, sn.l1_table_offset, sn.l1_size, field)?;
-        self.snapshot_l1s.lock().loaded.insert(key, Arc::downgrade(&l1));
+        self.snapshot_l1s
+            .lock()
+            .loaded
+            .insert(key, Arc::downgrade(&l1));
         Ok(l1)
     }
-}
-
-/// Checks the refcount table, snapshot table and active L1 placement as QEMU does at open.
-fn check_tables(h: &Header, g: &Geometry, file: &HostFile) -> Result<()> {
-    let path = file.path();
-    let cs = g.cluster_size();
-    if h.refcount_table_clusters == 0 {
-        return Err(Error::corrupt(path, "refcount_table_clusters", 56, "the image has no refcount table"));
-    }
-    let rt_bytes = u64::from(h.refcount_table_clusters) << g.cluster_bits;
-    check_table(path, "refcount table", h.refcount_table_offset, rt_bytes, MAX_REFTABLE_BYTES, cs)?;
-    if h.nb_snapshots > snapshot::MAX_SNAPSHOTS {
-        return Err(Error::corrupt(
-            path,
-            "nb_snapshots",
-            60,
-            format!("{} exceeds the limit of {}", h.nb_snapshots, snapshot::MAX_SNAPSHOTS),
-        ));
-    }
-    check_table(path, "snapshot table", h.snapshots_offset, u64::from(h.nb_snapshots) * 40, u64::MAX, cs)?;
-    check_l1_placement(file, g, h.l1_table_offset, h.l1_size, "L1 table")?;
-    let needed = g.l1_entries_for(h.size);
-    if u64::from(h.l1_size) < needed {
-        return Err(Error::corrupt(
-            path,
-            "l1_size",
-            36,
-            format!("{} entries cannot cover the virtual size {} (needs {needed})", h.l1_size, h.size),
-        ));
-    }
-    Ok(())
-}
-
-/// QEMU `qcow2_validate_table`: bounded size, no overflow, cluster-aligned offset.
-fn check_table(path: &Path, field: &str, off: u64, bytes: u64, limit: u64, cs: u64) -> Result<()> {
-    if bytes > limit {
-        return Err(Error::corrupt(path, field, off, format!("size {bytes} bytes exceeds the limit of {limit} bytes")));
-    }
-    if off.checked_add(bytes).is_none_or(|end| end > i64::MAX as u64) {
-        return Err(Error::corrupt(path, field, off, format!("{bytes} bytes from here overflow")));
-    }
-    if off & (cs - 1) != 0 {
-        return Err(Error::corrupt(path, field, off, "offset is not cluster-aligned"));
-    }
-    Ok(())
-}
-
-/// An L1 table (active or snapshot) must be bounded, aligned and inside the file.
-fn check_l1_placement(file: &HostFile, g: &Geometry, off: u64, entries: u32, field: &str) -> Result<()> {
-    let bytes = u64::from(entries) * 8;
-    check_table(file.path(), field, off, bytes, MAX_L1_BYTES, g.cluster_size())?;
-    file.check_range(field, off, bytes)
-}
-
-fn load_l1(file: &HostFile, off: u64, entries: u32, field: &str) -> Result<Arc<[u64]>> {
-    if entries == 0 {
-        return Ok(Arc::from(Vec::new()));
-    }
-    let raw = file.read_table(off, u64::from(entries) * 8, MAX_L1_BYTES, field)?;
-    Ok(raw.chunks_exact(8).map(|c| u64::from_be_bytes(c.try_into().unwrap_or([0; 8]))).collect())
-}
-
-/// QEMU treats `proto:...` (a colon before any slash) as a protocol, `json:{...}` included.
-fn has_protocol(name: &str) -> bool {
-    name.find([':', '/']).is_some_and(|i| name.as_bytes()[i] == b':')
-}
-
-fn open_data_file(h: &Header, ext: &Extensions, file: &HostFile) -> Result<Option<Arc<HostFile>>> {
-    let path = file.path();
-    if !h.has_data_file() {
-        if h.data_file_raw() {
-            return Err(Error::corrupt(path, "autoclear_features", 88, "data_file_raw (bit 1) is set without a data file"));
-        }
-        return Ok(None);
-    }
-    let Some(name) = ext.data_file.as_deref().filter(|n| !n.is_empty()) else {
-        return Err(Error::corrupt(
-            path,
-            "incompatible_features",
-            72,
-            "an external data file is required (bit 2) but the header names none",
-        ));
-    };
-    if has_protocol(name) {
-        return Err(Error::unsupported(path, format!("data file {name:?} uses a protocol prefix")));
-    }
-    let data_path = resolve_relative(path, name);
-    let data = HostFile::open(&data_path, file.writable())
-        .map_err(|e| e.context(format!("external data file {name:?} of {}", path.display())))?;
-    Ok(Some(data))
-}
-
-fn backing_ref(h: &Header, ext: &Extensions, file: &HostFile) -> Result<ParentRef> {
-    let path = file.path();
-    if h.backing_file_offset == 0 {
-        return Ok(ParentRef::None);
-    }
-    if h.data_file_raw() {
-        return Err(Error::corrupt(path, "autoclear_features", 88, "data_file_raw (bit 1) cannot be set with a backing file"));
-    }
-    let len = u64::from(h.backing_file_size);
-    let room = h.cluster_size() - h.backing_file_offset;
-    if len > MAX_BACKING_NAME.min(room) {
-        return Err(Error::corrupt(
-            path,
-            "backing_file_size",
-            16,
-            format!("{len} bytes is too long (at most {} here)", MAX_BACKING_NAME.min(room)),
-        ));
-    }
-    let mut raw = vec![0u8; len as usize];
-    file.read_exact_at(&mut raw, h.backing_file_offset, "backing file name")?;
-    let end = raw.iter().position(|&c| c == 0).unwrap_or(raw.len());
-    if end == 0 {
-        return Ok(ParentRef::None);
-    }
-    let Ok(name) = String::from_utf8(raw[..end].to_vec()) else {
-        return Err(Error::unsupported(path, "a backing file name that is not UTF-8"));
-    };
-    if has_protocol(&name) {
-        return Err(Error::unsupported(path, format!("backing file {name:?} uses a protocol prefix")));
-    }
-    let format = match ext.backing_format.as_deref() {
-        None | Some("") => None,
-        Some(f) => Some(
-            Format::parse(f)
-                .map_err(|_| Error::unsupported(path, format!("backing file format {f:?}")))?,
-        ),
-    };
-    Ok(ParentRef::Path { path: resolve_relative(path, &name), raw: name, format })
-}
-
-fn read_snapshots(h: &Header, file: &HostFile) -> Result<Vec<Snapshot>> {
-    if h.nb_snapshots == 0 {
-        return Ok(Vec::new());
-    }
-    let off = h.snapshots_offset;
-    if off >= file.len() {
-        return Err(Error::corrupt(file.path(), "snapshot table", off, "starts past the end of the file"));
-    }
-    let avail = file.len() - off;
-    let span = avail.min(snapshot::MAX_TABLE_BYTES);
-    let buf = file.read_table(off, span, snapshot::MAX_TABLE_BYTES, "snapshot table")?;
-    snapshot::parse_table(&buf, off, h.nb_snapshots, span == avail, file.path())
 }
 
 impl Layer for Qcow2Layer {
@@ -407,11 +292,24 @@ impl Layer for Qcow2Layer {
         let img = &self.image;
         let h = &img.header;
         let mut d = vec![
-            ("version".into(), format!("{} (compat {})", h.version, if h.version == 2 { "0.10" } else { "1.1" })),
+            (
+                "version".into(),
+                format!(
+                    "{} (compat {})",
+                    h.version,
+                    if h.version == 2 { "0.10" } else { "1.1" }
+                ),
+            ),
             ("cluster size".into(), h.cluster_size().to_string()),
             ("compression".into(), h.compression.name().into()),
-            ("extended L2".into(), if h.extended_l2() { "yes" } else { "no" }.into()),
-            ("refcount bits".into(), (1u32 << h.refcount_order).to_string()),
+            (
+                "extended L2".into(),
+                if h.extended_l2() { "yes" } else { "no" }.into(),
+            ),
+            (
+                "refcount bits".into(),
+                (1u32 << h.refcount_order).to_string(),
+            ),
         ];
         if let Some(name) = &img.extensions.data_file
             && h.has_data_file()
@@ -435,7 +333,10 @@ impl Layer for Qcow2Layer {
         };
         d.push(("snapshots".into(), snaps));
         if let Some(i) = self.snapshot {
-            d.push(("snapshot".into(), format!("{i}: {:?}", img.snapshots[i].name)));
+            d.push((
+                "snapshot".into(),
+                format!("{i}: {:?}", img.snapshots[i].name),
+            ));
         }
         d
     }

@@ -35,9 +35,20 @@ pub struct Snapshot {
 
 /// Parses `count` entries from `buf`, the file's bytes from `table_off` (at most
 /// `MAX_TABLE_BYTES`; shorter when the file ends first, given by `file_ends`).
-pub fn parse_table(buf: &[u8], table_off: u64, count: u32, file_ends: bool, file: &Path) -> Result<Vec<Snapshot>> {
+pub fn parse_table(
+    buf: &[u8],
+    table_off: u64,
+    count: u32,
+    file_ends: bool,
+    file: &Path,
+) -> Result<Vec<Snapshot>> {
     if count > MAX_SNAPSHOTS {
-        return Err(Error::corrupt(file, "nb_snapshots", 60, format!("{count} exceeds the limit of {MAX_SNAPSHOTS}")));
+        return Err(Error::corrupt(
+            file,
+            "nb_snapshots",
+            60,
+            format!("{count} exceeds the limit of {MAX_SNAPSHOTS}"),
+        ));
     }
     let mut out = Vec::with_capacity(count as usize);
     let mut pos = 0usize;
@@ -90,7 +101,16 @@ pub fn parse_table(buf: &[u8], table_off: u64, count: u32, file_ends: bool, file
             sn.vm_state_size = be64(extra, 0);
         }
         if extra.len() >= 16 {
-            sn.disk_size = Some(be64(extra, 8));
+            let size = be64(extra, 8);
+            if size > i64::MAX as u64 {
+                return Err(Error::corrupt(
+                    file,
+                    &format!("snapshot table entry {index} disk_size"),
+                    entry_offset,
+                    format!("{size} bytes is beyond any disk"),
+                ));
+            }
+            sn.disk_size = Some(size);
         }
         if extra.len() >= 24 {
             sn.icount = Some(be64(extra, 16)).filter(|&c| c != u64::MAX);
@@ -125,7 +145,7 @@ mod tests {
         v.extend(extra);
         v.extend(id.as_bytes());
         v.extend(name.as_bytes());
-        while v.len() % 8 != 0 {
+        while !v.len().is_multiple_of(8) {
             v.push(0);
         }
         v
@@ -145,14 +165,23 @@ mod tests {
         let p = Path::new("s.qcow2");
         let s = parse_table(&t, 0x10000, 2, true, p).unwrap();
         assert_eq!(s.len(), 2);
-        assert_eq!((s[0].id.as_str(), s[0].name.as_str()), ("1", "before upgrade"));
+        assert_eq!(
+            (s[0].id.as_str(), s[0].name.as_str()),
+            ("1", "before upgrade")
+        );
         assert_eq!((s[0].l1_table_offset, s[0].l1_size), (0x50000, 8));
         assert_eq!(s[0].disk_size, Some(64 << 20));
         assert_eq!(s[0].icount, None);
-        assert_eq!((s[0].date_sec, s[0].date_nsec, s[0].vm_clock_nsec), (1_700_000_000, 5, 77));
+        assert_eq!(
+            (s[0].date_sec, s[0].date_nsec, s[0].vm_clock_nsec),
+            (1_700_000_000, 5, 77)
+        );
         assert_eq!(s[1].disk_size, None);
         assert_eq!(s[1].vm_state_size, 9);
-        assert_eq!(s[1].entry_offset, 0x10000 + (40 + 24 + 1 + 14usize).next_multiple_of(8) as u64);
+        assert_eq!(
+            s[1].entry_offset,
+            0x10000 + (40 + 24 + 1 + 14usize).next_multiple_of(8) as u64
+        );
     }
 
     #[test]
@@ -160,12 +189,20 @@ mod tests {
         let p = Path::new("s.qcow2");
         let t = entry(0x50000, 8, "1", "x", &[]);
         let e = parse_table(&t, 0, 2, true, p).unwrap_err();
-        assert!(e.to_string().contains("entry 1 header") && e.to_string().contains("end of the file"), "{e}");
+        assert!(
+            e.to_string().contains("entry 1 header") && e.to_string().contains("end of the file"),
+            "{e}"
+        );
         let e = parse_table(&t[..41], 0, 1, false, p).unwrap_err();
         assert!(e.to_string().contains("exceeds"), "{e}");
         let mut big = t.clone();
         big[36..40].copy_from_slice(&2000u32.to_be_bytes());
-        assert!(parse_table(&big, 0, 1, true, p).unwrap_err().to_string().contains("extra_data_size"));
+        assert!(
+            parse_table(&big, 0, 1, true, p)
+                .unwrap_err()
+                .to_string()
+                .contains("extra_data_size")
+        );
         assert!(parse_table(&t, 0, MAX_SNAPSHOTS + 1, true, p).is_err());
     }
 }

@@ -53,27 +53,24 @@ impl fmt::Debug for Qcow2Writer {
 }
 
 impl Qcow2Writer {
-    /// Prepares `img` (opened writable) for in-place writes.
-    pub fn new(img: &Arc<Qcow2Image>) -> Result<Qcow2Writer> {
+    /// Prepares `img` for in-place writes. None (with a warning saying why) when the image
+    /// must stay read-only: opened read-only (marked corrupt), dirty (lazy refcounts: the
+    /// refcounts cannot be trusted until repaired), or an unreadable snapshot table.
+    pub fn new(img: &Arc<Qcow2Image>) -> Result<Option<Qcow2Writer>> {
         let h = &img.header;
         let path = &img.path;
-        if !img.file.writable() {
-            return Err(Error::new(
-                Kind::ReadOnly,
-                format!("{}: opened read-only (marked corrupt?)", path.display()),
-            ));
-        }
-        if h.dirty() {
-            return Err(Error::unsupported(
-                path,
-                "the image is dirty (lazy refcounts); run qemu-img check -r all first",
-            ));
-        }
-        if let Some(e) = &img.snapshot_error {
-            return Err(Error::unsupported(
-                path,
-                format!("writing with an unreadable snapshot table ({e})"),
-            ));
+        let why = if !img.file.writable() {
+            Some("it is opened read-only (marked corrupt?)".to_string())
+        } else if h.dirty() {
+            Some("it is dirty (lazy refcounts); repair it with qemu-img check -r all".to_string())
+        } else {
+            img.snapshot_error
+                .as_ref()
+                .map(|e| format!("its snapshot table is unreadable ({e})"))
+        };
+        if let Some(why) = why {
+            log::warn!("{}: not writable: {why}", path.display());
+            return Ok(None);
         }
         let file = &img.file;
         let mut rc = Refcounts::new(
@@ -112,7 +109,7 @@ impl Qcow2Writer {
             failed: AtomicBool::new(false),
         };
         w.clear_unknown_autoclear()?;
-        Ok(w)
+        Ok(Some(w))
     }
 
     /// The current active L1 table (for the read path).
