@@ -21,6 +21,31 @@ fn open_rw(image: &Path) -> View {
     View::new(layers, size, Arc::new(ByteCache::new(8 << 20)), 4096)
 }
 
+/// Whether `qemu-img map` reports guest offset `off` as compressed.
+fn is_compressed(image: &Path, off: u64) -> bool {
+    let out = qemu_img(&[
+        "map",
+        "--output=json",
+        "-f",
+        "qcow2",
+        image.to_str().unwrap(),
+    ]);
+    out.lines().any(|l| {
+        let start = l
+            .split("\"start\": ")
+            .nth(1)
+            .and_then(|r| r.split(',').next())
+            .and_then(|n| n.parse::<u64>().ok());
+        let len = l
+            .split("\"length\": ")
+            .nth(1)
+            .and_then(|r| r.split(',').next())
+            .and_then(|n| n.parse::<u64>().ok());
+        matches!((start, len), (Some(s), Some(n)) if s <= off && off < s + n)
+            && l.contains("\"compressed\": true")
+    })
+}
+
 /// The library's view of internal snapshot `name` of `image`.
 fn snapshot_view(image: &Path, name: &str) -> View {
     let mut layers = vmfs_mount::chain::open_chain(image, None, &ctx()).unwrap();
@@ -67,6 +92,9 @@ fn workload(view: &View, model: &mut [u8], rng: &mut Rng, ops: usize, cs: u64) {
         (size - 1, 1),
         (size - 3 * cs / 2, 3 * cs / 2),
         (size / 2 + 7, 9),
+        // Inside the compressed cluster and the zero clusters the test images have.
+        (4 * cs + 100, 200),
+        (6 * cs + 10, 50),
     ] {
         let data = rng.bytes(len as usize);
         view.write(off, &data).unwrap();
@@ -141,7 +169,9 @@ fn run_case(c: &Case, seed: u64) {
         (2 * c.cs) as usize,
     );
     let pat = s.path("pat");
-    std::fs::write(&pat, rng.bytes(c.cs as usize)).unwrap();
+    // Seeded but low-entropy bytes: QEMU stores a cluster compressed only if it shrinks.
+    let low: Vec<u8> = rng.bytes(c.cs as usize).iter().map(|b| b & 7).collect();
+    std::fs::write(&pat, low).unwrap();
     qemu_io(
         "qcow2",
         &top,
@@ -159,6 +189,10 @@ fn run_case(c: &Case, seed: u64) {
             &[format!("write -z {} {}", 6 * c.cs, 2 * c.cs)],
         );
     }
+    assert!(
+        is_compressed(&top, 4 * c.cs),
+        "the test image has no compressed cluster"
+    );
     let mut snap = None;
     if c.snapshot {
         qemu_img(&["snapshot", "-c", "s1", top.to_str().unwrap()]);
@@ -394,7 +428,10 @@ fn read_only_views_refuse_writes() {
         std::fs::write(&top, &bytes).unwrap();
         let view = open_rw(&top);
         assert!(!view.is_writable(), "incompatible bit {bit}");
-        assert_eq!(view.write(0, &[1]).unwrap_err().kind(), vmfs_mount::error::Kind::ReadOnly);
+        assert_eq!(
+            view.write(0, &[1]).unwrap_err().kind(),
+            vmfs_mount::error::Kind::ReadOnly
+        );
     }
 }
 
@@ -436,7 +473,20 @@ fn external_data_file_over_backing() {
     let mut rng = Rng::new(21);
     std::fs::write(&base, rng.bytes(2 << 20)).unwrap();
     let opts = format!("data_file={},cluster_size=4096", data.display());
-    qemu_img(&["create", "-q", "-f", "qcow2", "-o", &opts, "-b", "base.raw", "-F", "raw", top.to_str().unwrap(), "2M"]);
+    qemu_img(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-o",
+        &opts,
+        "-b",
+        "base.raw",
+        "-F",
+        "raw",
+        top.to_str().unwrap(),
+        "2M",
+    ]);
     write_random("qcow2", &top, &mut rng, 5000, 20000);
     qemu_io("qcow2", &top, &["write -z 65536 8192".to_string()]);
     let mut model = qemu_raw(&top, Some("qcow2"), &[]);
