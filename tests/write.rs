@@ -497,3 +497,40 @@ fn external_data_file_over_backing() {
     check_clean(&top);
     assert_same("convert", &qemu_raw(&top, Some("qcow2"), &[]), &model);
 }
+
+#[test]
+fn hostile_refcount_structures_fail_cleanly() {
+    let s = Scratch::new("write-hostile-rc");
+    let top = s.path("top.qcow2");
+    qemu_img(&["create", "-q", "-f", "qcow2", top.to_str().unwrap(), "1M"]);
+    let good = std::fs::read(&top).unwrap();
+    let reftable = u64::from_be_bytes(good[48..56].try_into().unwrap()) as usize;
+    let ctx = OpenCtx {
+        tables: Arc::new(ByteCache::new(1 << 20)),
+        writable: true,
+    };
+    // An unaligned refcount block offset: refused when the image is opened for writing.
+    let mut bad = good.clone();
+    bad[reftable..reftable + 8].copy_from_slice(&0x10200u64.to_be_bytes());
+    std::fs::write(&top, &bad).unwrap();
+    let e = vmfs_mount::chain::open_chain(&top, None, &ctx).unwrap_err();
+    assert_eq!(e.kind(), vmfs_mount::error::Kind::Corrupt, "{e}");
+    // A refcount block past the end of the file: the first allocation fails, nothing is
+    // written, later writes are refused.
+    let mut bad = good.clone();
+    bad[reftable..reftable + 8].copy_from_slice(&(1u64 << 40).to_be_bytes());
+    std::fs::write(&top, &bad).unwrap();
+    let view = open_rw(&top);
+    let e = view.write(0, &[1; 100]).unwrap_err();
+    assert_eq!(e.kind(), vmfs_mount::error::Kind::Corrupt, "{e}");
+    assert!(e.to_string().contains("refcount block"), "{e}");
+    assert_eq!(
+        view.write(0, &[1]).unwrap_err().kind(),
+        vmfs_mount::error::Kind::Failed
+    );
+    drop(view);
+    assert!(
+        std::fs::read(&top).unwrap() == bad,
+        "a failed allocation wrote to the image"
+    );
+}
