@@ -534,3 +534,33 @@ fn hostile_refcount_structures_fail_cleanly() {
         "a failed allocation wrote to the image"
     );
 }
+
+#[test]
+fn hostile_copied_flag_on_a_shared_l2_table_does_not_change_the_snapshot() {
+    let s = Scratch::new("write-hostile-copied");
+    let top = s.path("top.qcow2");
+    qemu_img(&["create", "-q", "-f", "qcow2", top.to_str().unwrap(), "1M"]);
+    let mut rng = Rng::new(31);
+    write_random("qcow2", &top, &mut rng, 0, 200_000);
+    qemu_img(&["snapshot", "-c", "s1", top.to_str().unwrap()]);
+    let snap = qemu_raw(&top, Some("qcow2"), &["-l", "snapshot.name=s1"]);
+    // Claim that the active L1 entry owns its (shared) L2 table.
+    let mut bytes = std::fs::read(&top).unwrap();
+    let l1 = u64::from_be_bytes(bytes[40..48].try_into().unwrap()) as usize;
+    bytes[l1] |= 0x80;
+    std::fs::write(&top, &bytes).unwrap();
+    let mut model = snap.clone();
+    {
+        let view = open_rw(&top);
+        let data = rng.bytes(70_000);
+        view.write(1000, &data).unwrap();
+        model[1000..71_000].copy_from_slice(&data);
+        view.flush().unwrap();
+    }
+    assert_same(
+        "snapshot s1",
+        &qemu_raw(&top, Some("qcow2"), &["-l", "snapshot.name=s1"]),
+        &snap,
+    );
+    assert_same("live", &qemu_raw(&top, Some("qcow2"), &[]), &model);
+}

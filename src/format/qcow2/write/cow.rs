@@ -85,6 +85,9 @@ impl Qcow2Writer {
         if l1e & OFFSET_MASK == 0 || l1e & COPIED == 0 {
             return Ok(None);
         }
+        if rc.snapshot_l2.contains(&((l1e & OFFSET_MASK) / cs)) {
+            return Ok(None);
+        }
         let l2 = self.l2_table(l1e & OFFSET_MASK)?;
         let (desc, bitmap) = self.l2_entry(&l2, (pos / cs) % self.l2_entries());
         let EntryKind::Normal { host, copied } = self.decode(desc) else {
@@ -185,7 +188,7 @@ impl Qcow2Writer {
             )
         })?;
         let old = e & OFFSET_MASK;
-        if old != 0 && e & COPIED != 0 {
+        if old != 0 && e & COPIED != 0 && !rc.snapshot_l2.contains(&(old / cs)) {
             return Ok(old);
         }
         let table = if old == 0 {

@@ -31,6 +31,7 @@ use crate::write::{BelowReader, LayerWriter};
 use entry::{Kind as EntryKind, OFFSET_MASK};
 use parking_lot::RwLock;
 use refcount::Refcounts;
+use std::collections::HashSet;
 use std::fmt;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -89,6 +90,8 @@ impl Qcow2Writer {
         for s in &img.snapshots {
             table(s.l1_table_offset, u64::from(s.l1_size) * 8);
         }
+        rc.snapshot_l2 = snapshot_l2_tables(img)?;
+        rc.metadata.extend(rc.snapshot_l2.iter().copied());
         for (i, &e) in img.l1.iter().enumerate() {
             let off = e & OFFSET_MASK;
             ensure_corrupt!(
@@ -305,6 +308,39 @@ impl Qcow2Writer {
         }
         r
     }
+}
+
+/// The L2 tables the snapshots' L1 tables point to (cluster indices). The L1 tables are read
+/// once at open, within a budget; a crafted image beyond it is refused for writing.
+fn snapshot_l2_tables(img: &Qcow2Image) -> Result<HashSet<u64>> {
+    const BUDGET: u64 = 64 << 20;
+    let cs = img.geometry.cluster_size();
+    let mut seen = HashSet::new();
+    let mut set = HashSet::new();
+    let mut bytes = 0u64;
+    for s in &img.snapshots {
+        if !seen.insert((s.l1_table_offset, s.l1_size)) {
+            continue;
+        }
+        let len = u64::from(s.l1_size) * 8;
+        bytes += len;
+        if bytes > BUDGET {
+            return Err(Error::unsupported(
+                &img.path,
+                format!("writing with snapshot L1 tables over {BUDGET} bytes in total"),
+            ));
+        }
+        let field = format!("snapshot {:?} L1 table", s.name);
+        let raw = img
+            .file
+            .read_table(s.l1_table_offset, len, super::MAX_L1_BYTES, &field)?;
+        for e in raw.chunks_exact(8).map(|c| be64(c, 0) & OFFSET_MASK) {
+            if e != 0 {
+                set.insert(e / cs);
+            }
+        }
+    }
+    Ok(set)
 }
 
 impl LayerWriter for Qcow2Writer {

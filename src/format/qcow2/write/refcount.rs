@@ -31,6 +31,9 @@ pub struct Refcounts {
     pub end: u64,
     /// Host clusters holding metadata (header, tables): never handed out, never written as data.
     pub metadata: HashSet<u64>,
+    /// L2 tables (cluster indices) that internal snapshots use: never changed in place,
+    /// whatever the COPIED flag of an active L1 entry claims.
+    pub snapshot_l2: HashSet<u64>,
 }
 
 impl Refcounts {
@@ -78,6 +81,7 @@ impl Refcounts {
             free_hint: 1,
             end: file.len().div_ceil(cs),
             metadata,
+            snapshot_l2: HashSet::new(),
         })
     }
 
