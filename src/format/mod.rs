@@ -9,6 +9,7 @@ pub mod compress;
 pub mod probe;
 pub mod qcow2;
 pub mod raw;
+pub mod raw_write;
 pub mod vdi;
 pub mod vhd;
 pub mod vhdx;

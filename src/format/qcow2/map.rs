@@ -187,10 +187,9 @@ impl Walker<'_> {
         let file = &self.img.file;
         let cs = self.img.geometry.cluster_size();
         let key = Key::new(file.id(), l2_off, TAG_L2);
-        let t = self
-            .img
-            .tables
-            .get_or_load(key, || file.read_table(l2_off, cs, cs, "L2 table"))?;
+        let t = self.img.l2_sync.get_or_load(&self.img.tables, key, || {
+            file.read_table(l2_off, cs, cs, "L2 table")
+        })?;
         self.l2 = Some((l2_off, t.clone()));
         Ok(t)
     }

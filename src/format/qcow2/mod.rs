@@ -9,6 +9,7 @@ pub mod header;
 pub mod map;
 mod open;
 pub mod snapshot;
+pub mod write;
 
 use self::entry::Geometry;
 use self::header::{Extensions, Header};
@@ -54,6 +55,8 @@ pub struct Qcow2Image {
     pub snapshot_error: Option<String>,
     pub parent: ParentRef,
     pub tables: Arc<ByteCache>,
+    /// Keeps cached L2 tables coherent with the writer's updates.
+    pub l2_sync: write::L2Sync,
     snapshot_l1s: Mutex<SnapshotL1s>,
 }
 
@@ -87,16 +90,24 @@ pub struct Qcow2Layer {
     pub size: u64,
     /// Index into the snapshot table, for snapshot layers.
     pub snapshot: Option<usize>,
+    /// In-place writing (live layer of a writable image only); it owns the current L1.
+    pub writer: Option<Arc<write::Qcow2Writer>>,
 }
 
 impl Qcow2Layer {
     pub fn open(path: &Path, ctx: &OpenCtx) -> Result<Arc<dyn Layer>> {
         let image = Arc::new(Qcow2Image::open(path, ctx)?);
+        let writer = if ctx.writable {
+            write::Qcow2Writer::new(&image)?.map(Arc::new)
+        } else {
+            None
+        };
         Ok(Arc::new(Qcow2Layer {
             l1: image.l1.clone(),
             l1_offset: image.header.l1_table_offset,
             size: image.size,
             snapshot: None,
+            writer,
             image,
         }))
     }
@@ -159,6 +170,7 @@ impl Qcow2Image {
             snapshot_error,
             parent,
             tables: ctx.tables.clone(),
+            l2_sync: write::L2Sync::default(),
             snapshot_l1s: Mutex::new(SnapshotL1s::default()),
         })
     }
@@ -196,6 +208,7 @@ impl Qcow2Image {
             l1_offset: sn.l1_table_offset,
             size,
             snapshot: Some(index),
+            writer: None,
         }))
     }
 
@@ -239,7 +252,13 @@ impl Layer for Qcow2Layer {
         self.size
     }
     fn map(&self, off: u64, len: u64) -> Result<Extent> {
-        map::map(&self.image, &self.l1, self.l1_offset, off, len)
+        match &self.writer {
+            Some(w) => map::map(&self.image, &w.l1(), self.l1_offset, off, len),
+            None => map::map(&self.image, &self.l1, self.l1_offset, off, len),
+        }
+    }
+    fn writer(&self) -> Option<&dyn crate::write::LayerWriter> {
+        self.writer.as_deref().map(|w| w as _)
     }
     fn parent(&self) -> ParentRef {
         self.image.parent.clone()
