@@ -82,6 +82,8 @@ fn qcow2_chain_with_internal_snapshots_shows_every_view() {
     create_over("qcow2", &mid, &base, "qcow2", None);
     write_random("qcow2", &mid, &mut rng, 512 * K, 700_000);
     zero("qcow2", &mid, M + 8192, 192 * K, false);
+    // A snapshot of a middle layer reads through the layers below it.
+    snapshot(&mid, "pre");
     zero("qcow2", &mid, 2 * M + 512 * K, 128 * K, true);
     write_random("qcow2", &mid, &mut rng, 3 * M + 100, 5000);
 
@@ -97,6 +99,7 @@ fn qcow2_chain_with_internal_snapshots_shows_every_view() {
     let live = qemu_raw(&top, Some("qcow2"), &[]);
     let want = views(vec![
         ("mid", qemu_raw(&mid, Some("qcow2"), &[])),
+        ("mid@pre", snapshot_oracle(&mid, "qcow2", "pre")),
         ("base", qemu_raw(&base, Some("qcow2"), &[])),
         ("base@s1", snapshot_oracle(&base, "qcow2", "s1")),
         (
@@ -112,6 +115,7 @@ fn qcow2_chain_with_internal_snapshots_shows_every_view() {
     assert_eq!(want["base@s1"].len() as u64, 3 * M, "oracle of s1");
     assert_eq!(want["mid"].len() as u64, 4 * M);
     let base_dates = snapshot_dates(&base);
+    let mid_dates = snapshot_dates(&mid);
     let top_dates = snapshot_dates(&top);
     let lower = capture_files(&[&base, &mid]);
     let top_mtime = mtime(&top);
@@ -125,6 +129,7 @@ fn qcow2_chain_with_internal_snapshots_shows_every_view() {
     assert_eq!(file_mtime(&mnt.join("disk.raw")), top_mtime, "live mtime");
     assert_eq!(file_mtime(&snap_file("mid")), mtime(&mid), "mid mtime");
     assert_eq!(file_mtime(&snap_file("base")), mtime(&base), "base mtime");
+    assert_eq!(file_mtime(&snap_file("mid@pre")), mid_dates["pre"]);
     assert_eq!(file_mtime(&snap_file("base@s1")), base_dates["s1"]);
     assert_eq!(
         file_mtime(&snap_file("base@nightly_2024")),
@@ -151,7 +156,10 @@ fn qemu_data_map(image: &Path, clusters: usize) -> Vec<bool> {
         let start = json_u64(obj, "start").unwrap();
         let len = json_u64(obj, "length").unwrap();
         if json_bool(obj, "data").unwrap() {
-            assert!(start % CLUSTER == 0 && len % CLUSTER == 0, "{obj}");
+            assert!(
+                start.is_multiple_of(CLUSTER) && len.is_multiple_of(CLUSTER),
+                "{obj}"
+            );
             for c in start / CLUSTER..(start + len) / CLUSTER {
                 data[c as usize] = true;
             }
