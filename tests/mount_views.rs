@@ -18,13 +18,37 @@ const M: u64 = 1024 * 1024;
 const CLUSTER: u64 = 64 * K;
 
 fn create(fmt: &str, image: &Path, size: &str) {
-    qemu_img(&["create", "-q", "-f", fmt, image.to_str().unwrap(), size]);
+    create_with(fmt, "", image, size);
+}
+
+/// `opts`: qemu-img create -o options ("" for none).
+fn create_with(fmt: &str, opts: &str, image: &Path, size: &str) {
+    let mut args = vec!["create", "-q", "-f", fmt];
+    if !opts.is_empty() {
+        args.extend(["-o", opts]);
+    }
+    args.extend([image.to_str().unwrap(), size]);
+    qemu_img(&args);
 }
 
 /// Creates `image` over `backing` (named relative to it: both live in one directory).
 fn create_over(fmt: &str, image: &Path, backing: &Path, backing_fmt: &str, size: Option<&str>) {
+    create_over_with(fmt, "", image, backing, backing_fmt, size);
+}
+
+fn create_over_with(
+    fmt: &str,
+    opts: &str,
+    image: &Path,
+    backing: &Path,
+    backing_fmt: &str,
+    size: Option<&str>,
+) {
     let name = backing.file_name().unwrap().to_str().unwrap();
     let mut args = vec!["create", "-q", "-f", fmt, "-b", name, "-F", backing_fmt];
+    if !opts.is_empty() {
+        args.extend(["-o", opts]);
+    }
     args.push(image.to_str().unwrap());
     args.extend(size);
     qemu_img(&args);
@@ -294,15 +318,18 @@ fn ext_of(fmt: &str) -> &str {
     }
 }
 
+/// A format and its qemu-img create -o options ("" for the defaults).
+type Fmt<'a> = (&'a str, &'a str);
+
 /// A `top_fmt` image over a `base_fmt` base, both with random data and zeroed ranges,
 /// mounted read-only: disk.raw and snapshots/base/disk.raw must match QEMU.
-fn check_overlay(name: &str, base_fmt: &str, top_fmt: &str, seed: u64) {
+fn check_overlay(name: &str, (base_fmt, base_opts): Fmt, (top_fmt, top_opts): Fmt, seed: u64) {
     let s = Scratch::new(name);
     let base = s.path(&format!("base.{}", ext_of(base_fmt)));
     let top = s.path(&format!("top.{}", ext_of(top_fmt)));
     let mut rng = Rng::new(seed);
 
-    create(base_fmt, &base, "6M");
+    create_with(base_fmt, base_opts, &base, "6M");
     let size = virtual_size(&base);
     assert!(size > 5 * M, "{base_fmt} base of {size} bytes");
     write_random(base_fmt, &base, &mut rng, 0, 100_000);
@@ -311,7 +338,7 @@ fn check_overlay(name: &str, base_fmt: &str, top_fmt: &str, seed: u64) {
     write_random(base_fmt, &base, &mut rng, size - 5000, 5000);
     zero(base_fmt, &base, M + 200 * K, 64 * K, false);
 
-    create_over(top_fmt, &top, &base, base_fmt, None);
+    create_over_with(top_fmt, top_opts, &top, &base, base_fmt, None);
     assert_eq!(virtual_size(&top), size);
     write_random(top_fmt, &top, &mut rng, 64 * K + 100, 200_000);
     write_random(top_fmt, &top, &mut rng, 3 * M, 512 * K as usize);
@@ -326,27 +353,37 @@ fn check_overlay(name: &str, base_fmt: &str, top_fmt: &str, seed: u64) {
 
 #[test]
 fn vmdk_delta_over_vmdk_base() {
-    check_overlay("mv-vmdk-vmdk", "vmdk", "vmdk", 301);
+    check_overlay("mv-vmdk-vmdk", ("vmdk", ""), ("vmdk", ""), 301);
 }
 
 #[test]
 fn qcow2_over_vmdk_base() {
-    check_overlay("mv-qcow2-vmdk", "vmdk", "qcow2", 302);
+    check_overlay("mv-qcow2-vmdk", ("vmdk", ""), ("qcow2", ""), 302);
 }
 
 #[test]
 fn qcow2_over_vpc_base() {
-    check_overlay("mv-qcow2-vpc", "vpc", "qcow2", 303);
+    check_overlay("mv-qcow2-vpc", ("vpc", ""), ("qcow2", ""), 303);
 }
 
 #[test]
 fn qcow2_over_vhdx_base() {
-    check_overlay("mv-qcow2-vhdx", "vhdx", "qcow2", 304);
+    check_overlay("mv-qcow2-vhdx", ("vhdx", ""), ("qcow2", ""), 304);
+}
+
+#[test]
+fn qcow2_with_subclusters_over_a_vhdx_base_with_small_blocks() {
+    check_overlay(
+        "mv-qcow2x-vhdx1m",
+        ("vhdx", "block_size=1M"),
+        ("qcow2", "extended_l2=on,cluster_size=128k"),
+        307,
+    );
 }
 
 #[test]
 fn qcow2_over_vdi_base() {
-    check_overlay("mv-qcow2-vdi", "vdi", "qcow2", 305);
+    check_overlay("mv-qcow2-vdi", ("vdi", ""), ("qcow2", ""), 305);
 }
 
 #[test]
