@@ -13,7 +13,10 @@ fn main() {
         eprintln!("usage: dump IMAGE [VIEW|--names]");
         std::process::exit(2);
     };
-    let ctx = OpenCtx { tables: Arc::new(ByteCache::new(64 << 20)), writable: false };
+    let ctx = OpenCtx {
+        tables: Arc::new(ByteCache::new(64 << 20)),
+        writable: false,
+    };
     let layers = match vmfs_mount::chain::open_chain(std::path::Path::new(image), None, &ctx) {
         Ok(l) => l,
         Err(e) => {
@@ -33,12 +36,20 @@ fn main() {
     }
     let spec = match args.get(2) {
         None => live,
-        Some(name) => snaps.into_iter().find(|s| &s.name == name).unwrap_or_else(|| {
-            eprintln!("dump: no view {name}");
-            std::process::exit(1)
-        }),
+        Some(name) => snaps
+            .into_iter()
+            .find(|s| &s.name == name)
+            .unwrap_or_else(|| {
+                eprintln!("dump: no view {name}");
+                std::process::exit(1)
+            }),
     };
-    let view = vmfs_mount::view::View::new(spec.layers, spec.size, Arc::new(ByteCache::new(8 << 20)), 4096);
+    let view = vmfs_mount::view::View::new(
+        spec.layers,
+        spec.size,
+        Arc::new(ByteCache::new(8 << 20)),
+        4096,
+    );
     let mut out = std::io::stdout().lock();
     let mut buf = vec![0u8; 1 << 20];
     let mut off = 0;

@@ -42,9 +42,17 @@ const SHARDS: usize = 16;
 impl ByteCache {
     pub fn new(budget_bytes: usize) -> ByteCache {
         let shards = (0..SHARDS)
-            .map(|_| Mutex::new(Shard { lru: LruCache::unbounded(), bytes: 0 }))
+            .map(|_| {
+                Mutex::new(Shard {
+                    lru: LruCache::unbounded(),
+                    bytes: 0,
+                })
+            })
             .collect();
-        ByteCache { shards, budget_per_shard: (budget_bytes / SHARDS).max(1) }
+        ByteCache {
+            shards,
+            budget_per_shard: (budget_bytes / SHARDS).max(1),
+        }
     }
 
     fn shard(&self, key: &Key) -> &Mutex<Shard> {
@@ -113,7 +121,10 @@ mod tests {
     fn load_errors_are_not_cached() {
         let c = ByteCache::new(1 << 20);
         let k = Key::new(2, 0, 0);
-        assert!(c.get_or_load(k, || Err(crate::error::Error::invalid("x"))).is_err());
+        assert!(
+            c.get_or_load(k, || Err(crate::error::Error::invalid("x")))
+                .is_err()
+        );
         assert_eq!(&*c.get_or_load(k, || Ok(vec![5])).unwrap(), &[5]);
     }
 }

@@ -13,9 +13,16 @@ use std::sync::Arc;
 pub const MAX_DEPTH: usize = 1024;
 
 /// The layers of an image, top first.
-pub fn open_chain(path: &Path, forced: Option<Format>, ctx: &OpenCtx) -> Result<Vec<Arc<dyn Layer>>> {
+pub fn open_chain(
+    path: &Path,
+    forced: Option<Format>,
+    ctx: &OpenCtx,
+) -> Result<Vec<Arc<dyn Layer>>> {
     let top = format::open_detect(path, forced, ctx)?;
-    let lower = OpenCtx { writable: false, ..ctx.clone() };
+    let lower = OpenCtx {
+        writable: false,
+        ..ctx.clone()
+    };
     let mut seen = HashSet::new();
     seen.insert(file_key(top.path())?);
     let mut layers = vec![top];
@@ -23,13 +30,20 @@ pub fn open_chain(path: &Path, forced: Option<Format>, ctx: &OpenCtx) -> Result<
         let child = layers.last().cloned().expect("chain has a top");
         let parent = match child.parent() {
             ParentRef::None => break,
-            ParentRef::Path { raw, path, format } => open_parent_path(&*child, &raw, &path, format, &lower)?,
-            ParentRef::Search { dir, hints, wanted } => search_parent(&*child, &dir, &hints, &wanted, &seen, &lower)?,
+            ParentRef::Path { raw, path, format } => {
+                open_parent_path(&*child, &raw, &path, format, &lower)?
+            }
+            ParentRef::Search { dir, hints, wanted } => {
+                search_parent(&*child, &dir, &hints, &wanted, &seen, &lower)?
+            }
         };
         if layers.len() >= MAX_DEPTH {
             return Err(Error::new(
                 Kind::Unsupported,
-                format!("{}: backing chain is deeper than {MAX_DEPTH} layers", path.display()),
+                format!(
+                    "{}: backing chain is deeper than {MAX_DEPTH} layers",
+                    path.display()
+                ),
             ));
         }
         if !seen.insert(file_key(parent.path())?) {
@@ -81,7 +95,11 @@ fn search_parent(
 ) -> Result<Arc<dyn Layer>> {
     let mut candidates: Vec<PathBuf> = hints.to_vec();
     if let Ok(rd) = std::fs::read_dir(dir) {
-        let mut all: Vec<PathBuf> = rd.filter_map(|e| e.ok()).map(|e| e.path()).filter(|p| p.is_file()).collect();
+        let mut all: Vec<PathBuf> = rd
+            .filter_map(|e| e.ok())
+            .map(|e| e.path())
+            .filter(|p| p.is_file())
+            .collect();
         all.sort();
         candidates.extend(all);
     }
@@ -95,14 +113,18 @@ fn search_parent(
             }
             Err(_) => continue,
         }
-        let Ok(layer) = format::open_detect(&cand, None, ctx) else { continue };
+        let Ok(layer) = format::open_detect(&cand, None, ctx) else {
+            continue;
+        };
         if child.verify_parent(&*layer).is_ok() {
             return Ok(layer);
         }
     }
     // Only a file already in the chain matches: identities that point at each other.
     for cand in in_chain {
-        if format::open_detect(&cand, None, ctx).is_ok_and(|layer| child.verify_parent(&*layer).is_ok()) {
+        if format::open_detect(&cand, None, ctx)
+            .is_ok_and(|layer| child.verify_parent(&*layer).is_ok())
+        {
             return Err(Error::new(
                 Kind::Corrupt,
                 format!(
@@ -145,8 +167,17 @@ mod tests {
 
     #[test]
     fn relative_backing_paths_follow_the_child() {
-        assert_eq!(resolve_relative(Path::new("/a/b/top.qcow2"), "base.qcow2"), PathBuf::from("/a/b/base.qcow2"));
-        assert_eq!(resolve_relative(Path::new("/a/b/top.qcow2"), "/x/base"), PathBuf::from("/x/base"));
-        assert_eq!(resolve_relative(Path::new("top.qcow2"), "base"), PathBuf::from("base"));
+        assert_eq!(
+            resolve_relative(Path::new("/a/b/top.qcow2"), "base.qcow2"),
+            PathBuf::from("/a/b/base.qcow2")
+        );
+        assert_eq!(
+            resolve_relative(Path::new("/a/b/top.qcow2"), "/x/base"),
+            PathBuf::from("/x/base")
+        );
+        assert_eq!(
+            resolve_relative(Path::new("top.qcow2"), "base"),
+            PathBuf::from("base")
+        );
     }
 }

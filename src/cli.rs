@@ -27,7 +27,8 @@ Mount options (-o, comma-separated, repeatable):
   allow_other, allow_root let other users / root access the mount
   default_permissions     let the kernel check permissions
   auto_unmount            unmount when the daemon dies (needs allow_other or allow_root)
-  overlay=FILE            write changes to FILE instead of the image
+  overlay=FILE            write changes to FILE instead of the image (created if missing)
+  force_share             with ro: share the image with a QEMU that is writing it (qemu-img -U)
   format=FMT              force the top image's format (qcow2, raw, vmdk, vpc, vhdx, vdi)
   cache_size=SIZE         metadata cache size, e.g. 256M (default 256M)
   threads=N               FUSE worker threads
@@ -79,6 +80,10 @@ pub struct Args {
     #[arg(long, value_name = "N")]
     pub threads: Option<String>,
 
+    /// Read-only mounts only: share the image with a QEMU that is writing it (like qemu-img -U)
+    #[arg(long)]
+    pub force_share: bool,
+
     /// Write the daemon's log to FILE instead of discarding it
     #[arg(long, value_name = "FILE")]
     pub log_file: Option<PathBuf>,
@@ -118,6 +123,7 @@ pub struct Settings {
     pub access: Access,
     pub format: Option<Format>,
     pub overlay: Option<PathBuf>,
+    pub force_share: bool,
     pub table_cache: usize,
     pub cluster_cache: usize,
     pub threads: usize,
@@ -156,6 +162,7 @@ impl Settings {
             },
             format: None,
             overlay: a.overlay,
+            force_share: a.force_share,
             table_cache: DEFAULT_TABLE_CACHE,
             cluster_cache: DEFAULT_TABLE_CACHE / 8,
             threads: default_threads(),
@@ -187,6 +194,11 @@ impl Settings {
         if s.allow_other && s.allow_root {
             return Err(UsageError(
                 "allow_other and allow_root are mutually exclusive".into(),
+            ));
+        }
+        if s.force_share && s.access != Access::ReadOnly {
+            return Err(UsageError(
+                "force_share only works with a read-only mount (add -o ro)".into(),
             ));
         }
         if s.auto_unmount && !(s.allow_other || s.allow_root) {
@@ -226,6 +238,7 @@ impl Settings {
             ("default_permissions", None) => self.default_permissions = true,
             ("auto_unmount", None) => self.auto_unmount = true,
             ("nopassthrough", None) => self.passthrough = false,
+            ("force_share", None) => self.force_share = true,
             ("overlay", v) => self.overlay = Some(PathBuf::from(need(v)?)),
             ("format", v) => {
                 let name = need(v)?;

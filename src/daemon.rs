@@ -84,6 +84,9 @@ pub fn run(settings: &Settings, mountpoint: PathBuf, opened: Opened) -> i32 {
         }
         child => {
             drop(write_end);
+            // The image locks live on open file descriptions shared with the daemon: unlocking
+            // them here (by dropping) would unlock the daemon's too.
+            std::mem::forget(opened);
             wait_for_readiness(read_end, child)
         }
     }

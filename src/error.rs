@@ -34,7 +34,11 @@ pub type Result<T> = std::result::Result<T, Error>;
 
 impl Error {
     pub fn new(kind: Kind, msg: impl Into<String>) -> Self {
-        Error { kind, msg: msg.into(), source: None }
+        Error {
+            kind,
+            msg: msg.into(),
+            source: None,
+        }
     }
 
     /// A format violation: names the file, the field and where it was found.
@@ -46,7 +50,10 @@ impl Error {
     }
 
     pub fn unsupported(file: &Path, what: impl fmt::Display) -> Self {
-        Self::new(Kind::Unsupported, format!("{}: unsupported: {what}", file.display()))
+        Self::new(
+            Kind::Unsupported,
+            format!("{}: unsupported: {what}", file.display()),
+        )
     }
 
     pub fn invalid(msg: impl Into<String>) -> Self {
@@ -60,7 +67,11 @@ impl Error {
             io::ErrorKind::ReadOnlyFilesystem => Kind::ReadOnly,
             _ => Kind::Io,
         };
-        Error { kind, msg: format!("{}: {op}: {e}", file.display()), source: Some(e) }
+        Error {
+            kind,
+            msg: format!("{}: {op}: {e}", file.display()),
+            source: Some(e),
+        }
     }
 
     /// Prefixes the message with where it happened ("opening backing file of top.qcow2").
@@ -80,7 +91,11 @@ impl Error {
     /// The errno a FUSE reply carries for this error.
     pub fn errno(&self) -> i32 {
         match self.kind {
-            Kind::Io => self.source.as_ref().and_then(|e| e.raw_os_error()).unwrap_or(libc::EIO),
+            Kind::Io => self
+                .source
+                .as_ref()
+                .and_then(|e| e.raw_os_error())
+                .unwrap_or(libc::EIO),
             Kind::NotFound => libc::ENOENT,
             Kind::Corrupt | Kind::Failed => libc::EIO,
             Kind::Unsupported => libc::EOPNOTSUPP,
@@ -125,14 +140,26 @@ mod tests {
 
     #[test]
     fn corrupt_names_file_field_and_offset() {
-        let e = Error::corrupt(Path::new("a.qcow2"), "L1 table", 0x30000, "past end of file");
-        assert_eq!(e.to_string(), "a.qcow2: L1 table at offset 0x30000: past end of file");
+        let e = Error::corrupt(
+            Path::new("a.qcow2"),
+            "L1 table",
+            0x30000,
+            "past end of file",
+        );
+        assert_eq!(
+            e.to_string(),
+            "a.qcow2: L1 table at offset 0x30000: past end of file"
+        );
         assert_eq!(e.errno(), libc::EIO);
     }
 
     #[test]
     fn io_errors_keep_their_errno() {
-        let e = Error::io(Path::new("x"), "read", io::Error::from_raw_os_error(libc::ENOSPC));
+        let e = Error::io(
+            Path::new("x"),
+            "read",
+            io::Error::from_raw_os_error(libc::ENOSPC),
+        );
         assert_eq!(e.errno(), libc::ENOSPC);
     }
 }

@@ -30,7 +30,10 @@ impl HostFile {
             .map_err(|e| Error::io(path, "open", e))?;
         let meta = file.metadata().map_err(|e| Error::io(path, "stat", e))?;
         if meta.is_dir() {
-            return Err(Error::invalid(format!("{}: is a directory, not a disk image", path.display())));
+            return Err(Error::invalid(format!(
+                "{}: is a directory, not a disk image",
+                path.display()
+            )));
         }
         Ok(Arc::new(HostFile {
             path: path.to_path_buf(),
@@ -80,7 +83,10 @@ impl HostFile {
                 &self.path,
                 field,
                 off,
-                format!("{len} bytes reach past the end of the file ({} bytes)", self.len()),
+                format!(
+                    "{len} bytes reach past the end of the file ({} bytes)",
+                    self.len()
+                ),
             )),
         }
     }
@@ -149,12 +155,17 @@ impl HostFile {
     }
 
     pub fn sync_data(&self) -> Result<()> {
-        self.file.sync_data().map_err(|e| Error::io(&self.path, "fdatasync", e))
+        self.file
+            .sync_data()
+            .map_err(|e| Error::io(&self.path, "fdatasync", e))
     }
 
     /// Re-reads the size from the host (after another component grew the file).
     pub fn refresh_len(&self) -> Result<u64> {
-        let meta = self.file.metadata().map_err(|e| Error::io(&self.path, "stat", e))?;
+        let meta = self
+            .file
+            .metadata()
+            .map_err(|e| Error::io(&self.path, "stat", e))?;
         self.len.store(meta.len(), Ordering::Release);
         Ok(meta.len())
     }
@@ -200,7 +211,10 @@ mod tests {
         let dir = std::env::temp_dir().join(format!("vmfs-host-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let p = dir.join("f");
-        std::fs::File::create(&p).unwrap().write_all(&[7u8; 10]).unwrap();
+        std::fs::File::create(&p)
+            .unwrap()
+            .write_all(&[7u8; 10])
+            .unwrap();
         let f = HostFile::open(&p, false).unwrap();
         let mut buf = [1u8; 8];
         f.read_data_at(&mut buf, 6).unwrap();

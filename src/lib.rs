@@ -5,6 +5,8 @@ pub mod chain;
 pub mod error;
 pub mod format;
 pub mod host;
+pub mod lock;
+pub mod overlay;
 pub mod tree;
 pub mod view;
 pub mod write;

@@ -46,6 +46,8 @@ fn run(s: &Settings) -> i32 {
         format: s.format,
         access: s.access,
         overlay: s.overlay.as_deref().map(absolute),
+        force_share: s.force_share,
+        listing: s.list,
         table_cache: s.table_cache,
         cluster_cache: s.cluster_cache,
     };
@@ -77,6 +79,9 @@ fn run(s: &Settings) -> i32 {
     };
     if let Some(why) = &opened.fell_back_to_read_only {
         eprintln!("vmfs-mount: warning: {why}; mounting read-only");
+    }
+    if let Some(why) = &opened.not_writable {
+        eprintln!("vmfs-mount: note: disk.raw is read-only: {why}");
     }
     daemon::run(s, mountpoint, opened)
 }

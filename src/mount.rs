@@ -7,6 +7,7 @@ use std::sync::Arc;
 use vmfs_mount::cache::ByteCache;
 use vmfs_mount::error::{Error, Kind, Result};
 use vmfs_mount::format::{Format, Layer, OpenCtx};
+use vmfs_mount::lock::{self, LockGuard};
 use vmfs_mount::tree::{self, ViewSpec};
 use vmfs_mount::view::View;
 
@@ -19,6 +20,10 @@ pub struct MountRequest {
     pub format: Option<Format>,
     pub access: Access,
     pub overlay: Option<PathBuf>,
+    /// Read-only mounts: do not refuse a QEMU that writes the image.
+    pub force_share: bool,
+    /// `--list`: show what would be mounted, create nothing.
+    pub listing: bool,
     pub table_cache: usize,
     pub cluster_cache: usize,
 }
@@ -39,16 +44,28 @@ pub struct Opened {
     pub snapshots: Vec<Exposed>,
     /// Set when the image could not be opened for writing and we fell back to read-only.
     pub fell_back_to_read_only: Option<String>,
+    /// Set when a writable mount was asked for but the top layer cannot be written in place.
+    pub not_writable: Option<String>,
+    /// QEMU-compatible image locks, held for the life of the mount.
+    pub locks: Option<LockGuard>,
 }
 
 /// Opens the chain of `req.image` and builds every view the mount will show.
 pub fn open_for_mount(req: &MountRequest) -> Result<Opened> {
-    if let Some(overlay) = &req.overlay {
-        return Err(Error::new(
-            Kind::Unsupported,
-            format!("{}: overlay files are not supported yet", overlay.display()),
-        ));
-    }
+    // With --overlay the chain to mount is the overlay's: it sits on top of the image.
+    let (top, top_format) = match &req.overlay {
+        Some(overlay) if !req.listing || overlay.exists() => {
+            let image_format = match req.format {
+                Some(f) => f,
+                None => vmfs_mount::format::probe::detect(&req.image)?,
+            };
+            if !req.listing {
+                vmfs_mount::overlay::prepare_overlay(&req.image, overlay, image_format)?;
+            }
+            (overlay.clone(), Some(Format::Qcow2))
+        }
+        _ => (req.image.clone(), req.format),
+    };
     let tables = Arc::new(ByteCache::new(req.table_cache));
     let clusters = Arc::new(ByteCache::new(req.cluster_cache));
     let open = |writable: bool| {
@@ -56,7 +73,7 @@ pub fn open_for_mount(req: &MountRequest) -> Result<Opened> {
             tables: tables.clone(),
             writable,
         };
-        vmfs_mount::chain::open_chain(&req.image, req.format, &ctx)
+        vmfs_mount::chain::open_chain(&top, top_format, &ctx)
     };
     let mut fell_back = None;
     let layers = match req.access {
@@ -73,6 +90,16 @@ pub fn open_for_mount(req: &MountRequest) -> Result<Opened> {
     let read_only = req.access == Access::ReadOnly;
     let mut opened = expose(layers, read_only, &clusters)?;
     opened.fell_back_to_read_only = fell_back;
+    if !read_only && !opened.live.writable && opened.fell_back_to_read_only.is_none() {
+        opened.not_writable = Some(format!(
+            "{} ({}) cannot be written in place; use --overlay FILE to make disk.raw writable",
+            opened.layers[0].path().display(),
+            opened.layers[0].format()
+        ));
+    }
+    if !req.listing {
+        opened.locks = Some(lock_chain(&opened, req.force_share)?);
+    }
     Ok(opened)
 }
 
@@ -103,7 +130,27 @@ pub fn expose(
         snapshots: snaps.into_iter().map(|s| make(s, false)).collect(),
         layers,
         fell_back_to_read_only: None,
+        not_writable: None,
+        locks: None,
     })
+}
+
+/// Takes QEMU's image locks: the top as a writer when disk.raw is writable, everything else
+/// as a reader, so QEMU can neither write what we read nor open what we write.
+fn lock_chain(opened: &Opened, force_share: bool) -> Result<LockGuard> {
+    let (top, lower) = opened.layers.split_at(1);
+    let lower_files: Vec<_> = lower.iter().flat_map(|l| l.files()).collect();
+    let top_files = top[0].files();
+    if force_share {
+        let all: Vec<_> = top_files.into_iter().chain(lower_files).collect();
+        return lock::lock_for_mount_shared(&all);
+    }
+    if opened.live.writable {
+        lock::lock_for_mount(&top_files, &lower_files)
+    } else {
+        let all: Vec<_> = top_files.into_iter().chain(lower_files).collect();
+        lock::lock_for_mount(&[], &all)
+    }
 }
 
 /// Errors that mean "you may read this but not write it".

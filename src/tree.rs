@@ -38,7 +38,11 @@ pub fn plan(layers: &[Arc<dyn Layer>]) -> crate::error::Result<(ViewSpec, Vec<Vi
     let mut names = Names::default();
     let mut snaps = Vec::new();
     for (i, layer) in layers.iter().enumerate() {
-        let stem = layer_name(layer.path());
+        // A VMware .vmsd gives snapshot layers their display names; otherwise the file name.
+        let stem = match layer.display_name() {
+            Some(n) => sanitize(&n),
+            None => layer_name(layer.path()),
+        };
         if i > 0 {
             snaps.push(ViewSpec {
                 name: names.unique(&stem),
@@ -54,7 +58,10 @@ pub fn plan(layers: &[Arc<dyn Layer>]) -> crate::error::Result<(ViewSpec, Vec<Vi
             stack.extend(layers[i + 1..].iter().cloned());
             snaps.push(ViewSpec {
                 name: names.unique(&snapshot_name(i, &stem, &s)),
-                origin: Origin::Snapshot { layer: i, info_index: s.index },
+                origin: Origin::Snapshot {
+                    layer: i,
+                    info_index: s.index,
+                },
                 layers: stack,
                 size: s.virtual_size,
                 mtime: UNIX_EPOCH + Duration::new(s.date.0, s.date.1),
@@ -66,7 +73,10 @@ pub fn plan(layers: &[Arc<dyn Layer>]) -> crate::error::Result<(ViewSpec, Vec<Vi
 
 /// `base.qcow2` -> `base`; a name without an extension stays as it is.
 pub fn layer_name(path: &Path) -> String {
-    let file = path.file_name().map(|f| f.to_string_lossy().into_owned()).unwrap_or_default();
+    let file = path
+        .file_name()
+        .map(|f| f.to_string_lossy().into_owned())
+        .unwrap_or_default();
     let stem = match file.rfind('.') {
         Some(dot) if dot > 0 => file[..dot].to_string(),
         _ => file,
@@ -76,12 +86,19 @@ pub fn layer_name(path: &Path) -> String {
 
 fn snapshot_name(layer_index: usize, stem: &str, s: &SnapshotInfo) -> String {
     let tag = if s.name.is_empty() { &s.id } else { &s.name };
-    if layer_index == 0 { sanitize(tag) } else { format!("{stem}@{}", sanitize(tag)) }
+    if layer_index == 0 {
+        sanitize(tag)
+    } else {
+        format!("{stem}@{}", sanitize(tag))
+    }
 }
 
 /// Makes a string a safe single path component.
 pub fn sanitize(s: &str) -> String {
-    let s: String = s.chars().map(|c| if c == '/' || c == '\0' { '_' } else { c }).collect();
+    let s: String = s
+        .chars()
+        .map(|c| if c == '/' || c == '\0' { '_' } else { c })
+        .collect();
     match s.as_str() {
         "" => "_".into(),
         "." | ".." => s.replace('.', "_"),
@@ -106,7 +123,9 @@ impl Names {
 }
 
 fn file_mtime(path: &Path) -> SystemTime {
-    std::fs::metadata(path).and_then(|m| m.modified()).unwrap_or(UNIX_EPOCH)
+    std::fs::metadata(path)
+        .and_then(|m| m.modified())
+        .unwrap_or(UNIX_EPOCH)
 }
 
 #[cfg(test)]

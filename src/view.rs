@@ -37,11 +37,18 @@ pub struct View {
 impl View {
     /// `layers[0]` is the top. `size` is the view's virtual size (the top layer's, or a
     /// snapshot's own). `chunk_entries` bounds the resolved-extent cache.
-    pub fn new(layers: Vec<Arc<dyn Layer>>, size: u64, clusters: Arc<ByteCache>, chunk_entries: usize) -> View {
+    pub fn new(
+        layers: Vec<Arc<dyn Layer>>,
+        size: u64,
+        clusters: Arc<ByteCache>,
+        chunk_entries: usize,
+    ) -> View {
         View {
             layers,
             size,
-            resolved: Mutex::new(LruCache::new(NonZeroUsize::new(chunk_entries.max(16)).unwrap_or(NonZeroUsize::MIN))),
+            resolved: Mutex::new(LruCache::new(
+                NonZeroUsize::new(chunk_entries.max(16)).unwrap_or(NonZeroUsize::MIN),
+            )),
             generation: AtomicU64::new(0),
             clusters,
             allocated: Mutex::new(None),
@@ -78,13 +85,21 @@ impl View {
                 let ext_end = ext_start + e.len;
                 if ext_end > pos && pos < end {
                     let take = ext_end.min(end) - pos;
-                    pieces.push(Piece { map: e.map.clone(), skip: pos - ext_start, dst: (pos - off) as usize, len: take as usize });
+                    pieces.push(Piece {
+                        map: e.map.clone(),
+                        skip: pos - ext_start,
+                        dst: (pos - off) as usize,
+                        len: take as usize,
+                    });
                     pos += take;
                 }
                 ext_start = ext_end;
             }
             if pos < (chunk + 1) * CHUNK && pos < end {
-                return Err(Error::new(Kind::Corrupt, format!("internal: chunk {chunk} does not cover {pos:#x}")));
+                return Err(Error::new(
+                    Kind::Corrupt,
+                    format!("internal: chunk {chunk} does not cover {pos:#x}"),
+                ));
             }
         }
         self.read_pieces(pieces, &mut buf[..n])?;
@@ -117,7 +132,17 @@ impl View {
                     let start = host_off + p.skip;
                     let mut len = p.len;
                     let mut j = i + 1;
-                    while let Some(Piece { map: Mapping::Data { file: f2, host_off: h2 }, skip, len: l2, .. }) = pieces.get(j) {
+                    while let Some(Piece {
+                        map:
+                            Mapping::Data {
+                                file: f2,
+                                host_off: h2,
+                            },
+                        skip,
+                        len: l2,
+                        ..
+                    }) = pieces.get(j)
+                    {
                         if f2.id() != file.id() || h2 + skip != start + len as u64 {
                             break;
                         }
@@ -129,11 +154,24 @@ impl View {
                     continue;
                 }
                 Mapping::Zero | Mapping::Unallocated => buf[p.dst..p.dst + p.len].fill(0),
-                Mapping::Compressed { file, host_off, stored_len, codec, cluster_len, skip } => {
-                    let cluster = self.decompressed(file, *host_off, *stored_len, *codec, *cluster_len)?;
+                Mapping::Compressed {
+                    file,
+                    host_off,
+                    stored_len,
+                    codec,
+                    cluster_len,
+                    skip,
+                } => {
+                    let cluster =
+                        self.decompressed(file, *host_off, *stored_len, *codec, *cluster_len)?;
                     let from = (skip + p.skip) as usize;
                     let src = cluster.get(from..from + p.len).ok_or_else(|| {
-                        Error::corrupt(file.path(), "compressed cluster", *host_off, "extent outside the cluster")
+                        Error::corrupt(
+                            file.path(),
+                            "compressed cluster",
+                            *host_off,
+                            "extent outside the cluster",
+                        )
                     })?;
                     buf[p.dst..p.dst + p.len].copy_from_slice(src);
                 }
@@ -154,7 +192,12 @@ impl View {
         let key = Key::new(file.id(), host_off, CLUSTER_CACHE_TAG);
         self.clusters.get_or_load(key, || {
             if stored_len > MAX_STORED_COMPRESSED || cluster_len > MAX_STORED_COMPRESSED {
-                return Err(Error::corrupt(file.path(), "compressed cluster", host_off, format!("absurd size {stored_len}")));
+                return Err(Error::corrupt(
+                    file.path(),
+                    "compressed cluster",
+                    host_off,
+                    format!("absurd size {stored_len}"),
+                ));
             }
             let mut raw = vec![0u8; stored_len as usize];
             file.read_data_at(&mut raw, host_off)?;
@@ -169,7 +212,10 @@ impl View {
 
     /// The first offset >= `off` in a hole; the end of the disk counts as a hole.
     pub fn next_hole(&self, off: u64) -> Result<u64> {
-        Ok(self.scan(off, |m| matches!(m, Mapping::Zero | Mapping::Unallocated))?.unwrap_or(self.size).max(off.min(self.size)))
+        Ok(self
+            .scan(off, |m| matches!(m, Mapping::Zero | Mapping::Unallocated))?
+            .unwrap_or(self.size)
+            .max(off.min(self.size)))
     }
 
     fn scan(&self, off: u64, want: impl Fn(&Mapping) -> bool) -> Result<Option<u64>> {
@@ -194,7 +240,8 @@ impl View {
     pub fn allocated_bytes(&self) -> Result<u64> {
         let mut cached = self.allocated.lock();
         if let Some((bytes, at)) = *cached {
-            let stale = self.dirty_alloc.load(Ordering::Relaxed) && at.elapsed() > Duration::from_secs(5);
+            let stale =
+                self.dirty_alloc.load(Ordering::Relaxed) && at.elapsed() > Duration::from_secs(5);
             if !stale {
                 return Ok(bytes);
             }
@@ -231,7 +278,13 @@ impl View {
     fn check_range(&self, off: u64, len: u64) -> Result<()> {
         match off.checked_add(len) {
             Some(end) if end <= self.size => Ok(()),
-            _ => Err(Error::new(Kind::InvalidInput, format!("range {off:#x}+{len} is past the end of the disk ({} bytes); the size never changes", self.size))),
+            _ => Err(Error::new(
+                Kind::InvalidInput,
+                format!(
+                    "range {off:#x}+{len} is past the end of the disk ({} bytes); the size never changes",
+                    self.size
+                ),
+            )),
         }
     }
 
@@ -303,7 +356,11 @@ pub fn resolve(layers: &[Arc<dyn Layer>], off: u64, len: u64) -> Result<Vec<Exte
             if e.len == 0 || e.len > seg {
                 return Err(Error::new(
                     Kind::Corrupt,
-                    format!("{}: translation of {pos:#x} returned a bad length {}", layer.path().display(), e.len),
+                    format!(
+                        "{}: translation of {pos:#x} returned a bad length {}",
+                        layer.path().display(),
+                        e.len
+                    ),
                 ));
             }
             seg = e.len;
@@ -326,9 +383,16 @@ fn push_merged(out: &mut Vec<Extent>, e: Extent) {
                 last.len += e.len;
                 return;
             }
-            (Mapping::Data { file: f1, host_off: h1 }, Mapping::Data { file: f2, host_off: h2 })
-                if f1.id() == f2.id() && *h1 + last.len == *h2 =>
-            {
+            (
+                Mapping::Data {
+                    file: f1,
+                    host_off: h1,
+                },
+                Mapping::Data {
+                    file: f2,
+                    host_off: h2,
+                },
+            ) if f1.id() == f2.id() && *h1 + last.len == *h2 => {
                 last.len += e.len;
                 return;
             }
@@ -339,13 +403,22 @@ fn push_merged(out: &mut Vec<Extent>, e: Extent) {
 }
 
 /// Reads through `layers` without the resolved-extent cache (copy-on-write fills).
-pub fn read_uncached(layers: &[Arc<dyn Layer>], off: u64, buf: &mut [u8], clusters: &Arc<ByteCache>) -> Result<()> {
+pub fn read_uncached(
+    layers: &[Arc<dyn Layer>],
+    off: u64,
+    buf: &mut [u8],
+    clusters: &Arc<ByteCache>,
+) -> Result<()> {
     if layers.is_empty() {
         buf.fill(0);
         return Ok(());
     }
     let size = layers[0].virtual_size();
-    let inside = if off >= size { 0 } else { (buf.len() as u64).min(size - off) as usize };
+    let inside = if off >= size {
+        0
+    } else {
+        (buf.len() as u64).min(size - off) as usize
+    };
     buf[inside..].fill(0);
     if inside == 0 {
         return Ok(());
@@ -354,7 +427,12 @@ pub fn read_uncached(layers: &[Arc<dyn Layer>], off: u64, buf: &mut [u8], cluste
     let mut pieces = Vec::new();
     let mut ext_start = off;
     for e in resolve(layers, off, inside as u64)? {
-        pieces.push(Piece { map: e.map, skip: 0, dst: (ext_start - off) as usize, len: e.len as usize });
+        pieces.push(Piece {
+            map: e.map,
+            skip: 0,
+            dst: (ext_start - off) as usize,
+            len: e.len as usize,
+        });
         ext_start += e.len;
     }
     tmp.read_pieces(pieces, &mut buf[..inside])

@@ -95,14 +95,36 @@ fn unknown_mount_option_exits_2() {
 }
 
 #[test]
-fn overlay_is_not_supported_yet() {
+fn overlay_over_another_image_is_refused() {
     let (s, img, mnt) = scratch_with_image("cli-overlay", 4096);
+    let other = s.path("other.img");
+    std::fs::write(&other, [0u8; 4096]).unwrap();
     let overlay = s.path("overlay.qcow2");
+    qemu_img(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-b",
+        "other.img",
+        "-F",
+        "raw",
+        overlay.to_str().unwrap(),
+    ]);
     let out = vmfs(&[Path::new("--overlay"), &overlay, &img, &mnt]);
-    assert_one_line_error(&out, 1, "not supported yet");
-    let opt = format!("overlay={}", overlay.display());
-    let out = vmfs_str(&["-o", &opt, img.to_str().unwrap(), mnt.to_str().unwrap()]);
-    assert_one_line_error(&out, 1, "not supported yet");
+    assert_one_line_error(&out, 1, "overlay.qcow2");
+    assert_eq!(std::fs::read_dir(&mnt).unwrap().count(), 0);
+}
+
+#[test]
+fn force_share_needs_a_read_only_mount() {
+    let (_s, img, mnt) = scratch_with_image("cli-force-share", 4096);
+    let out = vmfs_str(&[
+        "--force-share",
+        img.to_str().unwrap(),
+        mnt.to_str().unwrap(),
+    ]);
+    assert_one_line_error(&out, 2, "read-only");
 }
 
 #[test]

@@ -7,7 +7,13 @@ use std::path::Path;
 
 /// Decompresses `input` into exactly `out_len` bytes. Input may carry trailing garbage
 /// (qcow2 rounds the stored length up to sectors); output shorter than `out_len` is corrupt.
-pub fn decompress(codec: Codec, input: &[u8], out_len: usize, file: &Path, off: u64) -> Result<Vec<u8>> {
+pub fn decompress(
+    codec: Codec,
+    input: &[u8],
+    out_len: usize,
+    file: &Path,
+    off: u64,
+) -> Result<Vec<u8>> {
     let mut out = vec![0u8; out_len];
     let got = match codec {
         Codec::Deflate => fill(flate2::read::DeflateDecoder::new(input), &mut out),
@@ -22,7 +28,12 @@ pub fn decompress(codec: Codec, input: &[u8], out_len: usize, file: &Path, off: 
             off,
             format!("decompresses to {n} bytes, expected {out_len}"),
         )),
-        Err(e) => Err(Error::corrupt(file, "compressed cluster", off, format!("cannot decompress: {e}"))),
+        Err(e) => Err(Error::corrupt(
+            file,
+            "compressed cluster",
+            off,
+            format!("cannot decompress: {e}"),
+        )),
     }
 }
 
@@ -53,7 +64,8 @@ mod tests {
     #[test]
     fn round_trips_and_rejects_garbage() {
         let data: Vec<u8> = (0..4096u32).map(|i| (i * 7 % 13) as u8).collect();
-        let mut enc = flate2::write::DeflateEncoder::new(Vec::new(), flate2::Compression::default());
+        let mut enc =
+            flate2::write::DeflateEncoder::new(Vec::new(), flate2::Compression::default());
         enc.write_all(&data).unwrap();
         let mut z = enc.finish().unwrap();
         z.extend_from_slice(&[0xff; 100]); // sector padding

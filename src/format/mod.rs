@@ -7,8 +7,12 @@
 
 pub mod compress;
 pub mod probe;
+pub mod qcow2;
 pub mod raw;
+pub mod raw_write;
 pub mod vdi;
+pub mod vhd;
+pub mod vhdx;
 pub mod vmdk;
 
 use crate::cache::ByteCache;
@@ -108,10 +112,18 @@ pub enum ParentRef {
     None,
     /// A path as stored in the image (`raw`), already resolved against the layer's directory
     /// (`path`), and the format the image declares for it, if any.
-    Path { raw: String, path: PathBuf, format: Option<Format> },
+    Path {
+        raw: String,
+        path: PathBuf,
+        format: Option<Format>,
+    },
     /// Only an identity is stored (VDI): look for a file in `dir` whose `identity()` matches
     /// what `verify_parent` wants. `hints` are tried first.
-    Search { dir: PathBuf, hints: Vec<PathBuf>, wanted: String },
+    Search {
+        dir: PathBuf,
+        hints: Vec<PathBuf>,
+        wanted: String,
+    },
 }
 
 /// What a child may check about its parent (VMDK CID, VHD/VHDX/VDI UUIDs).
@@ -192,7 +204,9 @@ pub fn open_layer(path: &Path, format: Format, ctx: &OpenCtx) -> Result<Arc<dyn 
         Format::Raw => raw::RawLayer::open(path, ctx),
         Format::Vdi => vdi::VdiLayer::open(path, ctx),
         Format::Vmdk => vmdk::VmdkLayer::open(path, ctx),
-        other => Err(Error::unsupported(path, format!("format {other} is not implemented yet"))),
+        Format::Vpc => vhd::VhdLayer::open(path, ctx),
+        Format::Qcow2 => qcow2::Qcow2Layer::open(path, ctx),
+        Format::Vhdx => vhdx::VhdxLayer::open(path, ctx),
     }
 }
 

@@ -11,7 +11,10 @@ pub fn detect(path: &Path) -> Result<Format> {
     let mut head = vec![0u8; 1024.min(file.len()) as usize];
     file.read_exact_at(&mut head, 0, "header")?;
     let mut tail = [0u8; 512];
-    let has_tail = file.len() >= 512 && file.read_exact_at(&mut tail, file.len() - 512, "footer").is_ok();
+    let has_tail = file.len() >= 512
+        && file
+            .read_exact_at(&mut tail, file.len() - 512, "footer")
+            .is_ok();
     Ok(detect_bytes(&head, has_tail.then_some(&tail[..])))
 }
 
@@ -26,7 +29,11 @@ pub fn detect_bytes(head: &[u8], tail: Option<&[u8]>) -> Format {
         Format::Vhdx
     } else if head.len() >= 0x44 && head[0x40..0x44] == 0xbeda107fu32.to_le_bytes() {
         Format::Vdi
-    } else if starts(b"conectix") || tail.is_some_and(|t| t.starts_with(b"conectix")) {
+    } else if starts(b"conectix")
+        || tail.is_some_and(|t| {
+            t.starts_with(b"conectix") || t.get(1..).is_some_and(|r| r.starts_with(b"conectix"))
+        })
+    {
         Format::Vpc
     } else {
         Format::Raw
@@ -44,7 +51,10 @@ fn is_vmdk_descriptor(head: &[u8]) -> bool {
 pub fn require_nonempty(path: &Path) -> Result<()> {
     let meta = std::fs::metadata(path).map_err(|e| Error::io(path, "stat", e))?;
     if meta.is_dir() {
-        return Err(Error::new(Kind::InvalidInput, format!("{}: is a directory", path.display())));
+        return Err(Error::new(
+            Kind::InvalidInput,
+            format!("{}: is a directory", path.display()),
+        ));
     }
     Ok(())
 }
@@ -57,13 +67,24 @@ mod tests {
     fn detects_by_magic() {
         assert_eq!(detect_bytes(b"QFI\xfb\0\0\0\x03", None), Format::Qcow2);
         assert_eq!(detect_bytes(b"KDMV", None), Format::Vmdk);
-        assert_eq!(detect_bytes(b"# Disk DescriptorFile\nversion=1\n", None), Format::Vmdk);
+        assert_eq!(
+            detect_bytes(b"# Disk DescriptorFile\nversion=1\n", None),
+            Format::Vmdk
+        );
         assert_eq!(detect_bytes(b"vhdxfile", None), Format::Vhdx);
         assert_eq!(detect_bytes(b"conectix", None), Format::Vpc);
         let mut vdi = vec![0u8; 0x200];
         vdi[0x40..0x44].copy_from_slice(&0xbeda107fu32.to_le_bytes());
         assert_eq!(detect_bytes(&vdi, None), Format::Vdi);
-        assert_eq!(detect_bytes(&[0u8; 512], Some(b"conectix\0\0")), Format::Vpc);
+        assert_eq!(
+            detect_bytes(&[0u8; 512], Some(b"conectix\0\0")),
+            Format::Vpc
+        );
         assert_eq!(detect_bytes(&[0u8; 512], Some(&[0u8; 512])), Format::Raw);
+        // Pre-2004 Virtual PC images end in a 511-byte footer.
+        assert_eq!(
+            detect_bytes(&[0u8; 512], Some(b"\0conectix\0")),
+            Format::Vpc
+        );
     }
 }

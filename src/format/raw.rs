@@ -1,5 +1,6 @@
 //! Raw images: guest offset = host offset.
 
+use super::raw_write::RawWriter;
 use super::{Extent, Format, Layer, Mapping, OpenCtx};
 use crate::error::Result;
 use crate::host::HostFile;
@@ -10,13 +11,15 @@ use std::sync::Arc;
 pub struct RawLayer {
     file: Arc<HostFile>,
     size: u64,
+    writer: Option<RawWriter>,
 }
 
 impl RawLayer {
     pub fn open(path: &Path, ctx: &OpenCtx) -> Result<Arc<dyn Layer>> {
         let file = HostFile::open(path, ctx.writable)?;
         let size = file.len();
-        Ok(Arc::new(RawLayer { file, size }))
+        let writer = ctx.writable.then(|| RawWriter::new(file.clone()));
+        Ok(Arc::new(RawLayer { file, size, writer }))
     }
 }
 
@@ -31,9 +34,18 @@ impl Layer for RawLayer {
         self.size
     }
     fn map(&self, off: u64, len: u64) -> Result<Extent> {
-        Ok(Extent { len, map: Mapping::Data { file: self.file.clone(), host_off: off } })
+        Ok(Extent {
+            len,
+            map: Mapping::Data {
+                file: self.file.clone(),
+                host_off: off,
+            },
+        })
     }
     fn files(&self) -> Vec<Arc<HostFile>> {
         vec![self.file.clone()]
+    }
+    fn writer(&self) -> Option<&dyn crate::write::LayerWriter> {
+        self.writer.as_ref().map(|w| w as _)
     }
 }

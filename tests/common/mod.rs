@@ -59,7 +59,10 @@ impl Rng {
 
 /// Runs a command and panics with its stderr when it fails.
 pub fn run(cmd: &str, args: &[&str]) -> String {
-    let out = Command::new(cmd).args(args).output().unwrap_or_else(|e| panic!("{cmd}: {e}"));
+    let out = Command::new(cmd)
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("{cmd}: {e}"));
     assert!(
         out.status.success(),
         "{cmd} {args:?} failed: {}",
@@ -82,7 +85,10 @@ pub fn qemu_io(fmt: &str, image: &Path, cmds: &[String]) {
     args.push(image.to_str().unwrap().to_string());
     let refs: Vec<&str> = args.iter().map(|s| s.as_str()).collect();
     let out = run("qemu-io", &refs);
-    assert!(!out.contains("error") && !out.contains("failed"), "qemu-io: {out}");
+    assert!(
+        !out.contains("error") && !out.contains("failed"),
+        "qemu-io: {out}"
+    );
 }
 
 /// Writes `len` seeded random bytes at `off` in `image` through qemu-io; returns the bytes.
@@ -90,7 +96,11 @@ pub fn write_random(fmt: &str, image: &Path, rng: &mut Rng, off: u64, len: usize
     let data = rng.bytes(len);
     let pat = image.with_extension(format!("pat{}", rng.next_u64() % 1_000_000));
     std::fs::write(&pat, &data).unwrap();
-    qemu_io(fmt, image, &[format!("write -s {} {off} {len}", pat.display())]);
+    qemu_io(
+        fmt,
+        image,
+        &[format!("write -s {} {off} {len}", pat.display())],
+    );
     std::fs::remove_file(&pat).unwrap();
     data
 }
@@ -111,14 +121,22 @@ pub fn qemu_raw(image: &Path, fmt: Option<&str>, extra: &[&str]) -> Vec<u8> {
 }
 
 pub fn ctx() -> OpenCtx {
-    OpenCtx { tables: Arc::new(ByteCache::new(64 << 20)), writable: false }
+    OpenCtx {
+        tables: Arc::new(ByteCache::new(64 << 20)),
+        writable: false,
+    }
 }
 
 /// Opens `image` with its chain and returns the live view.
 pub fn open_view(image: &Path) -> vmfs_mount::error::Result<vmfs_mount::view::View> {
     let layers = vmfs_mount::chain::open_chain(image, None, &ctx())?;
     let size = layers[0].virtual_size();
-    Ok(vmfs_mount::view::View::new(layers, size, Arc::new(ByteCache::new(8 << 20)), 4096))
+    Ok(vmfs_mount::view::View::new(
+        layers,
+        size,
+        Arc::new(ByteCache::new(8 << 20)),
+        4096,
+    ))
 }
 
 /// Reads a whole view, in odd-sized requests so that request boundaries fall everywhere.
@@ -131,7 +149,11 @@ pub fn read_all(view: &vmfs_mount::view::View) -> Vec<u8> {
         let n = view.read(off as u64, &mut out[off..end]).unwrap();
         assert_eq!(n, end - off, "short read at {off}");
         off = end;
-        step = if step > 1 << 20 { 4096 * 31 + 512 } else { step * 2 + 512 };
+        step = if step > 1 << 20 {
+            4096 * 31 + 512
+        } else {
+            step * 2 + 512
+        };
     }
     out
 }
