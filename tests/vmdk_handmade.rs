@@ -340,6 +340,17 @@ fn sesparse_delta_over_a_sparse_parent() {
     let got = read_all(&open_view(&child).unwrap());
     assert_same("seSparse vs model", &got, &model);
     assert_same("seSparse vs qemu", &got, &qemu_raw(&child, None, &[]));
+
+    // The bare extent, opened without its descriptor, is a standalone disk: what the child
+    // does not hold reads as zeros.
+    let mut alone = vec![0u8; size as usize];
+    for (g, kind) in &entries {
+        if let SeGrain::Data(d) = kind {
+            put(&mut alone, *g as usize * 4096, d);
+        }
+    }
+    let bare = read_all(&open_view(&s.path("child-sesparse.vmdk")).unwrap());
+    assert_same("bare seSparse extent", &bare, &alone);
 }
 
 #[test]

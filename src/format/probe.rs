@@ -15,7 +15,26 @@ pub fn detect(path: &Path) -> Result<Format> {
         && file
             .read_exact_at(&mut tail, file.len() - 512, "footer")
             .is_ok();
+    if let Some(name) = unsupported_format(&head) {
+        return Err(Error::unsupported(
+            path,
+            format!("{name} images are not supported (use --format raw to read the file as it is)"),
+        ));
+    }
     Ok(detect_bytes(&head, has_tail.then_some(&tail[..])))
+}
+
+/// Formats we recognise but do not read: serving them as raw would show wrong bytes.
+fn unsupported_format(head: &[u8]) -> Option<&'static str> {
+    if head.starts_with(b"WithoutFreeSpace") || head.starts_with(b"WithouFreSpacExt") {
+        Some("Parallels")
+    } else if head.starts_with(b"QED\0") {
+        Some("QED")
+    } else if head.starts_with(b"cloop") || head.starts_with(b"#!/bin/sh\n#V2.0 Format") {
+        Some("cloop")
+    } else {
+        None
+    }
 }
 
 /// The pure part of `detect`: `head` is up to the first 1 KiB, `tail` the last 512 bytes.
@@ -23,7 +42,11 @@ pub fn detect_bytes(head: &[u8], tail: Option<&[u8]>) -> Format {
     let starts = |m: &[u8]| head.starts_with(m);
     if starts(b"QFI\xfb") {
         Format::Qcow2
-    } else if starts(b"KDMV") || starts(b"COWD") || is_vmdk_descriptor(head) {
+    } else if starts(b"KDMV")
+        || starts(b"COWD")
+        || starts(&super::vmdk::SESPARSE_MAGIC)
+        || is_vmdk_descriptor(head)
+    {
         Format::Vmdk
     } else if starts(b"vhdxfile") {
         Format::Vhdx
@@ -81,6 +104,12 @@ mod tests {
             Format::Vpc
         );
         assert_eq!(detect_bytes(&[0u8; 512], Some(&[0u8; 512])), Format::Raw);
+        assert_eq!(
+            unsupported_format(b"WithoutFreeSpace\0\0"),
+            Some("Parallels")
+        );
+        assert_eq!(unsupported_format(b"QED\0"), Some("QED"));
+        assert_eq!(unsupported_format(&[0u8; 64]), None);
         // Pre-2004 Virtual PC images end in a 511-byte footer.
         assert_eq!(
             detect_bytes(&[0u8; 512], Some(b"\0conectix\0")),

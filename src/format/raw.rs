@@ -17,7 +17,8 @@ pub struct RawLayer {
 impl RawLayer {
     pub fn open(path: &Path, ctx: &OpenCtx) -> Result<Arc<dyn Layer>> {
         let file = HostFile::open(path, ctx.writable)?;
-        let size = file.len();
+        // Like QEMU, a raw image's size is rounded up to whole sectors; the tail reads as zeros.
+        let size = file.len().div_ceil(512) * 512;
         let writer = ctx.writable.then(|| RawWriter::new(file.clone()));
         Ok(Arc::new(RawLayer { file, size, writer }))
     }
@@ -34,8 +35,15 @@ impl Layer for RawLayer {
         self.size
     }
     fn map(&self, off: u64, len: u64) -> Result<Extent> {
+        let file_len = self.file.len();
+        if off >= file_len {
+            return Ok(Extent {
+                len,
+                map: Mapping::Zero,
+            });
+        }
         Ok(Extent {
-            len,
+            len: len.min(file_len - off),
             map: Mapping::Data {
                 file: self.file.clone(),
                 host_off: off,

@@ -36,6 +36,9 @@ struct Slot {
     backing: Backing,
 }
 
+/// The first 8 bytes of a seSparse extent (0xcafebabe, little-endian u64).
+pub const SESPARSE_MAGIC: [u8; 8] = [0xbe, 0xba, 0xfe, 0xca, 0, 0, 0, 0];
+
 #[derive(Debug)]
 pub struct VmdkLayer {
     path: PathBuf,
@@ -54,11 +57,11 @@ impl VmdkLayer {
     pub fn open_layer(path: &Path, ctx: &OpenCtx) -> Result<VmdkLayer> {
         // Read-only: this driver has no writer, so even the top file is never written.
         let file = HostFile::open(path, false)?;
-        let mut magic = [0u8; 4];
-        if file.len() >= 4 {
+        let mut magic = [0u8; 8];
+        if file.len() >= 8 {
             file.read_exact_at(&mut magic, 0, "magic")?;
         }
-        let mut layer = match &magic {
+        let mut layer = match &magic[..4] {
             b"KDMV" => Self::open_hosted(file, ctx)?,
             b"COWD" => {
                 let h = header::read(&file)?;
@@ -68,6 +71,17 @@ impl VmdkLayer {
                     path,
                     Descriptor::default(),
                     vec![(len, Backing::Sparse(ext))],
+                    vec![file],
+                )?
+            }
+            // A bare ESXi seSparse extent opened without its descriptor: a standalone disk.
+            _ if magic == SESPARSE_MAGIC => {
+                let ext = SeSparseExtent::open(file.clone(), ctx.tables.clone())?;
+                let len = ext.capacity * SECTOR;
+                Self::assemble(
+                    path,
+                    Descriptor::default(),
+                    vec![(len, Backing::SeSparse(ext))],
                     vec![file],
                 )?
             }
