@@ -1,6 +1,7 @@
 //! Write throughput through the library next to `qemu-img bench` on the same kind of image.
-//! Not part of the normal suite: `cargo test --release --test write_bench -- --ignored --nocapture`.
+//! Not part of the test suite (timings are not assertions): `cargo bench --bench write_bench`.
 
+#[path = "../tests/common/mod.rs"]
 mod common;
 use common::*;
 use std::path::Path;
@@ -66,9 +67,7 @@ fn qemu_bench(what: &str, image: &Path, bs: u64, count: u64) {
     report(what, bs * count, count, t);
 }
 
-#[test]
-#[ignore]
-fn write_throughput() {
+fn main() {
     let s = Scratch::new("write-bench");
     let mut rng = Rng::new(1);
     let block = rng.bytes(1 << 20);
