@@ -5,7 +5,8 @@
 //!
 //! Locking: `meta` is a read-write lock. Data writes into clusters this image owns alone
 //! (COPIED) take it shared, so they run in parallel; anything that allocates or changes
-//! metadata takes it exclusively. Reads go through the read driver (`map.rs`) with the
+//! metadata takes it exclusively, but copy-on-write drops it for its data I/O: the guest
+//! cluster is claimed in `inflight` instead, so no one else changes its entry meanwhile. Reads go through the read driver (`map.rs`) with the
 //! writer's current L1; L2 tables are immutable blobs in `ctx.tables`, replaced after each
 //! update (`L2Sync` keeps racing loads from caching stale copies).
 
@@ -13,6 +14,7 @@ mod cow;
 pub mod create;
 mod discard;
 pub mod entry;
+mod inflight;
 mod l2sync;
 mod refcount;
 
@@ -29,6 +31,7 @@ use crate::host::HostFile;
 use crate::host::endian::be64;
 use crate::write::{BelowReader, LayerWriter};
 use entry::{Kind as EntryKind, OFFSET_MASK};
+use inflight::InFlight;
 use parking_lot::RwLock;
 use refcount::Refcounts;
 use std::collections::HashSet;
@@ -42,6 +45,8 @@ pub struct Qcow2Writer {
     l1: RwLock<Arc<[u64]>>,
     /// Refcounts and allocation.
     meta: RwLock<Refcounts>,
+    /// Guest clusters whose entry a writer is changing (copy-on-write data I/O runs unlocked).
+    inflight: InFlight,
     failed: AtomicBool,
 }
 
@@ -109,6 +114,7 @@ impl Qcow2Writer {
             img: img.clone(),
             l1: RwLock::new(img.l1.clone()),
             meta: RwLock::new(rc),
+            inflight: InFlight::default(),
             failed: AtomicBool::new(false),
         };
         w.clear_unknown_autoclear()?;
@@ -220,11 +226,14 @@ impl Qcow2Writer {
     /// Writes `bytes` at `at` inside the L2 table at `l2_off` and publishes the new table.
     fn write_l2(&self, l2_off: u64, old: &[u8], at: u64, bytes: &[u8]) -> Result<()> {
         self.file().write_all_at(bytes, l2_off + at)?;
-        let mut t = old.to_vec();
-        t[at as usize..at as usize + bytes.len()].copy_from_slice(bytes);
+        // One copy straight into the new shared blob (a table is a whole cluster).
+        let mut t: Blob = Arc::from(old);
+        let fresh = Arc::get_mut(&mut t)
+            .ok_or_else(|| Error::invalid("internal: a new L2 blob is shared"))?;
+        fresh[at as usize..at as usize + bytes.len()].copy_from_slice(bytes);
         self.img
             .l2_sync
-            .publish(&self.img.tables, self.l2_key(l2_off), t.into());
+            .publish(&self.img.tables, self.l2_key(l2_off), t);
         Ok(())
     }
 
