@@ -3,7 +3,7 @@
 //! cluster, its data (with the untouched part copied from what the view showed), the L2
 //! entry, and only then the reference drop on what it replaced.
 
-use super::Qcow2Writer;
+use super::{L2Ref, Qcow2Writer};
 use super::entry::{self, ALL_ALLOC, COPIED, Kind as EntryKind, OFFSET_MASK};
 use super::refcount::Refcounts;
 use crate::error::{Error, Result};
@@ -200,7 +200,7 @@ impl Qcow2Writer {
         let table = if old == 0 {
             vec![0u8; cs as usize]
         } else {
-            self.l2_table(old)?.to_vec()
+            self.l2_table(old)?.to_bytes()
         };
         let new = self.alloc(rc)?;
         self.write_new_l2(new, table)?;
@@ -352,7 +352,7 @@ impl Qcow2Writer {
         &self,
         rc: &mut Refcounts,
         l2_off: u64,
-        l2: &[u8],
+        l2: &L2Ref,
         idx: u64,
         pos: u64,
         data: &[u8],

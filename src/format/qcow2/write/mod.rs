@@ -18,12 +18,12 @@ mod inflight;
 mod l2sync;
 mod refcount;
 
-pub use l2sync::L2Sync;
+pub use l2sync::{L2Ref, L2Sync};
 
 use super::Qcow2Image;
 use super::header::{AUTOCLEAR_DATA_FILE_RAW, Compression};
 use super::map::TAG_L2;
-use crate::cache::{Blob, Key};
+use crate::cache::Key;
 use crate::ensure_corrupt;
 use crate::error::{Error, Kind, Result};
 use crate::format::{Codec, ParentRef};
@@ -206,8 +206,8 @@ impl Qcow2Writer {
         Key::new(self.file().id(), off, TAG_L2)
     }
 
-    /// The L2 table at `off`, through the shared table cache.
-    fn l2_table(&self, off: u64) -> Result<Blob> {
+    /// The L2 table at `off`: live, or through the shared table cache.
+    fn l2_table(&self, off: u64) -> Result<L2Ref> {
         let cs = self.cs();
         ensure_corrupt!(
             off.is_multiple_of(cs),
@@ -216,24 +216,18 @@ impl Qcow2Writer {
             off,
             "L2 table offset is not cluster-aligned"
         );
-        self.img
-            .l2_sync
-            .get_or_load(&self.img.tables, self.l2_key(off), || {
-                self.file().read_table(off, cs, cs, "L2 table")
-            })
+        self.img.l2_sync.get(&self.img.tables, self.l2_key(off), || {
+            self.file().read_table(off, cs, cs, "L2 table")
+        })
     }
 
-    /// Writes `bytes` at `at` inside the L2 table at `l2_off` and publishes the new table.
-    fn write_l2(&self, l2_off: u64, old: &[u8], at: u64, bytes: &[u8]) -> Result<()> {
+    /// Writes `bytes` at `at` inside the L2 table at `l2_off` (whose contents are `current`),
+    /// then updates the table readers see in place.
+    fn write_l2(&self, l2_off: u64, current: &L2Ref, at: u64, bytes: &[u8]) -> Result<()> {
         self.file().write_all_at(bytes, l2_off + at)?;
-        // One copy straight into the new shared blob (a table is a whole cluster).
-        let mut t: Blob = Arc::from(old);
-        let fresh = Arc::get_mut(&mut t)
-            .ok_or_else(|| Error::invalid("internal: a new L2 blob is shared"))?;
-        fresh[at as usize..at as usize + bytes.len()].copy_from_slice(bytes);
         self.img
             .l2_sync
-            .publish(&self.img.tables, self.l2_key(l2_off), t);
+            .update(&self.img.tables, self.l2_key(l2_off), current, at, bytes);
         Ok(())
     }
 
@@ -242,15 +236,15 @@ impl Qcow2Writer {
         self.file().write_all_at(&table, l2_off)?;
         self.img
             .l2_sync
-            .publish(&self.img.tables, self.l2_key(l2_off), table.into());
+            .replace(&self.img.tables, self.l2_key(l2_off), &table);
         Ok(())
     }
 
     /// (descriptor, bitmap) of entry `idx` of an L2 table.
-    fn l2_entry(&self, l2: &[u8], idx: u64) -> (u64, u64) {
+    fn l2_entry(&self, l2: &L2Ref, idx: u64) -> (u64, u64) {
         let at = (idx * self.entry_size()) as usize;
-        let bitmap = if self.ext() { be64(l2, at + 8) } else { 0 };
-        (be64(l2, at), bitmap)
+        let bitmap = if self.ext() { l2.word(at + 8) } else { 0 };
+        (l2.word(at), bitmap)
     }
 
     fn decode(&self, desc: u64) -> EntryKind {
