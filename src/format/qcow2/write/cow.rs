@@ -3,9 +3,9 @@
 //! cluster, its data (with the untouched part copied from what the view showed), the L2
 //! entry, and only then the reference drop on what it replaced.
 
-use super::{L2Ref, Qcow2Writer};
 use super::entry::{self, ALL_ALLOC, COPIED, Kind as EntryKind, OFFSET_MASK};
 use super::refcount::Refcounts;
+use super::{L2Ref, Qcow2Writer};
 use crate::error::{Error, Result};
 use crate::format::compress;
 use crate::write::BelowReader;
@@ -287,7 +287,12 @@ impl Qcow2Writer {
                 _ if self.has_data_file() => g,
                 _ => self.alloc(rc)?,
             };
-            (kind, desc, target, owned && matches!(kind, EntryKind::Normal { .. }))
+            (
+                kind,
+                desc,
+                target,
+                owned && matches!(kind, EntryKind::Normal { .. }),
+            )
         };
         if in_place {
             // Owned already (e.g. another writer of this cluster published it while we

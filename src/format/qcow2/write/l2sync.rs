@@ -219,7 +219,10 @@ mod tests {
             .unwrap();
         assert_eq!(got.word(0), 1);
         assert!(tables.get(&key).is_none());
-        assert_eq!(sync.get(&tables, key, || unreachable!()).unwrap().word(0), 2);
+        assert_eq!(
+            sync.get(&tables, key, || unreachable!()).unwrap().word(0),
+            2
+        );
         let k2 = Key::new(1, 512, 0x32);
         sync.get(&tables, k2, || Ok(vec![3; 8])).unwrap();
         assert_eq!(tables.get(&k2).unwrap()[0], 3);

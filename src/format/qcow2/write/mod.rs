@@ -216,9 +216,11 @@ impl Qcow2Writer {
             off,
             "L2 table offset is not cluster-aligned"
         );
-        self.img.l2_sync.get(&self.img.tables, self.l2_key(off), || {
-            self.file().read_table(off, cs, cs, "L2 table")
-        })
+        self.img
+            .l2_sync
+            .get(&self.img.tables, self.l2_key(off), || {
+                self.file().read_table(off, cs, cs, "L2 table")
+            })
     }
 
     /// Writes `bytes` at `at` inside the L2 table at `l2_off` (whose contents are `current`),
