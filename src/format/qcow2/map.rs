@@ -5,10 +5,10 @@
 use super::Qcow2Image;
 use super::entry::{self, Cluster};
 use super::header::Compression;
-use crate::cache::{Blob, Key};
+use super::write::L2Ref;
+use crate::cache::Key;
 use crate::error::{Error, Result};
 use crate::format::{Codec, Extent, Mapping};
-use crate::host::endian::be64;
 
 /// Cache tag of qcow2 L2 tables in the shared table cache.
 pub const TAG_L2: u8 = 0x32;
@@ -32,7 +32,7 @@ struct Walker<'a> {
     l1: &'a [u64],
     l1_offset: u64,
     /// The last L2 table used, so a run inside one table costs one cache lookup.
-    l2: Option<(u64, Blob)>,
+    l2: Option<(u64, L2Ref)>,
 }
 
 /// Maps [off, off+len) of the layer whose L1 is `l1` (stored at `l1_offset`).
@@ -120,9 +120,9 @@ impl Walker<'_> {
         let guest_cluster = pos & !(cs - 1);
         let index = (pos >> g.cluster_bits) & ((1 << g.l2_bits()) - 1);
         let entry_off = (index * g.entry_len()) as usize;
-        let word = be64(&table, entry_off);
+        let word = table.word(entry_off);
         let bitmap = if g.extended_l2 {
-            be64(&table, entry_off + 8)
+            table.word(entry_off + 8)
         } else {
             0
         };
@@ -178,7 +178,7 @@ impl Walker<'_> {
         Ok((state, n))
     }
 
-    fn l2_table(&mut self, l2_off: u64) -> Result<Blob> {
+    fn l2_table(&mut self, l2_off: u64) -> Result<L2Ref> {
         if let Some((o, t)) = &self.l2
             && *o == l2_off
         {
@@ -187,7 +187,7 @@ impl Walker<'_> {
         let file = &self.img.file;
         let cs = self.img.geometry.cluster_size();
         let key = Key::new(file.id(), l2_off, TAG_L2);
-        let t = self.img.l2_sync.get_or_load(&self.img.tables, key, || {
+        let t = self.img.l2_sync.get(&self.img.tables, key, || {
             file.read_table(l2_off, cs, cs, "L2 table")
         })?;
         self.l2 = Some((l2_off, t.clone()));

@@ -3,15 +3,21 @@
 //! cluster, its data (with the untouched part copied from what the view showed), the L2
 //! entry, and only then the reference drop on what it replaced.
 
-use super::Qcow2Writer;
 use super::entry::{self, ALL_ALLOC, COPIED, Kind as EntryKind, OFFSET_MASK};
 use super::refcount::Refcounts;
+use super::{L2Ref, Qcow2Writer};
 use crate::error::{Error, Result};
 use crate::format::compress;
 use crate::write::BelowReader;
+use std::cell::RefCell;
 
 /// The largest stored compressed cluster we accept (cluster size plus slack).
 const MAX_COMPRESSED_SLACK: u64 = 4096;
+
+thread_local! {
+    /// The cluster buffer of copy-on-write, one per thread.
+    static COW_BUF: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };
+}
 
 impl Qcow2Writer {
     pub(super) fn write_range(&self, off: u64, data: &[u8], below: BelowReader<'_>) -> Result<()> {
@@ -194,7 +200,7 @@ impl Qcow2Writer {
         let table = if old == 0 {
             vec![0u8; cs as usize]
         } else {
-            self.l2_table(old)?.to_vec()
+            self.l2_table(old)?.to_bytes()
         };
         let new = self.alloc(rc)?;
         self.write_new_l2(new, table)?;
@@ -243,54 +249,66 @@ impl Qcow2Writer {
     }
 
     /// Writes `data` at guest `pos`, all inside one cluster, allocating or copying as needed.
+    /// The guest cluster is claimed for the whole call; the metadata lock is held only to
+    /// allocate and, after the data I/O, to publish the entry.
     fn write_cluster(&self, pos: u64, data: &[u8], below: BelowReader<'_>) -> Result<()> {
-        let mut guard = self.meta.write();
-        let rc = &mut *guard;
         let cs = self.cs();
         let g = pos / cs * cs;
         let a = pos - g;
+        let _claim = self.inflight.claim(g);
+        let (kind, desc, target, in_place) = {
+            let mut guard = self.meta.write();
+            let rc = &mut *guard;
+            let l2_off = self.writable_l2(rc, pos)?;
+            let l2 = self.l2_table(l2_off)?;
+            let idx = (pos / cs) % self.l2_entries();
+            let (desc, bitmap) = self.l2_entry(&l2, idx);
+            self.validate(desc, bitmap, pos, l2_off + idx * self.entry_size())?;
+            let kind = self.decode(desc);
+            if let EntryKind::Normal { host, .. } = kind
+                && !self.has_data_file()
+                && rc.metadata.contains(&(host / cs))
+            {
+                return Err(Error::corrupt(
+                    &self.img.path,
+                    "L2 entry",
+                    l2_off + idx * self.entry_size(),
+                    format!("data cluster {host:#x} overlaps metadata"),
+                ));
+            }
+            if self.ext() && !matches!(kind, EntryKind::Compressed { .. }) {
+                return self
+                    .write_subclusters(rc, l2_off, &l2, idx, pos, data, desc, bitmap, below);
+            }
+            let owned =
+                matches!(kind, EntryKind::Normal { copied: true, .. }) || self.has_data_file();
+            let target = match kind {
+                EntryKind::Normal { host, .. } if owned => host,
+                _ if self.has_data_file() => g,
+                _ => self.alloc(rc)?,
+            };
+            (
+                kind,
+                desc,
+                target,
+                owned && matches!(kind, EntryKind::Normal { .. }),
+            )
+        };
+        if in_place {
+            // Owned already (e.g. another writer of this cluster published it while we
+            // waited for the claim): the claim keeps the entry as it is.
+            return self.write_data(target + a, data);
+        }
+        self.fill_cluster(kind, g, target, a, data, below)?;
+        let mut guard = self.meta.write();
+        let rc = &mut *guard;
         let l2_off = self.writable_l2(rc, pos)?;
         let l2 = self.l2_table(l2_off)?;
         let idx = (pos / cs) % self.l2_entries();
-        let (desc, bitmap) = self.l2_entry(&l2, idx);
-        self.validate(desc, bitmap, pos, l2_off + idx * self.entry_size())?;
-        let kind = self.decode(desc);
-        if let EntryKind::Normal { host, .. } = kind
-            && !self.has_data_file()
-            && rc.metadata.contains(&(host / cs))
-        {
-            return Err(Error::corrupt(
-                &self.img.path,
-                "L2 entry",
-                l2_off + idx * self.entry_size(),
-                format!("data cluster {host:#x} overlaps metadata"),
+        if self.l2_entry(&l2, idx).0 != desc {
+            return Err(Error::invalid(
+                "internal: an L2 entry changed while its cluster was claimed",
             ));
-        }
-        if self.ext() && !matches!(kind, EntryKind::Compressed { .. }) {
-            return self.write_subclusters(rc, l2_off, &l2, idx, pos, data, desc, bitmap, below);
-        }
-        let owned = matches!(kind, EntryKind::Normal { copied: true, .. }) || self.has_data_file();
-        let target = match kind {
-            EntryKind::Normal { host, .. } if owned => host,
-            _ if self.has_data_file() => g,
-            _ => self.alloc(rc)?,
-        };
-        if owned && matches!(kind, EntryKind::Normal { .. }) {
-            return self.write_data(target + a, data);
-        }
-        // Space past the end of the file reads as zeros: a fresh cluster over zeros needs
-        // only the new bytes.
-        let zeros_below = matches!(kind, EntryKind::Zero { .. })
-            || (kind == EntryKind::Unallocated && !self.has_backing());
-        if zeros_below && target >= self.data_host().len() {
-            self.write_data(target + a, data)?;
-        } else {
-            let mut buf = vec![0u8; cs as usize];
-            if a > 0 || data.len() as u64 != cs {
-                self.read_cluster(kind, g, &mut buf, below)?;
-            }
-            buf[a as usize..a as usize + data.len()].copy_from_slice(data);
-            self.write_data(target, &buf)?;
         }
         let mut e = (target | COPIED).to_be_bytes().to_vec();
         if self.ext() {
@@ -300,6 +318,38 @@ impl Qcow2Writer {
         self.drop_refs(rc, kind)
     }
 
+    /// Writes the new cluster `target`: `data` at `a`, the rest as `kind` shows guest `g`.
+    /// Runs without the metadata lock: `target` is referenced by nothing yet.
+    fn fill_cluster(
+        &self,
+        kind: EntryKind,
+        g: u64,
+        target: u64,
+        a: u64,
+        data: &[u8],
+        below: BelowReader<'_>,
+    ) -> Result<()> {
+        let cs = self.cs();
+        // Space past the end of the file reads as zeros: a fresh cluster over zeros needs
+        // only the new bytes.
+        let zeros_below = matches!(kind, EntryKind::Zero { .. })
+            || (kind == EntryKind::Unallocated && !self.has_backing());
+        if zeros_below && target >= self.data_host().len() {
+            return self.write_data(target + a, data);
+        }
+        if data.len() as u64 == cs {
+            return self.write_data(target, data);
+        }
+        COW_BUF.with(|cell| {
+            let mut buf = cell.borrow_mut();
+            // Reused per thread: every byte is overwritten below, so no zeroing per write.
+            buf.resize(cs as usize, 0);
+            self.read_cluster(kind, g, &mut buf, below)?;
+            buf[a as usize..a as usize + data.len()].copy_from_slice(data);
+            self.write_data(target, &buf)
+        })
+    }
+
     /// Extended L2: writes only the touched subclusters; the others keep their state (and
     /// their data, copied when the cluster moves).
     #[allow(clippy::too_many_arguments)]
@@ -307,7 +357,7 @@ impl Qcow2Writer {
         &self,
         rc: &mut Refcounts,
         l2_off: u64,
-        l2: &[u8],
+        l2: &L2Ref,
         idx: u64,
         pos: u64,
         data: &[u8],

@@ -70,6 +70,7 @@ impl Qcow2Writer {
 
     fn discard_cluster(&self, g: u64, below: BelowReader<'_>) -> Result<()> {
         let cs = self.cs();
+        let claim = self.inflight.claim(g);
         let mut guard = self.meta.write();
         let rc = &mut *guard;
         let cur = self.l2_offset_of(g);
@@ -97,6 +98,7 @@ impl Qcow2Writer {
         }
         if self.version() == 2 && self.has_backing() {
             drop(guard);
+            drop(claim); // writing claims the cluster itself
             return self.write_zeros(g, (g + cs).min(self.size()), below);
         }
         let l2_off = self.writable_l2(rc, g)?;
@@ -121,6 +123,7 @@ impl Qcow2Writer {
     fn discard_subclusters(&self, g: u64, s0: u64, s1: u64, below: BelowReader<'_>) -> Result<()> {
         let cs = self.cs();
         let us = self.unit_size();
+        let claim = self.inflight.claim(g);
         let mut guard = self.meta.write();
         let rc = &mut *guard;
         let l2_off = self.writable_l2(rc, g)?;
@@ -131,6 +134,7 @@ impl Qcow2Writer {
         let kind = self.decode(desc);
         if matches!(kind, EntryKind::Compressed { .. }) {
             drop(guard);
+            drop(claim); // writing claims the cluster itself
             return self.write_zeros(g + s0 * us, g + s1 * us, below);
         }
         let mask = self.sub_mask(s0 * us, s1 * us);

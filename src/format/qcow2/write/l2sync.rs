@@ -1,22 +1,138 @@
-//! Coherence of cached L2 tables with in-place updates. A reader that loads a table from the
-//! file while the writer rewrites it could otherwise insert the stale copy after the writer
-//! published the new one; here every publication bumps a sequence number and a load caches
-//! its result only if no publication happened since it started.
+//! Coherence of L2 tables between the writer and the read path.
+//!
+//! Tables the writer changes become "live": arrays of atomic words shared by the writer
+//! (which updates single entries in place, under its metadata lock, after writing them to
+//! the file) and every reader, so an update costs no copy of the table. Live tables are
+//! bounded in number; one pushed out is published to the shared table cache first (one
+//! copy), then forgotten, so a reader always finds the newest contents in one or the other.
+//!
+//! Tables the writer never changed go through the cache. A reader that loads one from the
+//! file while the writer makes it live could otherwise insert the stale copy afterwards:
+//! every publication bumps a sequence number and a load caches its result only if no
+//! publication happened since it started.
 
 use crate::cache::{Blob, ByteCache, Key};
 use crate::error::Result;
-use parking_lot::Mutex;
+use crate::host::endian::be64;
+use parking_lot::{Mutex, RwLock};
+use std::collections::{HashMap, VecDeque};
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
+/// Live tables kept at most (bytes): past this, the oldest goes back to the cache.
+const LIVE_BUDGET: usize = 32 << 20;
+const MIN_LIVE_TABLES: usize = 16;
+
+/// An L2 table the writer updates in place: its big-endian words, as u64 values.
+pub struct LiveTable {
+    words: Box<[AtomicU64]>,
+}
+
+impl LiveTable {
+    fn from_bytes(b: &[u8]) -> LiveTable {
+        LiveTable {
+            words: b
+                .chunks_exact(8)
+                .map(|c| AtomicU64::new(be64(c, 0)))
+                .collect(),
+        }
+    }
+
+    fn to_bytes(&self) -> Vec<u8> {
+        self.words
+            .iter()
+            .flat_map(|w| w.load(Ordering::Acquire).to_be_bytes())
+            .collect()
+    }
+
+    fn word(&self, byte_off: usize) -> u64 {
+        if !byte_off.is_multiple_of(8) {
+            return 0;
+        }
+        self.words
+            .get(byte_off / 8)
+            .map_or(0, |w| w.load(Ordering::Acquire))
+    }
+
+    /// Stores big-endian `bytes` (whole words) at `byte_off`.
+    fn store(&self, byte_off: usize, bytes: &[u8]) {
+        for (i, c) in bytes.chunks_exact(8).enumerate() {
+            if let Some(w) = self.words.get(byte_off / 8 + i) {
+                w.store(be64(c, 0), Ordering::Release);
+            }
+        }
+    }
+}
+
+/// An L2 table as a reader sees it: a cached immutable copy or the live one.
+#[derive(Clone)]
+pub enum L2Ref {
+    Cached(Blob),
+    Live(Arc<LiveTable>),
+}
+
+impl L2Ref {
+    /// The big-endian word at `byte_off` (0 past the end, like `be64`).
+    pub fn word(&self, byte_off: usize) -> u64 {
+        match self {
+            L2Ref::Cached(b) => be64(b, byte_off),
+            L2Ref::Live(t) => t.word(byte_off),
+        }
+    }
+
+    pub fn to_bytes(&self) -> Vec<u8> {
+        match self {
+            L2Ref::Cached(b) => b.to_vec(),
+            L2Ref::Live(t) => t.to_bytes(),
+        }
+    }
+}
+
 #[derive(Default)]
+struct Live {
+    tables: HashMap<u64, Arc<LiveTable>>,
+    /// Table offsets in the order they became live (the oldest is pushed out first).
+    order: VecDeque<u64>,
+}
+
 pub struct L2Sync {
     seq: AtomicU64,
     insert: Mutex<()>,
+    live: RwLock<Live>,
+    live_budget: usize,
+}
+
+impl Default for L2Sync {
+    fn default() -> L2Sync {
+        L2Sync::with_budget(LIVE_BUDGET)
+    }
 }
 
 impl L2Sync {
+    fn with_budget(live_budget: usize) -> L2Sync {
+        L2Sync {
+            seq: AtomicU64::new(0),
+            insert: Mutex::new(()),
+            live: RwLock::new(Live::default()),
+            live_budget,
+        }
+    }
+
+    /// The table at `key`: live, cached, or loaded with `load` (outside any lock).
+    pub fn get(
+        &self,
+        tables: &ByteCache,
+        key: Key,
+        load: impl FnOnce() -> Result<Vec<u8>>,
+    ) -> Result<L2Ref> {
+        if let Some(t) = self.live.read().tables.get(&key.offset) {
+            return Ok(L2Ref::Live(t.clone()));
+        }
+        self.get_or_load(tables, key, load).map(L2Ref::Cached)
+    }
+
     /// The cached table, or one loaded with `load` (outside any lock).
-    pub fn get_or_load(
+    fn get_or_load(
         &self,
         tables: &ByteCache,
         key: Key,
@@ -34,11 +150,54 @@ impl L2Sync {
         Ok(blob)
     }
 
-    /// Publishes a table the writer has just written to the file.
-    pub fn publish(&self, tables: &ByteCache, key: Key, blob: Blob) {
+    /// Publishes a table into the cache (its bytes are already in the file).
+    fn publish(&self, tables: &ByteCache, key: Key, blob: Blob) {
         let _g = self.insert.lock();
         self.seq.fetch_add(1, Ordering::AcqRel);
         tables.insert(key, blob);
+    }
+
+    /// Writer only (under its metadata lock): stores `bytes` at `at` in the table at `key`,
+    /// whose current contents are `current`, making it live if it is not. The bytes must
+    /// already be in the file.
+    pub fn update(&self, tables: &ByteCache, key: Key, current: &L2Ref, at: u64, bytes: &[u8]) {
+        let t = match current {
+            L2Ref::Live(t) => t.clone(),
+            L2Ref::Cached(b) => self.make_live(tables, key, LiveTable::from_bytes(b)),
+        };
+        t.store(at as usize, bytes);
+    }
+
+    /// Writer only: a whole new table, already written to the file, becomes live.
+    pub fn replace(&self, tables: &ByteCache, key: Key, table: &[u8]) {
+        self.make_live(tables, key, LiveTable::from_bytes(table));
+    }
+
+    fn make_live(&self, tables: &ByteCache, key: Key, t: LiveTable) -> Arc<LiveTable> {
+        let t = Arc::new(t);
+        let limit = (self.live_budget / (t.words.len() * 8).max(1)).max(MIN_LIVE_TABLES);
+        let mut live = self.live.write();
+        if live.tables.insert(key.offset, t.clone()).is_none() {
+            live.order.push_back(key.offset);
+        }
+        // Readers find it live from now on; a copy loading meanwhile must not be cached.
+        {
+            let _g = self.insert.lock();
+            self.seq.fetch_add(1, Ordering::AcqRel);
+            tables.invalidate(&key);
+        }
+        while live.tables.len() > limit {
+            let Some(old) = live.order.pop_front() else {
+                break;
+            };
+            if let Some(ot) = live.tables.get(&old).cloned() {
+                // Cache first, then forget: a reader finds the newest contents in one of them.
+                let okey = Key::new(key.file, old, key.tag);
+                self.publish(tables, okey, ot.to_bytes().into());
+                live.tables.remove(&old);
+            }
+        }
+        t
     }
 }
 
@@ -52,16 +211,43 @@ mod tests {
         let sync = L2Sync::default();
         let key = Key::new(1, 0, 0x32);
         let got = sync
-            .get_or_load(&tables, key, || {
-                // The writer publishes while this (stale) load is in flight.
-                sync.publish(&tables, key, vec![2u8].into());
-                Ok(vec![1u8])
+            .get(&tables, key, || {
+                // The writer makes the table live while this (stale) load is in flight.
+                sync.replace(&tables, key, &[0, 0, 0, 0, 0, 0, 0, 2]);
+                Ok(vec![0, 0, 0, 0, 0, 0, 0, 1])
             })
             .unwrap();
-        assert_eq!(&*got, &[1]);
-        assert_eq!(&*tables.get(&key).unwrap(), &[2]);
+        assert_eq!(got.word(0), 1);
+        assert!(tables.get(&key).is_none());
+        assert_eq!(
+            sync.get(&tables, key, || unreachable!()).unwrap().word(0),
+            2
+        );
         let k2 = Key::new(1, 512, 0x32);
-        sync.get_or_load(&tables, k2, || Ok(vec![3])).unwrap();
-        assert_eq!(&*tables.get(&k2).unwrap(), &[3]);
+        sync.get(&tables, k2, || Ok(vec![3; 8])).unwrap();
+        assert_eq!(tables.get(&k2).unwrap()[0], 3);
+    }
+
+    #[test]
+    fn updates_are_seen_in_place_and_survive_being_pushed_out() {
+        let tables = ByteCache::new(1 << 20);
+        let sync = L2Sync::with_budget(0); // keeps MIN_LIVE_TABLES
+        let key = |i: u64| Key::new(1, i << 9, 0x32);
+        let load = || Ok(vec![0u8; 64]);
+        let first = sync.get(&tables, key(0), load).unwrap();
+        sync.update(&tables, key(0), &first, 8, &7u64.to_be_bytes());
+        let held = sync.get(&tables, key(0), load).unwrap();
+        assert!(matches!(held, L2Ref::Live(_)));
+        assert_eq!(held.word(8), 7);
+        sync.update(&tables, key(0), &held, 16, &9u64.to_be_bytes());
+        assert_eq!(held.word(16), 9, "updated in place");
+        for i in 1..=MIN_LIVE_TABLES as u64 + 3 {
+            sync.replace(&tables, key(i), &[0u8; 64]);
+        }
+        assert_eq!(sync.live.read().tables.len(), MIN_LIVE_TABLES);
+        // Pushed out: the cache holds the newest contents.
+        let back = sync.get(&tables, key(0), || unreachable!()).unwrap();
+        assert!(matches!(back, L2Ref::Cached(_)));
+        assert_eq!((back.word(8), back.word(16), back.word(24)), (7, 9, 0));
     }
 }

@@ -5,7 +5,8 @@
 //!
 //! Locking: `meta` is a read-write lock. Data writes into clusters this image owns alone
 //! (COPIED) take it shared, so they run in parallel; anything that allocates or changes
-//! metadata takes it exclusively. Reads go through the read driver (`map.rs`) with the
+//! metadata takes it exclusively, but copy-on-write drops it for its data I/O: the guest
+//! cluster is claimed in `inflight` instead, so no one else changes its entry meanwhile. Reads go through the read driver (`map.rs`) with the
 //! writer's current L1; L2 tables are immutable blobs in `ctx.tables`, replaced after each
 //! update (`L2Sync` keeps racing loads from caching stale copies).
 
@@ -13,15 +14,16 @@ mod cow;
 pub mod create;
 mod discard;
 pub mod entry;
+mod inflight;
 mod l2sync;
 mod refcount;
 
-pub use l2sync::L2Sync;
+pub use l2sync::{L2Ref, L2Sync};
 
 use super::Qcow2Image;
 use super::header::{AUTOCLEAR_DATA_FILE_RAW, Compression};
 use super::map::TAG_L2;
-use crate::cache::{Blob, Key};
+use crate::cache::Key;
 use crate::ensure_corrupt;
 use crate::error::{Error, Kind, Result};
 use crate::format::{Codec, ParentRef};
@@ -29,6 +31,7 @@ use crate::host::HostFile;
 use crate::host::endian::be64;
 use crate::write::{BelowReader, LayerWriter};
 use entry::{Kind as EntryKind, OFFSET_MASK};
+use inflight::InFlight;
 use parking_lot::RwLock;
 use refcount::Refcounts;
 use std::collections::HashSet;
@@ -42,6 +45,8 @@ pub struct Qcow2Writer {
     l1: RwLock<Arc<[u64]>>,
     /// Refcounts and allocation.
     meta: RwLock<Refcounts>,
+    /// Guest clusters whose entry a writer is changing (copy-on-write data I/O runs unlocked).
+    inflight: InFlight,
     failed: AtomicBool,
 }
 
@@ -109,6 +114,7 @@ impl Qcow2Writer {
             img: img.clone(),
             l1: RwLock::new(img.l1.clone()),
             meta: RwLock::new(rc),
+            inflight: InFlight::default(),
             failed: AtomicBool::new(false),
         };
         w.clear_unknown_autoclear()?;
@@ -200,8 +206,8 @@ impl Qcow2Writer {
         Key::new(self.file().id(), off, TAG_L2)
     }
 
-    /// The L2 table at `off`, through the shared table cache.
-    fn l2_table(&self, off: u64) -> Result<Blob> {
+    /// The L2 table at `off`: live, or through the shared table cache.
+    fn l2_table(&self, off: u64) -> Result<L2Ref> {
         let cs = self.cs();
         ensure_corrupt!(
             off.is_multiple_of(cs),
@@ -212,19 +218,18 @@ impl Qcow2Writer {
         );
         self.img
             .l2_sync
-            .get_or_load(&self.img.tables, self.l2_key(off), || {
+            .get(&self.img.tables, self.l2_key(off), || {
                 self.file().read_table(off, cs, cs, "L2 table")
             })
     }
 
-    /// Writes `bytes` at `at` inside the L2 table at `l2_off` and publishes the new table.
-    fn write_l2(&self, l2_off: u64, old: &[u8], at: u64, bytes: &[u8]) -> Result<()> {
+    /// Writes `bytes` at `at` inside the L2 table at `l2_off` (whose contents are `current`),
+    /// then updates the table readers see in place.
+    fn write_l2(&self, l2_off: u64, current: &L2Ref, at: u64, bytes: &[u8]) -> Result<()> {
         self.file().write_all_at(bytes, l2_off + at)?;
-        let mut t = old.to_vec();
-        t[at as usize..at as usize + bytes.len()].copy_from_slice(bytes);
         self.img
             .l2_sync
-            .publish(&self.img.tables, self.l2_key(l2_off), t.into());
+            .update(&self.img.tables, self.l2_key(l2_off), current, at, bytes);
         Ok(())
     }
 
@@ -233,15 +238,15 @@ impl Qcow2Writer {
         self.file().write_all_at(&table, l2_off)?;
         self.img
             .l2_sync
-            .publish(&self.img.tables, self.l2_key(l2_off), table.into());
+            .replace(&self.img.tables, self.l2_key(l2_off), &table);
         Ok(())
     }
 
     /// (descriptor, bitmap) of entry `idx` of an L2 table.
-    fn l2_entry(&self, l2: &[u8], idx: u64) -> (u64, u64) {
+    fn l2_entry(&self, l2: &L2Ref, idx: u64) -> (u64, u64) {
         let at = (idx * self.entry_size()) as usize;
-        let bitmap = if self.ext() { be64(l2, at + 8) } else { 0 };
-        (be64(l2, at), bitmap)
+        let bitmap = if self.ext() { l2.word(at + 8) } else { 0 };
+        (l2.word(at), bitmap)
     }
 
     fn decode(&self, desc: u64) -> EntryKind {
