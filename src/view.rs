@@ -377,27 +377,11 @@ pub fn resolve(layers: &[Arc<dyn Layer>], off: u64, len: u64) -> Result<Vec<Exte
 
 /// Appends, merging with the previous extent when they continue each other.
 fn push_merged(out: &mut Vec<Extent>, e: Extent) {
-    if let Some(last) = out.last_mut() {
-        match (&mut last.map, &e.map) {
-            (Mapping::Zero, Mapping::Zero) => {
-                last.len += e.len;
-                return;
-            }
-            (
-                Mapping::Data {
-                    file: f1,
-                    host_off: h1,
-                },
-                Mapping::Data {
-                    file: f2,
-                    host_off: h2,
-                },
-            ) if f1.id() == f2.id() && *h1 + last.len == *h2 => {
-                last.len += e.len;
-                return;
-            }
-            _ => {}
-        }
+    if let Some(last) = out.last_mut()
+        && last.map.continues(last.len, &e.map)
+    {
+        last.len += e.len;
+        return;
     }
     out.push(e);
 }

@@ -99,6 +99,27 @@ pub enum Mapping {
     Unallocated,
 }
 
+impl Mapping {
+    /// Whether `next` carries on where `self` ends after `len` bytes, so the two extents can
+    /// be merged: both zeros, both unallocated, or the same host file with no gap.
+    pub fn continues(&self, len: u64, next: &Mapping) -> bool {
+        match (self, next) {
+            (Mapping::Zero, Mapping::Zero) | (Mapping::Unallocated, Mapping::Unallocated) => true,
+            (
+                Mapping::Data {
+                    file: f1,
+                    host_off: h1,
+                },
+                Mapping::Data {
+                    file: f2,
+                    host_off: h2,
+                },
+            ) => f1.id() == f2.id() && h1.checked_add(len) == Some(*h2),
+            _ => false,
+        }
+    }
+}
+
 /// `map` answers with the mapping of [off, off+len) for some 1 <= len <= the asked length.
 #[derive(Clone, Debug)]
 pub struct Extent {

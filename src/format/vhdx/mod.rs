@@ -185,23 +185,6 @@ impl VhdxLayer {
     }
 }
 
-fn continues(first: &Mapping, done: u64, next: &Mapping) -> bool {
-    match (first, next) {
-        (Mapping::Zero, Mapping::Zero) | (Mapping::Unallocated, Mapping::Unallocated) => true,
-        (
-            Mapping::Data {
-                file: f1,
-                host_off: h1,
-            },
-            Mapping::Data {
-                file: f2,
-                host_off: h2,
-            },
-        ) => f1.id() == f2.id() && h1.checked_add(done) == Some(*h2),
-        _ => false,
-    }
-}
-
 impl Layer for VhdxLayer {
     fn format(&self) -> Format {
         Format::Vhdx
@@ -220,7 +203,7 @@ impl Layer for VhdxLayer {
         let block_size = self.bat.geometry.block_size;
         while done < len && (off + done).is_multiple_of(block_size) {
             let (next, n) = self.block_piece(off + done, len - done)?;
-            if !continues(&map, done, &next) {
+            if !map.continues(done, &next) {
                 break;
             }
             done += n;
