@@ -8,10 +8,6 @@ use common::*;
 use std::io::{BufRead, BufReader, Write};
 use std::path::Path;
 use std::process::{Command, Stdio};
-use std::sync::Arc;
-use vmfs_mount::cache::ByteCache;
-use vmfs_mount::format::OpenCtx;
-use vmfs_mount::view::View;
 
 const CHILD_ENV: &str = "VMFS_CRASH_CHILD";
 const SIZE: u64 = 1 << 20;
@@ -36,16 +32,6 @@ fn next_op(rng: &mut Rng) -> (Op, bool) {
         Op::Write(off, rng.bytes(len as usize))
     };
     (op, rng.below(5) == 0)
-}
-
-fn open_rw(image: &Path) -> View {
-    let ctx = OpenCtx {
-        tables: Arc::new(ByteCache::new(16 << 20)),
-        writable: true,
-    };
-    let layers = vmfs_mount::chain::open_chain(image, None, &ctx).unwrap();
-    let size = layers[0].virtual_size();
-    View::new(layers, size, Arc::new(ByteCache::new(8 << 20)), 4096)
 }
 
 /// The child: runs the workload until killed, printing "S i" before op i and "F i" once a

@@ -11,16 +11,6 @@ use vmfs_mount::cache::ByteCache;
 use vmfs_mount::format::OpenCtx;
 use vmfs_mount::view::View;
 
-fn open_rw(image: &Path) -> View {
-    let ctx = OpenCtx {
-        tables: Arc::new(ByteCache::new(16 << 20)),
-        writable: true,
-    };
-    let layers = vmfs_mount::chain::open_chain(image, None, &ctx).unwrap();
-    let size = layers[0].virtual_size();
-    View::new(layers, size, Arc::new(ByteCache::new(8 << 20)), 4096)
-}
-
 /// Whether `qemu-img map` reports guest offset `off` as compressed.
 fn is_compressed(image: &Path, off: u64) -> bool {
     let out = qemu_img(&[

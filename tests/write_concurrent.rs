@@ -5,26 +5,14 @@
 
 mod common;
 use common::*;
-use std::path::Path;
 use std::process::Command;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use vmfs_mount::cache::ByteCache;
-use vmfs_mount::format::OpenCtx;
 use vmfs_mount::view::View;
 
 const STRIPE: u64 = 512;
 const WRITERS: u64 = 4;
-
-fn open_rw(image: &Path) -> View {
-    let ctx = OpenCtx {
-        tables: Arc::new(ByteCache::new(16 << 20)),
-        writable: true,
-    };
-    let layers = vmfs_mount::chain::open_chain(image, None, &ctx).unwrap();
-    let size = layers[0].virtual_size();
-    View::new(layers, size, Arc::new(ByteCache::new(8 << 20)), 4096)
-}
 
 fn run(opts: &str, name: &str) {
     let s = Scratch::new(name);

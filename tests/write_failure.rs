@@ -6,23 +6,9 @@ mod common;
 use common::*;
 use std::path::Path;
 use std::process::Command;
-use std::sync::Arc;
-use vmfs_mount::cache::ByteCache;
 use vmfs_mount::error::Kind;
-use vmfs_mount::format::OpenCtx;
-use vmfs_mount::view::View;
 
 const CHILD_ENV: &str = "VMFS_FAIL_CHILD";
-
-fn open_rw(image: &Path) -> View {
-    let ctx = OpenCtx {
-        tables: Arc::new(ByteCache::new(16 << 20)),
-        writable: true,
-    };
-    let layers = vmfs_mount::chain::open_chain(image, None, &ctx).unwrap();
-    let size = layers[0].virtual_size();
-    View::new(layers, size, Arc::new(ByteCache::new(8 << 20)), 4096)
-}
 
 /// The child: the file may not grow past its current size, so the next allocation fails.
 #[test]

@@ -5,22 +5,9 @@
 mod common;
 use common::*;
 use std::path::Path;
-use std::sync::Arc;
-use vmfs_mount::cache::ByteCache;
 use vmfs_mount::error::Kind;
-use vmfs_mount::format::{Format, OpenCtx};
+use vmfs_mount::format::Format;
 use vmfs_mount::overlay::prepare_overlay;
-use vmfs_mount::view::View;
-
-fn open_rw(image: &Path) -> View {
-    let ctx = OpenCtx {
-        tables: Arc::new(ByteCache::new(16 << 20)),
-        writable: true,
-    };
-    let layers = vmfs_mount::chain::open_chain(image, None, &ctx).unwrap();
-    let size = layers[0].virtual_size();
-    View::new(layers, size, Arc::new(ByteCache::new(8 << 20)), 4096)
-}
 
 fn info(image: &Path) -> String {
     qemu_img(&["info", image.to_str().unwrap()])

@@ -7,11 +7,8 @@
 
 mod common;
 use common::*;
-use std::path::Path;
 use std::process::Command;
 use std::sync::{Arc, Barrier};
-use vmfs_mount::cache::ByteCache;
-use vmfs_mount::format::OpenCtx;
 use vmfs_mount::view::View;
 
 const BLOCK: u64 = 4096;
@@ -19,16 +16,6 @@ const THREADS: u64 = 8;
 const CLUSTER: u64 = 65536;
 const ROUNDS: u64 = 48;
 const RANDOM_PER_ROUND: u64 = 6;
-
-fn open_rw(image: &Path) -> View {
-    let ctx = OpenCtx {
-        tables: Arc::new(ByteCache::new(16 << 20)),
-        writable: true,
-    };
-    let layers = vmfs_mount::chain::open_chain(image, None, &ctx).unwrap();
-    let size = layers[0].virtual_size();
-    View::new(layers, size, Arc::new(ByteCache::new(8 << 20)), 4096)
-}
 
 /// One thread's work: the (offset, bytes) it left in its own blocks, in order. After an
 /// error it keeps meeting the others at the barrier (so nobody hangs) but does no more I/O.

@@ -139,6 +139,17 @@ pub fn open_view(image: &Path) -> vmfs_mount::error::Result<vmfs_mount::view::Vi
     ))
 }
 
+/// Opens `image` with its chain for writing (the top layer only) and returns the live view.
+pub fn open_rw(image: &Path) -> vmfs_mount::view::View {
+    let ctx = OpenCtx {
+        tables: Arc::new(ByteCache::new(16 << 20)),
+        writable: true,
+    };
+    let layers = vmfs_mount::chain::open_chain(image, None, &ctx).unwrap();
+    let size = layers[0].virtual_size();
+    vmfs_mount::view::View::new(layers, size, Arc::new(ByteCache::new(8 << 20)), 4096)
+}
+
 /// Reads a whole view, in odd-sized requests so that request boundaries fall everywhere.
 pub fn read_all(view: &vmfs_mount::view::View) -> Vec<u8> {
     let mut out = vec![0u8; view.size() as usize];
