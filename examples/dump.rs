@@ -24,7 +24,7 @@ fn main() {
             std::process::exit(1);
         }
     };
-    let (live, snaps) = vmfs_mount::tree::plan(&layers).unwrap_or_else(|e| {
+    let (live, snaps) = vmfs_mount::plan::plan(&layers).unwrap_or_else(|e| {
         eprintln!("dump: {e}");
         std::process::exit(1)
     });

@@ -149,35 +149,3 @@ fn file_key(path: &Path) -> Result<(u64, u64)> {
     let m = std::fs::metadata(path).map_err(|e| Error::io(path, "stat", e))?;
     Ok((m.dev(), m.ino()))
 }
-
-/// Resolves a parent path stored in `child_path`'s image: absolute paths stay, relative ones
-/// are relative to the child's directory (not the working directory).
-pub fn resolve_relative(child_path: &Path, stored: &str) -> PathBuf {
-    let p = Path::new(stored);
-    if p.is_absolute() {
-        p.to_path_buf()
-    } else {
-        child_path.parent().unwrap_or(Path::new(".")).join(p)
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn relative_backing_paths_follow_the_child() {
-        assert_eq!(
-            resolve_relative(Path::new("/a/b/top.qcow2"), "base.qcow2"),
-            PathBuf::from("/a/b/base.qcow2")
-        );
-        assert_eq!(
-            resolve_relative(Path::new("/a/b/top.qcow2"), "/x/base"),
-            PathBuf::from("/x/base")
-        );
-        assert_eq!(
-            resolve_relative(Path::new("top.qcow2"), "base"),
-            PathBuf::from("base")
-        );
-    }
-}

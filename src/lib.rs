@@ -7,6 +7,7 @@ pub mod format;
 pub mod host;
 pub mod lock;
 pub mod overlay;
-pub mod tree;
+pub mod paths;
+pub mod plan;
 pub mod view;
 pub mod write;

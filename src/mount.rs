@@ -8,7 +8,7 @@ use vmfs_mount::cache::ByteCache;
 use vmfs_mount::error::{Error, Kind, Result};
 use vmfs_mount::format::{Format, Layer, OpenCtx};
 use vmfs_mount::lock::{self, LockGuard};
-use vmfs_mount::tree::{self, ViewSpec};
+use vmfs_mount::plan::{self, ViewSpec};
 use vmfs_mount::view::View;
 
 /// Resolved-extent cache entries per view (64 KiB each): 4 GiB of a disk stays resolved.
@@ -110,7 +110,7 @@ pub fn expose(
     read_only: bool,
     clusters: &Arc<ByteCache>,
 ) -> Result<Opened> {
-    let (live, snaps) = tree::plan(&layers)?;
+    let (live, snaps) = plan::plan(&layers)?;
     let make = |spec: ViewSpec, live: bool| {
         let view = Arc::new(View::new(
             spec.layers.clone(),

@@ -232,7 +232,7 @@ fn child_over_a_qemu_parent_matches_the_model() {
     );
 
     // The parent's own view, as the mount shows it under snapshots/.
-    let (_, snaps) = vmfs_mount::tree::plan(view.layers()).unwrap();
+    let (_, snaps) = vmfs_mount::plan::plan(view.layers()).unwrap();
     assert_eq!(snaps[0].name, "base");
     let pview = vmfs_mount::view::View::new(
         snaps[0].layers.clone(),

@@ -6,6 +6,7 @@
 //! a translator implementing `Layer`.
 
 pub mod compress;
+pub mod magic;
 pub mod probe;
 pub mod qcow2;
 pub mod raw;

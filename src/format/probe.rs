@@ -1,6 +1,7 @@
 //! Format detection by content, never by file name.
 
 use super::Format;
+use super::magic;
 use crate::error::{Error, Kind, Result};
 use crate::host::HostFile;
 use std::path::Path;
@@ -40,21 +41,24 @@ fn unsupported_format(head: &[u8]) -> Option<&'static str> {
 /// The pure part of `detect`: `head` is up to the first 1 KiB, `tail` the last 512 bytes.
 pub fn detect_bytes(head: &[u8], tail: Option<&[u8]>) -> Format {
     let starts = |m: &[u8]| head.starts_with(m);
-    if starts(b"QFI\xfb") {
+    if starts(magic::QCOW2) {
         Format::Qcow2
-    } else if starts(b"KDMV")
-        || starts(b"COWD")
-        || starts(&super::vmdk::SESPARSE_MAGIC)
+    } else if starts(magic::VMDK_SPARSE)
+        || starts(magic::VMDK_COWD)
+        || starts(&magic::VMDK_SESPARSE)
         || is_vmdk_descriptor(head)
     {
         Format::Vmdk
-    } else if starts(b"vhdxfile") {
+    } else if starts(magic::VHDX) {
         Format::Vhdx
-    } else if head.len() >= 0x44 && head[0x40..0x44] == 0xbeda107fu32.to_le_bytes() {
+    } else if head.len() >= magic::VDI_SIGNATURE_OFFSET + 4
+        && head[magic::VDI_SIGNATURE_OFFSET..magic::VDI_SIGNATURE_OFFSET + 4]
+            == magic::VDI_SIGNATURE.to_le_bytes()
+    {
         Format::Vdi
-    } else if starts(b"conectix")
+    } else if starts(magic::VHD)
         || tail.is_some_and(|t| {
-            t.starts_with(b"conectix") || t.get(1..).is_some_and(|r| r.starts_with(b"conectix"))
+            t.starts_with(magic::VHD) || t.get(1..).is_some_and(|r| r.starts_with(magic::VHD))
         })
     {
         Format::Vpc

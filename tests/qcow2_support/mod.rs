@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use vmfs_mount::cache::ByteCache;
 use vmfs_mount::format::Layer;
-use vmfs_mount::tree::{self, Origin};
+use vmfs_mount::plan::{self, Origin};
 use vmfs_mount::view::View;
 
 /// One qemu-io operation.
@@ -177,7 +177,7 @@ pub fn snapshot_oracle(image: &Path, tag: &str, size: u64) -> Vec<u8> {
 /// the top layer) with QEMU. Returns the number of views checked.
 pub fn check_all_views(image: &Path) -> usize {
     let layers = vmfs_mount::chain::open_chain(image, None, &ctx()).unwrap();
-    let (live, snaps) = tree::plan(&layers).unwrap();
+    let (live, snaps) = plan::plan(&layers).unwrap();
     let got = read_all(&view_of(live.layers, live.size));
     same(
         &format!("{} live", image.display()),

@@ -5,10 +5,10 @@ use super::entry::Geometry;
 use super::header::{Extensions, Header};
 use super::snapshot::{self, Snapshot};
 use super::{MAX_BACKING_NAME, MAX_L1_BYTES, MAX_REFTABLE_BYTES};
-use crate::chain::resolve_relative;
 use crate::error::{Error, Result};
 use crate::format::{Format, ParentRef};
 use crate::host::HostFile;
+use crate::paths::resolve_relative;
 use std::path::Path;
 use std::sync::Arc;
 

@@ -36,9 +36,6 @@ struct Slot {
     backing: Backing,
 }
 
-/// The first 8 bytes of a seSparse extent (0xcafebabe, little-endian u64).
-pub const SESPARSE_MAGIC: [u8; 8] = [0xbe, 0xba, 0xfe, 0xca, 0, 0, 0, 0];
-
 #[derive(Debug)]
 pub struct VmdkLayer {
     path: PathBuf,
@@ -75,7 +72,7 @@ impl VmdkLayer {
                 )?
             }
             // A bare ESXi seSparse extent opened without its descriptor: a standalone disk.
-            _ if magic == SESPARSE_MAGIC => {
+            _ if magic == crate::format::magic::VMDK_SESPARSE => {
                 let ext = SeSparseExtent::open(file.clone(), ctx.tables.clone())?;
                 let len = ext.capacity * SECTOR;
                 Self::assemble(
@@ -296,15 +293,15 @@ fn open_extent(
 fn hint_path(child: &Path, hint: &[u8]) -> PathBuf {
     let s = String::from_utf8_lossy(hint).into_owned();
     if !s.contains('\\') && s.get(1..2).is_none_or(|c| c != ":") {
-        return crate::chain::resolve_relative(child, &s);
+        return crate::paths::resolve_relative(child, &s);
     }
     let unix = s.replace('\\', "/");
     let drive = unix.len() >= 2 && unix.as_bytes()[1] == b':';
     if drive || unix.starts_with("//") {
         let base = unix.rsplit('/').next().unwrap_or(&unix);
-        return crate::chain::resolve_relative(child, base);
+        return crate::paths::resolve_relative(child, base);
     }
-    crate::chain::resolve_relative(child, &unix)
+    crate::paths::resolve_relative(child, &unix)
 }
 
 impl Layer for VmdkLayer {
