@@ -3,14 +3,19 @@
 
 use crate::error::{Error, Kind, Result};
 use crate::format::{self, Format, Layer, OpenCtx, ParentRef};
+use crate::paths::check_reference;
+use crate::storage::FileKey;
+use crate::storage::location;
 use std::collections::HashSet;
-use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 /// Longer chains are refused (QEMU has no limit, but a hostile image must not make us open
 /// files forever).
 pub const MAX_DEPTH: usize = 1024;
+
+/// Files tried when searching a directory for a parent by identity.
+const MAX_SEARCH: usize = 10_000;
 
 /// The layers of an image, top first.
 pub fn open_chain(
@@ -69,7 +74,8 @@ fn open_parent_path(
     format: Option<Format>,
     ctx: &OpenCtx,
 ) -> Result<Arc<dyn Layer>> {
-    if !path.exists() {
+    check_reference(child.path(), raw, path)?;
+    if !location::exists(path) {
         return Err(Error::new(
             Kind::NotFound,
             format!(
@@ -90,19 +96,13 @@ fn search_parent(
     dir: &Path,
     hints: &[PathBuf],
     wanted: &str,
-    seen: &HashSet<(u64, u64)>,
+    seen: &HashSet<FileKey>,
     ctx: &OpenCtx,
 ) -> Result<Arc<dyn Layer>> {
     let mut candidates: Vec<PathBuf> = hints.to_vec();
-    if let Ok(rd) = std::fs::read_dir(dir) {
-        let mut all: Vec<PathBuf> = rd
-            .filter_map(|e| e.ok())
-            .map(|e| e.path())
-            .filter(|p| p.is_file())
-            .collect();
-        all.sort();
-        candidates.extend(all);
-    }
+    candidates.extend(location::list_files(dir, MAX_SEARCH));
+    // A remote child's parent is searched only beside it.
+    candidates.retain(|c| check_reference(child.path(), &c.to_string_lossy(), c).is_ok());
     let mut in_chain = Vec::new();
     for cand in candidates {
         match file_key(&cand) {
@@ -145,7 +145,6 @@ fn search_parent(
     ))
 }
 
-fn file_key(path: &Path) -> Result<(u64, u64)> {
-    let m = std::fs::metadata(path).map_err(|e| Error::io(path, "stat", e))?;
-    Ok((m.dev(), m.ino()))
+fn file_key(path: &Path) -> Result<FileKey> {
+    location::key_of(path)
 }

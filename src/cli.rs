@@ -6,6 +6,7 @@
 use clap::{ArgAction, Parser};
 use std::path::PathBuf;
 use vmfs_mount::format::Format;
+use vmfs_mount::storage::config::RemoteOptions;
 
 const ABOUT: &str = "Mount a virtual-machine disk image chain as raw files";
 
@@ -49,7 +50,8 @@ Examples:
 #[derive(Parser, Debug)]
 #[command(name = "vmfs-mount", version, about = ABOUT, long_about = LONG_ABOUT, after_help = AFTER_HELP)]
 pub struct Args {
-    /// Disk image to mount (the top of its backing chain)
+    /// Disk image to mount (the top of its backing chain): a file, or s3://BUCKET/KEY,
+    /// https://HOST/PATH, http://HOST/PATH
     pub image: PathBuf,
 
     /// Directory to mount on (not needed with --list)
@@ -83,6 +85,16 @@ pub struct Args {
     /// Read-only mounts only: share the image with a QEMU that is writing it (like qemu-img -U)
     #[arg(long)]
     pub force_share: bool,
+
+    /// Remote images (s3://, http://, https://): the chunk cache directory [default:
+    /// $XDG_CACHE_HOME/vmfs-mount, or /var/cache/vmfs-mount as root]
+    #[arg(long, value_name = "DIR")]
+    pub cache_dir: Option<PathBuf>,
+
+    /// Remote images: the chunk cache's size limit, least recently used chunks evicted
+    /// first; 0 keeps no cache [default: 4G]
+    #[arg(long, value_name = "SIZE")]
+    pub cache_max: Option<String>,
 
     /// Write the daemon's log to FILE instead of discarding it
     #[arg(long, value_name = "FILE")]
@@ -141,6 +153,8 @@ pub struct Settings {
     pub kernel_flags: Vec<&'static str>,
     /// Let the kernel read raw-identical files directly (off with `-o nopassthrough`).
     pub passthrough: bool,
+    /// Remote layers: chunk cache, S3 settings, timeouts.
+    pub remote: RemoteOptions,
 }
 
 pub const DEFAULT_TABLE_CACHE: usize = 256 << 20;
@@ -178,6 +192,7 @@ impl Settings {
             subtype: None,
             kernel_flags: Vec::new(),
             passthrough: true,
+            remote: RemoteOptions::default(),
         };
         if let Some(f) = &a.format {
             s.apply_one(&format!("format={f}"))?;
@@ -187,6 +202,12 @@ impl Settings {
         }
         if let Some(t) = &a.threads {
             s.apply_one(&format!("threads={t}"))?;
+        }
+        if let Some(d) = &a.cache_dir {
+            s.remote.cache_dir = Some(d.clone());
+        }
+        if let Some(m) = &a.cache_max {
+            s.apply_one(&format!("cache_max={m}"))?;
         }
         for group in &a.options {
             s.apply_options(group)?;
@@ -274,6 +295,7 @@ impl Settings {
                     self.kernel_flags.push(flag);
                 }
             }
+            (k, v) if crate::remote_opts::apply(&mut self.remote, k, v)? => {}
             (k, None) if IGNORED.contains(&k) => {}
             (k, _) if k.starts_with("x-") || k == "comment" => {}
             _ => {
@@ -325,8 +347,21 @@ fn default_threads() -> usize {
     (cpus * 2).clamp(2, 8)
 }
 
-/// Parses `123`, `64K`, `256M`, `1G`, `2GiB`, `512MB` (binary units).
+/// Parses a metadata cache size: `parse_bytes`, at least 1M.
 pub fn parse_size(text: &str) -> Result<usize, UsageError> {
+    let bytes = parse_bytes(text)?;
+    let bytes = usize::try_from(bytes)
+        .map_err(|_| UsageError(format!("bad size {text:?} (expected e.g. 256M or 1G)")))?;
+    if bytes < (1 << 20) {
+        return Err(UsageError(format!(
+            "cache size {text:?} is too small (at least 1M)"
+        )));
+    }
+    Ok(bytes)
+}
+
+/// Parses `0`, `123`, `64K`, `256M`, `1G`, `2GiB`, `512MB` (binary units).
+pub fn parse_bytes(text: &str) -> Result<u64, UsageError> {
     let t = text.trim();
     let bad = || UsageError(format!("bad size {text:?} (expected e.g. 256M or 1G)"));
     let digits = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
@@ -339,14 +374,7 @@ pub fn parse_size(text: &str) -> Result<usize, UsageError> {
         "t" | "tb" | "tib" => 40,
         _ => return Err(bad()),
     };
-    let bytes = number.checked_mul(1u64 << shift).ok_or_else(bad)?;
-    let bytes = usize::try_from(bytes).map_err(|_| bad())?;
-    if bytes < (1 << 20) {
-        return Err(UsageError(format!(
-            "cache size {text:?} is too small (at least 1M)"
-        )));
-    }
-    Ok(bytes)
+    number.checked_mul(1u64 << shift).ok_or_else(bad)
 }
 
 #[cfg(test)]

@@ -173,6 +173,7 @@ fn serve(
 ) -> Result<(), String> {
     let (tx, rx) = channel();
     block_signals_and_watch(tx.clone())?;
+    vmfs_mount::storage::registry::start_background();
     let mut fs = DiskFs::new(opened);
     if !passthrough {
         fs = fs.without_passthrough();
@@ -226,6 +227,7 @@ fn serve(
                 return Ok(());
             }
             Ok(Event::Ended(None)) | Err(_) => {
+                vmfs_mount::storage::registry::log_stats();
                 log::info!("{} unmounted", mountpoint.display());
                 return Ok(());
             }

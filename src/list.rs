@@ -7,6 +7,7 @@ use std::path::Path;
 use std::time::{SystemTime, UNIX_EPOCH};
 use vmfs_mount::format::{Layer, ParentRef};
 use vmfs_mount::plan::Origin;
+use vmfs_mount::storage::registry;
 
 struct LayerRow {
     file: String,
@@ -32,8 +33,7 @@ fn layer_row(layer: &dyn Layer) -> LayerRow {
         ParentRef::Path { raw, path, .. } => Some((raw, path.display().to_string())),
         ParentRef::Search { dir, wanted, .. } => Some((wanted, dir.display().to_string())),
     };
-    let mtime = std::fs::metadata(layer.path())
-        .and_then(|m| m.modified())
+    let mtime = vmfs_mount::storage::location::modified(layer.path())
         .map(secs)
         .unwrap_or(0);
     LayerRow {
@@ -125,7 +125,66 @@ pub fn text(image: &Path, opened: &Opened) -> String {
             v.kind
         );
     }
+    remote_text(&mut out);
     out
+}
+
+/// Remote objects of the chain: what is cached, and what this run read and fetched.
+fn remote_text(out: &mut String) {
+    let objects = registry::all_stats(true);
+    if objects.is_empty() {
+        return;
+    }
+    let cache = registry::cache_dir()
+        .map(|d| format!("chunk cache {}", d.display()))
+        .unwrap_or_else(|| "no chunk cache".into());
+    let _ = writeln!(out, "Remote objects ({cache}):");
+    for o in objects {
+        let _ = writeln!(out, "  {}", o.url);
+        let _ = writeln!(
+            out,
+            "      size:          {} ({} bytes), {}",
+            human(o.size),
+            o.size,
+            o.validator
+        );
+        let _ = writeln!(
+            out,
+            "      cached:        {}",
+            human(o.cached_bytes.unwrap_or(0))
+        );
+        let _ = writeln!(
+            out,
+            "      this run:      read {}: {} from the cache, {} fetched in {} GET{}",
+            human(o.bytes_read),
+            human(o.bytes_from_cache),
+            human(o.bytes_fetched),
+            o.gets,
+            plural(o.gets as usize)
+        );
+    }
+}
+
+fn remote_json() -> Value {
+    let objects: Vec<Value> = registry::all_stats(true)
+        .into_iter()
+        .map(|o| {
+            json!({
+                "url": o.url,
+                "size": o.size,
+                "validator": o.validator,
+                "cached_bytes": o.cached_bytes,
+                "bytes_read": o.bytes_read,
+                "bytes_from_cache": o.bytes_from_cache,
+                "bytes_fetched": o.bytes_fetched,
+                "gets": o.gets,
+            })
+        })
+        .collect();
+    json!({
+        "cache_dir": registry::cache_dir().map(|d| d.display().to_string()),
+        "objects": objects,
+    })
 }
 
 pub fn json(image: &Path, opened: &Opened) -> String {
@@ -172,6 +231,7 @@ pub fn json(image: &Path, opened: &Opened) -> String {
         "image": image.display().to_string(),
         "layers": layers,
         "views": views,
+        "remote": remote_json(),
     });
     format!("{doc}\n")
 }

@@ -6,6 +6,7 @@ mod fs;
 mod list;
 mod mount;
 mod mountpoint;
+mod remote_opts;
 
 use clap::Parser;
 use cli::{Access, Settings, UsageError};
@@ -36,11 +37,20 @@ fn init_logging(verbose: u8) {
         _ => "trace",
     };
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or(default))
+        // The HTTP stack logs request URLs, and S3 request URLs carry signatures: never let
+        // its records through, whatever RUST_LOG says.
+        .filter_module("ureq", log::LevelFilter::Off)
+        .filter_module("ureq_proto", log::LevelFilter::Off)
+        .filter_module("rustls", log::LevelFilter::Off)
         .format_timestamp_millis()
         .init();
 }
 
 fn run(s: &Settings) -> i32 {
+    if let Err(e) = vmfs_mount::storage::registry::configure(&s.remote) {
+        return fail(&e.to_string());
+    }
+    vmfs_mount::paths::trust_named(&s.image);
     let mut req = MountRequest {
         image: absolute(&s.image),
         format: s.format,
@@ -89,6 +99,9 @@ fn run(s: &Settings) -> i32 {
 /// The daemon works from `/`, so paths the user gave relative to the working directory are
 /// made absolute first (a missing file keeps its name, for the error message).
 fn absolute(path: &std::path::Path) -> std::path::PathBuf {
+    if vmfs_mount::storage::is_remote(path) {
+        return path.to_path_buf();
+    }
     std::path::absolute(path).unwrap_or_else(|_| path.to_path_buf())
 }
 

@@ -8,17 +8,22 @@ use crate::format::qcow2::Qcow2Image;
 use crate::format::qcow2::header::MAGIC;
 use crate::format::qcow2::write::create;
 use crate::format::{self, Format, OpenCtx, ParentRef};
-use crate::storage::HostFile;
-use std::os::unix::fs::MetadataExt;
+use crate::storage::{FileKey, HostFile, RemoteUrl, location};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 /// Creates `overlay` over `image` (of `image_format`) if it does not exist; otherwise checks
 /// that it is a qcow2 image whose backing file is `image` (same file, not just same name).
 pub fn prepare_overlay(image: &Path, overlay: &Path, image_format: Format) -> Result<()> {
-    let image_meta = std::fs::metadata(image).map_err(|e| Error::io(image, "stat", e))?;
+    let image_key = location::key_of(image)?;
+    if !location::exists(image) {
+        return Err(Error::new(
+            Kind::NotFound,
+            format!("{}: not found", image.display()),
+        ));
+    }
     match std::fs::symlink_metadata(overlay) {
-        Ok(_) => validate(image, &image_meta, overlay),
+        Ok(_) => validate(image, &image_key, overlay),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
             create_over(image, overlay, image_format)
         }
@@ -48,6 +53,9 @@ fn create_over(image: &Path, overlay: &Path, image_format: Format) -> Result<()>
 /// The backing name to store: relative to the overlay's directory when the image lies in or
 /// below it, else the image's absolute path.
 pub fn backing_name(image: &Path, overlay: &Path) -> Result<PathBuf> {
+    if let Some(url) = RemoteUrl::from_path(image)? {
+        return Ok(PathBuf::from(url.to_string()));
+    }
     let image_abs = image
         .canonicalize()
         .map_err(|e| Error::io(image, "resolve path", e))?;
@@ -64,7 +72,7 @@ pub fn backing_name(image: &Path, overlay: &Path) -> Result<PathBuf> {
     })
 }
 
-fn validate(image: &Path, image_meta: &std::fs::Metadata, overlay: &Path) -> Result<()> {
+fn validate(image: &Path, image_key: &FileKey, overlay: &Path) -> Result<()> {
     let not_ours = |why: &str| {
         Error::new(
             Kind::InvalidInput,
@@ -88,9 +96,11 @@ fn validate(image: &Path, image_meta: &std::fs::Metadata, overlay: &Path) -> Res
     let ParentRef::Path { raw, path, .. } = &q.parent else {
         return Err(not_ours("it has no backing file"));
     };
-    let m = std::fs::metadata(path)
-        .map_err(|_| not_ours(&format!("its backing file {raw:?} does not exist")))?;
-    if (m.dev(), m.ino()) != (image_meta.dev(), image_meta.ino()) {
+    let key = location::key_of(path)
+        .ok()
+        .filter(|_| location::exists(path))
+        .ok_or_else(|| not_ours(&format!("its backing file {raw:?} does not exist")))?;
+    if key != *image_key {
         return Err(not_ours(&format!(
             "its backing file is {raw:?}, another file"
         )));

@@ -123,9 +123,7 @@ impl Names {
 }
 
 fn file_mtime(path: &Path) -> SystemTime {
-    std::fs::metadata(path)
-        .and_then(|m| m.modified())
-        .unwrap_or(UNIX_EPOCH)
+    crate::storage::location::modified(path).unwrap_or(UNIX_EPOCH)
 }
 
 #[cfg(test)]

@@ -3,13 +3,22 @@
 //! file, whatever the backend. The format drivers see only this type, never where the bytes
 //! come from.
 //!
-//! Backends: `local` (a file on this host). Capabilities only a local file has (a real file
-//! descriptor, for QEMU-compatible locks and kernel passthrough) are explicit:
-//! `as_local_file()` answers `None` for any other backend.
+//! Backends: `local` (a file on this host) and `remote` (an object on an HTTP(S) server or in
+//! an S3 bucket, named by its URL, read lazily through the persistent `chunk_cache`).
+//! Capabilities only a local file has (a real file descriptor, for QEMU-compatible locks and
+//! kernel passthrough) are explicit: `as_local_file()` answers `None` for any other backend.
+//! Remote objects are read-only.
 
+pub mod chunk_cache;
+pub mod config;
+pub mod http;
 mod local;
+pub mod location;
+pub mod registry;
+pub mod remote;
+pub mod url;
 
-use crate::error::{Error, Result};
+use crate::error::{Error, Kind, Result};
 use std::fmt;
 use std::fs::File;
 use std::io;
@@ -18,6 +27,8 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 pub use local::LocalFile;
+pub use remote::{RemoteObject, RemoteStats};
+pub use url::{RemoteUrl, is_remote};
 
 static NEXT_ID: AtomicU64 = AtomicU64::new(1);
 
@@ -26,6 +37,8 @@ static NEXT_ID: AtomicU64 = AtomicU64::new(1);
 pub enum FileKey {
     /// st_dev, st_ino.
     Local { dev: u64, ino: u64 },
+    /// The object's URL as shown.
+    Remote(String),
 }
 
 /// One storage backend's raw I/O. `HostFile` adds bounds checks and file-naming errors.
@@ -43,6 +56,10 @@ pub trait Backend: Send + Sync + fmt::Debug {
     fn as_local_file(&self) -> Option<&File> {
         None
     }
+    /// The remote object behind this backend, if it is one.
+    fn remote(&self) -> Option<&RemoteObject> {
+        None
+    }
 }
 
 /// One open image file (a layer, an extent, a data file). Shared by every view that uses it.
@@ -56,8 +73,20 @@ pub struct HostFile {
 }
 
 impl HostFile {
-    /// Opens read-only unless `writable`. Lower layers are always opened read-only.
+    /// Opens read-only unless `writable`. Lower layers are always opened read-only. A URL
+    /// (`s3://`, `http://`, `https://`) opens the remote object, which is never writable.
     pub fn open(path: &Path, writable: bool) -> Result<Arc<HostFile>> {
+        if let Some(url) = RemoteUrl::from_path(path)? {
+            if writable {
+                return Err(Error::new(
+                    Kind::ReadOnly,
+                    format!("{url}: remote images are read-only"),
+                ));
+            }
+            let obj = registry::open(&url)?;
+            let len = obj.size();
+            return Ok(Self::with_backend(path, Box::new(obj), len, false));
+        }
         let (file, len) = LocalFile::open(path, writable)?;
         Ok(Self::with_backend(path, Box::new(file), len, writable))
     }
@@ -108,6 +137,11 @@ impl HostFile {
     /// passthrough); `None` for files that do not live on this host.
     pub fn as_local_file(&self) -> Option<&File> {
         self.backend.as_local_file()
+    }
+
+    /// The remote object behind this file, if it is one.
+    pub fn remote(&self) -> Option<&RemoteObject> {
+        self.backend.remote()
     }
 
     /// Fails with Corrupt unless [off, off+len) lies inside the file.

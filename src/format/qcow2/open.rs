@@ -137,9 +137,12 @@ pub(super) fn load_l1(file: &HostFile, off: u64, entries: u32, field: &str) -> R
 }
 
 /// QEMU treats `proto:...` (a colon before any slash) as a protocol, `json:{...}` included.
+/// QEMU protocol prefixes (`json:`, `nbd://`, `file:`) other than the URLs vmfs-mount reads
+/// itself (`s3://`, `http://`, `https://`).
 fn has_protocol(name: &str) -> bool {
     name.find([':', '/'])
         .is_some_and(|i| name.as_bytes()[i] == b':')
+        && !crate::storage::is_remote(std::path::Path::new(name))
 }
 
 pub(super) fn open_data_file(
@@ -174,6 +177,7 @@ pub(super) fn open_data_file(
         ));
     }
     let data_path = resolve_relative(path, name);
+    crate::paths::check_reference(path, name, &data_path)?;
     let data = HostFile::open(&data_path, file.writable())
         .map_err(|e| e.context(format!("external data file {name:?} of {}", path.display())))?;
     Ok(Some(data))
@@ -268,5 +272,7 @@ mod tests {
         assert!(!has_protocol("base.qcow2"));
         assert!(!has_protocol("dir/a:b.qcow2"));
         assert!(!has_protocol("/abs/a:b"));
+        assert!(!has_protocol("s3://bucket/base.qcow2"));
+        assert!(!has_protocol("https://host/base.qcow2"));
     }
 }

@@ -11,9 +11,8 @@
 use super::header::SIGNATURE;
 use super::uuid::Uuid;
 use crate::endian::le32;
+use crate::storage::location;
 use std::collections::HashSet;
-use std::fs::File;
-use std::os::unix::fs::FileExt;
 use std::path::{Component, Path, PathBuf};
 
 /// Bigger .vbox files are ignored (they are a few KiB).
@@ -155,7 +154,7 @@ pub fn parent_hints(child: &Path, wanted: &Uuid) -> Vec<PathBuf> {
             .filter(|p| vdi_uuid_create(p) == Some(*wanted)),
     );
     let mut seen = HashSet::new();
-    hints.retain(|p| p.is_file() && seen.insert(p.clone()));
+    hints.retain(|p| location::is_file(p) && seen.insert(p.clone()));
     hints
 }
 
@@ -171,32 +170,18 @@ fn upper_dir(dir: &Path) -> PathBuf {
 }
 
 fn files_in(dir: &Path) -> Vec<PathBuf> {
-    let Ok(rd) = std::fs::read_dir(dir) else {
-        return Vec::new();
-    };
-    let mut v: Vec<PathBuf> = rd
-        .take(MAX_DIR_ENTRIES)
-        .filter_map(|e| e.ok())
-        .map(|e| e.path())
-        .filter(|p| p.is_file())
-        .collect();
-    v.sort();
-    v
+    location::list_files(dir, MAX_DIR_ENTRIES)
 }
 
 fn read_small(path: &Path) -> Option<String> {
-    let f = File::open(path).ok()?;
-    if f.metadata().ok()?.len() > MAX_VBOX_BYTES {
-        return None;
-    }
-    std::fs::read_to_string(path).ok()
+    String::from_utf8(location::read_small(path, MAX_VBOX_BYTES)?).ok()
 }
 
 /// uuidCreate of `path` if it starts like a VDI (one small read; no validation).
 fn vdi_uuid_create(path: &Path) -> Option<Uuid> {
-    let f = File::open(path).ok()?;
+    let f = crate::storage::HostFile::open(path, false).ok()?;
     let mut b = [0u8; 0x198];
-    f.read_exact_at(&mut b, 0).ok()?;
+    f.read_exact_at(&mut b, 0, "header").ok()?;
     if le32(&b, 0x40) != SIGNATURE {
         return None;
     }

@@ -406,10 +406,13 @@ impl Layer for VhdLayer {
     }
 
     fn parent(&self) -> ParentRef {
+        let allowed =
+            |raw: &str, p: &Path| crate::paths::check_reference(self.path(), raw, p).is_ok();
         let best = self
             .parents
             .iter()
-            .find(|(_, p)| p.exists())
+            .find(|(raw, p)| allowed(raw, p) && crate::storage::location::exists(p))
+            .or_else(|| self.parents.iter().find(|(raw, p)| allowed(raw, p)))
             .or(self.parents.first());
         match best {
             Some((raw, path)) => ParentRef::Path {

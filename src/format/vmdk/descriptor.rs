@@ -291,11 +291,16 @@ fn parse_extent(line: &[u8], lineno: usize, file: &Path, off: u64) -> Result<Opt
 
 /// Turns a stored extent name into a path beside `descriptor` (absolute names stay).
 pub fn extent_path(descriptor: &Path, name: &[u8]) -> std::path::PathBuf {
-    let p = std::path::PathBuf::from(OsString::from_vec(name.to_vec()));
-    if p.is_absolute() {
-        p
-    } else {
-        descriptor.parent().unwrap_or(Path::new(".")).join(p)
+    match std::str::from_utf8(name) {
+        Ok(s) => crate::paths::resolve_relative(descriptor, s),
+        Err(_) => {
+            let p = std::path::PathBuf::from(OsString::from_vec(name.to_vec()));
+            if p.is_absolute() {
+                p
+            } else {
+                descriptor.parent().unwrap_or(Path::new(".")).join(p)
+            }
+        }
     }
 }
 

@@ -225,6 +225,8 @@ fn open_extent(
         ));
     };
     let ext_path = descriptor::extent_path(desc_path, name);
+    crate::paths::check_reference(desc_path, &String::from_utf8_lossy(name), &ext_path)
+        .map_err(|e| e.context(what()))?;
     let file = HostFile::open(&ext_path, false).map_err(|e| {
         if e.kind() == Kind::NotFound {
             Error::new(

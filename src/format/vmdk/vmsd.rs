@@ -1,35 +1,35 @@
 //! VMware's snapshot list (`<vm>.vmsd`), read only to name snapshot layers:
 //! `snapshotN.displayName` names the disk `snapshotN.diskM.fileName` that the snapshot froze.
 
+use crate::storage::location;
 use std::collections::HashMap;
 use std::path::Path;
 
 const MAX_VMSD: u64 = 1 << 20;
+/// Files looked at in the layer's directory.
+const MAX_DIR_FILES: usize = 10_000;
 
 /// The display name the `.vmsd` beside `layer` gives to it, if any.
 pub fn display_name(layer: &Path) -> Option<String> {
     let dir = layer.parent()?;
     let name = layer.file_name()?.to_str()?;
-    let mut vmsds: Vec<_> = std::fs::read_dir(if dir.as_os_str().is_empty() {
+    let dir = if dir.as_os_str().is_empty() {
         Path::new(".")
     } else {
         dir
-    })
-    .ok()?
-    .filter_map(|e| e.ok())
-    .map(|e| e.path())
-    .filter(|p| {
-        p.extension()
-            .is_some_and(|x| x.eq_ignore_ascii_case("vmsd"))
-    })
-    .collect();
-    vmsds.sort();
-    vmsds.into_iter().find_map(|p| {
-        if std::fs::metadata(&p).ok()?.len() > MAX_VMSD {
-            return None;
-        }
-        lookup(&String::from_utf8_lossy(&std::fs::read(&p).ok()?), name)
-    })
+    };
+    location::list_files(dir, MAX_DIR_FILES)
+        .into_iter()
+        .filter(|p| {
+            p.extension()
+                .is_some_and(|x| x.eq_ignore_ascii_case("vmsd"))
+        })
+        .find_map(|p| {
+            lookup(
+                &String::from_utf8_lossy(&location::read_small(&p, MAX_VMSD)?),
+                name,
+            )
+        })
 }
 
 /// Finds the snapshot whose disk file name (its last path component) is `file`.

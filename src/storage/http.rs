@@ -1,0 +1,496 @@
+//! Ranged GETs over HTTP(S) (ureq with rustls), shared by the HTTP and S3 backends.
+//!
+//! Every reply is hostile: a ranged GET must come back as 206 with exactly the asked range of
+//! an object of the pinned size and validator (ETag, else Last-Modified), or it is refused.
+//! Timeouts, connection failures, 5xx and throttling are retried with bounded exponential
+//! backoff. Request URLs may carry signatures, so no message here ever shows one: errors name
+//! the object by its display URL and describe transport failures by kind.
+
+use std::io::{self, Read};
+use std::time::{Duration, Instant};
+use ureq::Agent;
+use ureq::http::{HeaderMap, Response, StatusCode};
+
+/// What a ranged GET must match: the object as it was when we opened it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Pinned {
+    pub size: u64,
+    /// The ETag as the server sent it (quotes included).
+    pub etag: Option<String>,
+    pub last_modified: Option<String>,
+}
+
+impl Pinned {
+    /// A cache identity: size plus the strongest validator we have.
+    pub fn validator(&self) -> String {
+        match (&self.etag, &self.last_modified) {
+            (Some(e), _) => format!("etag {e}"),
+            (None, Some(m)) => format!("last-modified {m}"),
+            (None, None) => "unvalidated".into(),
+        }
+    }
+}
+
+/// Why a request failed, in words safe to show.
+#[derive(Debug)]
+pub enum Failure {
+    /// Worth retrying: timeouts, refused connections, 5xx, 429/503 throttling.
+    Transient(String),
+    /// The object is not the one we pinned (changed, replaced, shrunk).
+    Changed(String),
+    /// 404.
+    Missing,
+    /// Anything else: access denied, a reply that breaks the protocol.
+    Fatal(String),
+}
+
+impl Failure {
+    pub fn into_io(self) -> io::Error {
+        match self {
+            Failure::Transient(m) => io::Error::new(io::ErrorKind::TimedOut, m),
+            Failure::Changed(m) => io::Error::other(m),
+            Failure::Missing => io::Error::new(
+                io::ErrorKind::NotFound,
+                "the object no longer exists on the server",
+            ),
+            Failure::Fatal(m) => io::Error::other(m),
+        }
+    }
+}
+
+pub struct Client {
+    agent: Agent,
+    retries: u32,
+}
+
+impl std::fmt::Debug for Client {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Client(retries {})", self.retries)
+    }
+}
+
+/// The most a single GET may ask for (bounded buffers).
+pub const MAX_GET: u64 = 64 << 20;
+
+impl Client {
+    pub fn new(timeout: Duration, retries: u32) -> Client {
+        let agent: Agent = Agent::config_builder()
+            .http_status_as_error(false)
+            .timeout_connect(Some(timeout))
+            .timeout_recv_response(Some(timeout))
+            .timeout_per_read(Some(timeout))
+            .max_idle_connections_per_host(32)
+            .max_idle_connections(64)
+            .accept_encoding("identity")
+            .user_agent(concat!("vmfs-mount/", env!("CARGO_PKG_VERSION")))
+            .build()
+            .into();
+        Client { agent, retries }
+    }
+
+    /// Runs `attempt` until it succeeds, fails for good, or the retries run out.
+    pub fn with_retries<T>(
+        &self,
+        mut attempt: impl FnMut() -> Result<T, Failure>,
+    ) -> Result<T, Failure> {
+        let mut delay = Duration::from_millis(100);
+        let mut tries = 0;
+        loop {
+            match attempt() {
+                Err(Failure::Transient(why)) if tries < self.retries => {
+                    log::debug!("retrying in {delay:?}: {why}");
+                    std::thread::sleep(delay);
+                    delay = (delay * 2).min(Duration::from_secs(5));
+                    tries += 1;
+                }
+                Err(Failure::Transient(why)) => {
+                    return Err(Failure::Transient(format!(
+                        "{why} (gave up after {} tries)",
+                        tries + 1
+                    )));
+                }
+                other => return other,
+            }
+        }
+    }
+
+    /// Finds the object's size and validators with a one-byte ranged GET, which also proves
+    /// that the server serves ranges (a HEAD would not).
+    pub fn probe(&self, url: &dyn Fn() -> String) -> Result<Pinned, Failure> {
+        self.with_retries(|| {
+            let resp = self
+                .agent
+                .get(url())
+                .header("Range", "bytes=0-0")
+                .call()
+                .map_err(transport)?;
+            let status = resp.status();
+            let headers = resp.headers().clone();
+            let etag = header(&headers, "etag");
+            let last_modified = header(&headers, "last-modified");
+            match status.as_u16() {
+                206 => {
+                    let (start, end, total) = content_range(&headers)?;
+                    if start != 0 || end != 0 {
+                        return Err(Failure::Fatal(format!(
+                            "asked for byte 0, the server sent bytes {start}-{end}"
+                        )));
+                    }
+                    drain(resp, 1)?;
+                    Ok(Pinned {
+                        size: total,
+                        etag,
+                        last_modified,
+                    })
+                }
+                // An empty object: no range of it can be satisfied.
+                416 if content_range_total(&headers) == Some(0) => Ok(Pinned {
+                    size: 0,
+                    etag,
+                    last_modified,
+                }),
+                200 => Err(Failure::Fatal(
+                    "the server does not support range requests (it answered a ranged GET \
+                     with the whole object), so it cannot be read lazily; download the image \
+                     instead"
+                        .into(),
+                )),
+                _ => Err(status_failure(status, resp)),
+            }
+        })
+    }
+
+    /// Reads `buf.len()` bytes at `off` of the pinned object.
+    pub fn get_range(
+        &self,
+        url: &dyn Fn() -> String,
+        pinned: &Pinned,
+        off: u64,
+        buf: &mut [u8],
+    ) -> Result<(), Failure> {
+        let len = buf.len() as u64;
+        if len == 0 {
+            return Ok(());
+        }
+        let end = off
+            .checked_add(len)
+            .filter(|&e| e <= pinned.size && len <= MAX_GET)
+            .ok_or_else(|| Failure::Fatal(format!("bad range {off}+{len}")))?;
+        self.with_retries(|| {
+            let started = Instant::now();
+            let mut req = self
+                .agent
+                .get(url())
+                .header("Range", format!("bytes={off}-{}", end - 1));
+            // If-Match needs a strong ETag; weak ones are still compared below.
+            if let Some(e) = pinned.etag.as_deref().filter(|e| !e.starts_with("W/")) {
+                req = req.header("If-Match", e);
+            } else if let Some(m) = &pinned.last_modified {
+                req = req.header("If-Unmodified-Since", m);
+            }
+            let resp = req.call().map_err(transport)?;
+            let status = resp.status();
+            match status.as_u16() {
+                206 => {}
+                412 => {
+                    return Err(Failure::Changed(format!(
+                        "the object changed since it was opened (the server refused {}: \
+                         412 Precondition Failed)",
+                        pinned.validator()
+                    )));
+                }
+                416 => {
+                    return Err(Failure::Changed(
+                        "the object shrank since it was opened (416 Range Not Satisfiable)".into(),
+                    ));
+                }
+                200 => {
+                    return Err(Failure::Changed(
+                        "the server sent the whole object instead of the asked range".into(),
+                    ));
+                }
+                _ => return Err(status_failure(status, resp)),
+            }
+            check_same_object(resp.headers(), pinned)?;
+            let (start, last, total) = content_range(resp.headers())?;
+            if total != pinned.size {
+                return Err(Failure::Changed(format!(
+                    "the object is now {total} bytes, it was {} when opened",
+                    pinned.size
+                )));
+            }
+            if start != off || last != end - 1 {
+                return Err(Failure::Fatal(format!(
+                    "asked for bytes {off}-{}, the server sent {start}-{last}",
+                    end - 1
+                )));
+            }
+            read_body(resp, buf)?;
+            log::trace!("GET {len} bytes at {off:#x} in {:?}", started.elapsed());
+            Ok(())
+        })
+    }
+
+    /// A small GET of a whole document (S3 listings), bounded by `limit` bytes.
+    pub fn get_document(&self, url: &dyn Fn() -> String, limit: u64) -> Result<String, Failure> {
+        self.with_retries(|| {
+            let resp = self.agent.get(url()).call().map_err(transport)?;
+            let status = resp.status();
+            if status.as_u16() != 200 {
+                return Err(status_failure(status, resp));
+            }
+            let mut body = resp.into_body();
+            body.with_config()
+                .limit(limit)
+                .read_to_string()
+                .map_err(transport)
+        })
+    }
+}
+
+/// Some servers ignore If-Match: compare what came back with what we pinned.
+fn check_same_object(headers: &HeaderMap, pinned: &Pinned) -> Result<(), Failure> {
+    let strip_weak = |e: &str| e.trim_start_matches("W/").to_string();
+    if let Some(want) = &pinned.etag {
+        match header(headers, "etag") {
+            Some(got) if strip_weak(&got) == strip_weak(want) => {}
+            Some(got) => {
+                return Err(Failure::Changed(format!(
+                    "the object changed since it was opened (ETag {want} is now {got})"
+                )));
+            }
+            None => {
+                return Err(Failure::Changed(format!(
+                    "the server no longer sends the ETag {want} pinned when the object was opened"
+                )));
+            }
+        }
+    } else if let Some(want) = &pinned.last_modified
+        && let Some(got) = header(headers, "last-modified")
+        && &got != want
+    {
+        return Err(Failure::Changed(format!(
+            "the object changed since it was opened (Last-Modified {want} is now {got})"
+        )));
+    }
+    Ok(())
+}
+
+fn read_body(resp: Response<ureq::Body>, buf: &mut [u8]) -> Result<(), Failure> {
+    if let Some(enc) = header(resp.headers(), "content-encoding").filter(|e| e != "identity") {
+        return Err(Failure::Fatal(format!(
+            "the server sent a {enc}-encoded body for a byte range"
+        )));
+    }
+    let mut body = resp.into_body();
+    let mut reader = body.with_config().limit(buf.len() as u64 + 1).reader();
+    let mut done = 0;
+    while done < buf.len() {
+        match reader.read(&mut buf[done..]) {
+            Ok(0) => {
+                return Err(Failure::Transient(format!(
+                    "the reply ended after {done} of {} bytes",
+                    buf.len()
+                )));
+            }
+            Ok(n) => done += n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => {
+                return Err(Failure::Transient(format!(
+                    "reading the reply: {}",
+                    io_kind(&e)
+                )));
+            }
+        }
+    }
+    let mut extra = [0u8; 1];
+    match reader.read(&mut extra) {
+        Ok(0) => Ok(()),
+        Ok(_) => Err(Failure::Fatal(
+            "the reply is longer than the asked range".into(),
+        )),
+        // The limit tripped: also too long.
+        Err(_) => Err(Failure::Fatal(
+            "the reply is longer than the asked range".into(),
+        )),
+    }
+}
+
+fn drain(resp: Response<ureq::Body>, limit: u64) -> Result<(), Failure> {
+    let mut body = resp.into_body();
+    body.with_config()
+        .limit(limit)
+        .read_to_vec()
+        .map(|_| ())
+        .map_err(transport)
+}
+
+fn header(h: &HeaderMap, name: &str) -> Option<String> {
+    h.get(name)
+        .and_then(|v| v.to_str().ok())
+        .map(|s| s.trim().to_string())
+}
+
+/// `Content-Range: bytes START-END/TOTAL`.
+fn content_range(h: &HeaderMap) -> Result<(u64, u64, u64), Failure> {
+    let bad = || Failure::Fatal("a partial reply without a valid Content-Range".into());
+    let v = header(h, "content-range").ok_or_else(bad)?;
+    let rest = v.strip_prefix("bytes ").ok_or_else(bad)?;
+    let (range, total) = rest.split_once('/').ok_or_else(bad)?;
+    let (a, b) = range.split_once('-').ok_or_else(bad)?;
+    let parse = |s: &str| s.trim().parse::<u64>().map_err(|_| bad());
+    let (a, b, t) = (parse(a)?, parse(b)?, parse(total)?);
+    if a > b || b >= t {
+        return Err(bad());
+    }
+    Ok((a, b, t))
+}
+
+/// `Content-Range: bytes */TOTAL` (with 416).
+fn content_range_total(h: &HeaderMap) -> Option<u64> {
+    header(h, "content-range")?
+        .strip_prefix("bytes */")?
+        .trim()
+        .parse()
+        .ok()
+}
+
+fn status_failure(status: StatusCode, resp: Response<ureq::Body>) -> Failure {
+    let code = status.as_u16();
+    // S3 error documents name the problem (<Code>); nothing else of them is shown, since
+    // some echo the request's credentials.
+    let detail = s3_error_code(resp)
+        .map(|c| format!(" ({c})"))
+        .unwrap_or_default();
+    let what = format!("the server answered {code}{detail}");
+    match code {
+        404 => Failure::Missing,
+        408 | 429 | 500..=599 => Failure::Transient(what),
+        // S3 throttling can come as 400 SlowDown on some stores.
+        400 if detail.contains("SlowDown") => Failure::Transient(what),
+        401 | 403 => Failure::Fatal(format!("{what}: access denied (check the credentials)")),
+        _ => Failure::Fatal(what),
+    }
+}
+
+fn s3_error_code(resp: Response<ureq::Body>) -> Option<String> {
+    let mut body = resp.into_body();
+    let text = body.with_config().limit(16 << 10).read_to_string().ok()?;
+    let start = text.find("<Code>")? + "<Code>".len();
+    let len = text[start..].find("</Code>")?;
+    let code = &text[start..start + len];
+    code.bytes()
+        .all(|b| b.is_ascii_alphanumeric())
+        .then(|| code.to_string())
+        .filter(|c| !c.is_empty() && c.len() <= 64)
+}
+
+/// A transport error in words that never include the request URL.
+fn transport(e: ureq::Error) -> Failure {
+    use ureq::Error as E;
+    let why = match &e {
+        E::Timeout(t) => format!("timed out ({t:?})"),
+        E::HostNotFound => "host not found".into(),
+        E::ConnectionFailed => "connection failed".into(),
+        E::Io(io) => io_kind(io),
+        E::TooManyRedirects | E::RedirectFailed => {
+            return Failure::Fatal("redirects failed".into());
+        }
+        E::BadUri(_) | E::Http(_) => return Failure::Fatal("malformed request URL".into()),
+        E::BodyExceedsLimit(n) => {
+            return Failure::Fatal(format!("the reply is longer than expected ({n} bytes)"));
+        }
+        E::Tls(m) => return Failure::Fatal(format!("TLS: {m}")),
+        E::Rustls(r) => return Failure::Fatal(format!("TLS: {r}")),
+        E::Protocol(_) => "HTTP protocol error".into(),
+        _ => "transport error".into(),
+    };
+    Failure::Transient(why)
+}
+
+fn io_kind(e: &io::Error) -> String {
+    match e.raw_os_error() {
+        Some(_) => e.to_string(),
+        None => format!("{:?}", e.kind()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ureq::http::HeaderValue;
+
+    fn headers(pairs: &[(&'static str, &str)]) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        for (k, v) in pairs {
+            h.insert(*k, HeaderValue::from_str(v).unwrap());
+        }
+        h
+    }
+
+    #[test]
+    fn content_ranges_are_checked() {
+        let ok = headers(&[("content-range", "bytes 10-19/100")]);
+        assert_eq!(content_range(&ok).unwrap(), (10, 19, 100));
+        for bad in [
+            "bytes 19-10/100",
+            "bytes 0-100/100",
+            "bytes 1-2",
+            "items 1-2/3",
+            "bytes a-2/3",
+        ] {
+            assert!(
+                content_range(&headers(&[("content-range", bad)])).is_err(),
+                "{bad}"
+            );
+        }
+        assert!(content_range(&HeaderMap::new()).is_err());
+        assert_eq!(
+            content_range_total(&headers(&[("content-range", "bytes */0")])),
+            Some(0)
+        );
+    }
+
+    #[test]
+    fn replies_for_another_version_are_refused() {
+        let pinned = Pinned {
+            size: 100,
+            etag: Some("\"abc\"".into()),
+            last_modified: None,
+        };
+        assert!(check_same_object(&headers(&[("etag", "\"abc\"")]), &pinned).is_ok());
+        assert!(check_same_object(&headers(&[("etag", "W/\"abc\"")]), &pinned).is_ok());
+        for h in [headers(&[("etag", "\"abd\"")]), HeaderMap::new()] {
+            assert!(matches!(
+                check_same_object(&h, &pinned),
+                Err(Failure::Changed(_))
+            ));
+        }
+        let by_date = Pinned {
+            size: 1,
+            etag: None,
+            last_modified: Some("Wed, 21 Oct 2015 07:28:00 GMT".into()),
+        };
+        let newer = headers(&[("last-modified", "Wed, 21 Oct 2015 07:29:00 GMT")]);
+        assert!(check_same_object(&newer, &by_date).is_err());
+    }
+
+    #[test]
+    fn retries_are_bounded() {
+        let c = Client::new(Duration::from_secs(1), 2);
+        let mut n = 0;
+        let r: Result<(), Failure> = c.with_retries(|| {
+            n += 1;
+            Err(Failure::Transient("down".into()))
+        });
+        assert_eq!(n, 3);
+        assert!(matches!(r, Err(Failure::Transient(m)) if m.contains("3 tries")));
+        let mut n = 0;
+        let r: Result<(), Failure> = c.with_retries(|| {
+            n += 1;
+            Err(Failure::Missing)
+        });
+        assert_eq!(n, 1);
+        assert!(r.is_err());
+    }
+}
