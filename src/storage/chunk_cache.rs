@@ -512,24 +512,36 @@ impl ObjectCache {
         Err(io::ErrorKind::NotFound.into())
     }
 
-    /// Bytes of this object in the cache now (entries may overlap; counted once each).
+    /// Bytes of this object in the cache now (overlapping entries count once).
     pub fn cached_bytes(&self) -> u64 {
-        scan_object(&self.dir)
+        let Ok(rd) = fs::read_dir(&self.dir) else {
+            return 0;
+        };
+        let mut total = 0;
+        for chunk in rd.filter_map(|e| e.ok()) {
+            let Some(index) = chunk
+                .file_name()
+                .to_str()
+                .and_then(|n| u64::from_str_radix(n, 16).ok())
+            else {
+                continue;
+            };
+            let mut idx = ChunkIndex::default();
+            self.list_chunk(index, &mut idx);
+            let mut ranges: Vec<(u64, u64)> =
+                idx.entries.iter().map(|e| (e.start, e.end())).collect();
+            ranges.sort_unstable();
+            let mut covered_to = 0;
+            for (a, b) in ranges {
+                let a = a.max(covered_to);
+                if b > a {
+                    total += b - a;
+                    covered_to = b;
+                }
+            }
+        }
+        total
     }
-}
-
-fn scan_object(dir: &Path) -> u64 {
-    let Ok(rd) = fs::read_dir(dir) else {
-        return 0;
-    };
-    rd.filter_map(|e| e.ok())
-        .filter(|e| e.path().is_dir())
-        .flat_map(|c| fs::read_dir(c.path()).into_iter().flatten())
-        .filter_map(|e| e.ok())
-        .filter(|e| !e.file_name().to_string_lossy().starts_with('.'))
-        .filter_map(|e| e.metadata().ok())
-        .map(|m| m.len().saturating_sub(HEADER))
-        .sum()
 }
 
 fn header_ok(whole: &[u8], len: u64) -> bool {

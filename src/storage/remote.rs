@@ -75,6 +75,8 @@ struct Stream {
     next: u64,
     /// Sequential reads in a row.
     run: u32,
+    /// Bytes read sequentially in this stream.
+    bytes: u64,
     /// Read-ahead was issued up to here.
     ahead_to: u64,
     last_use: u64,
@@ -231,6 +233,7 @@ impl Inner {
         if let Some(s) = streams.iter_mut().find(|s| s.run > 0 && s.next == off) {
             s.next = end;
             s.run = s.run.saturating_add(1);
+            s.bytes = s.bytes.saturating_add(len);
             s.last_use = now;
             return s.run >= 2;
         }
@@ -241,6 +244,7 @@ impl Inner {
         *oldest = Stream {
             next: end,
             run: 1,
+            bytes: len,
             ahead_to: end,
             last_use: now,
         };
@@ -416,7 +420,11 @@ impl Inner {
             let Some(s) = guard.1.iter_mut().find(|s| s.next == pos) else {
                 return;
             };
-            let window = (1u64 << s.run.min(6)).min(MAX_READAHEAD_CHUNKS) * CHUNK;
+            // Like the kernel's read-ahead: twice what the stream read so far, up to a limit.
+            let window = s
+                .bytes
+                .saturating_mul(2)
+                .clamp(CHUNK, MAX_READAHEAD_CHUNKS * CHUNK);
             let want = (pos + window).min(size);
             // Issue in steps of at least one GET, not per read.
             if s.ahead_to >= want || want - s.ahead_to.max(pos) < PREFETCH_GET.min(size - pos) {
