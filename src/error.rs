@@ -22,6 +22,8 @@ pub enum Kind {
     Busy,
     /// An earlier write failure made this view refuse further writes.
     Failed,
+    /// The backing-file policy refused a file an image names (see `backing_policy`).
+    Refused,
 }
 
 pub struct Error {
@@ -102,6 +104,7 @@ impl Error {
             Kind::InvalidInput => libc::EINVAL,
             Kind::ReadOnly => libc::EROFS,
             Kind::Busy => libc::EBUSY,
+            Kind::Refused => libc::EACCES,
         }
     }
 }

@@ -101,10 +101,7 @@ fn snapshot_tree_shows_every_view_read_only() {
         std::fs::write(dir.0.join(name), &d).unwrap();
         data.push(d);
     }
-    let ctx = OpenCtx {
-        tables: Arc::new(ByteCache::new(1 << 20)),
-        writable: false,
-    };
+    let ctx = OpenCtx::new(Arc::new(ByteCache::new(1 << 20)), false);
     let raw = |name: &str| RawLayer::open(&dir.0.join(name), &ctx).unwrap();
     let info = |index, id: &str, name: &str, size, secs| SnapshotInfo {
         index,
