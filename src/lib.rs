@@ -3,6 +3,7 @@
 pub mod cache;
 pub mod chain;
 pub mod error;
+pub mod expose;
 pub mod format;
 pub mod host;
 pub mod lock;
