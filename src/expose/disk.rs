@@ -4,7 +4,7 @@
 use super::{ExposedFile, read_only};
 use crate::error::Result;
 use crate::format::Mapping;
-use crate::host::HostFile;
+use crate::storage::HostFile;
 use crate::view::View;
 use parking_lot::RwLock;
 use std::ops::Range;
@@ -138,7 +138,10 @@ impl ExposedFile for DiskFile {
         }
         let extent = top.map(0, size).ok()?;
         match extent.map {
-            Mapping::Data { file, host_off: 0 } if extent.len == size && file.len() == size => {
+            // Only a local file has a descriptor the kernel can read from.
+            Mapping::Data { file, host_off: 0 }
+                if extent.len == size && file.len() == size && file.as_local_file().is_some() =>
+            {
                 Some(file)
             }
             _ => None,

@@ -20,7 +20,7 @@ pub use range::RangeFile;
 pub use viewfiles::{DISK_FILE_NAME, FileOptions, Shown, ViewFiles};
 
 use crate::error::{Error, Kind, Result};
-use crate::host::HostFile;
+use crate::storage::HostFile;
 use std::sync::Arc;
 use std::time::SystemTime;
 

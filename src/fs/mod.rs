@@ -598,7 +598,7 @@ impl DiskFs {
         }
         let id = f.identity_file().and_then(|file| {
             reply
-                .open_backing(file.std_file())
+                .open_backing(file.as_local_file()?)
                 .map_err(|e| log::info!("{}: no kernel passthrough: {e}", self.path(ino)))
                 .ok()
                 .map(Arc::new)

@@ -20,7 +20,7 @@ use self::snapshot::Snapshot;
 use super::{Extent, Format, Layer, OpenCtx, ParentRef, SnapshotInfo};
 use crate::cache::ByteCache;
 use crate::error::{Error, Kind, Result};
-use crate::host::HostFile;
+use crate::storage::HostFile;
 use parking_lot::Mutex;
 use std::collections::HashMap;
 use std::fmt;
