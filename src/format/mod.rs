@@ -18,7 +18,7 @@ pub mod vmdk;
 
 use crate::cache::ByteCache;
 use crate::error::{Error, Result};
-use crate::host::HostFile;
+use crate::storage::HostFile;
 use std::fmt;
 use std::ops::Range;
 use std::path::{Path, PathBuf};

@@ -119,7 +119,7 @@ impl Filesystem for DiskFs {
             let backing = d.backing.get_or_init(|| {
                 let file = passthrough::identity_file(&d.view)?;
                 reply
-                    .open_backing(file.std_file())
+                    .open_backing(file.as_local_file()?)
                     .map_err(|e| log::info!("{}: no kernel passthrough: {e}", d.path))
                     .ok()
             });

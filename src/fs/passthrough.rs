@@ -4,7 +4,7 @@
 
 use std::sync::Arc;
 use vmfs_mount::format::Mapping;
-use vmfs_mount::host::HostFile;
+use vmfs_mount::storage::HostFile;
 use vmfs_mount::view::View;
 
 /// The host file `view` is identical to, if any: its top layer maps the whole disk to offset 0
@@ -18,7 +18,10 @@ pub(super) fn identity_file(view: &View) -> Option<Arc<HostFile>> {
     }
     let extent = top.map(0, size).ok()?;
     match extent.map {
-        Mapping::Data { file, host_off: 0 } if extent.len == size && file.len() == size => {
+        // Only a local file has a descriptor the kernel can read from.
+        Mapping::Data { file, host_off: 0 }
+            if extent.len == size && file.len() == size && file.as_local_file().is_some() =>
+        {
             Some(file)
         }
         _ => None,

@@ -13,7 +13,7 @@ use vmfs_mount::cache::ByteCache;
 use vmfs_mount::error::Result;
 use vmfs_mount::format::raw::RawLayer;
 use vmfs_mount::format::{Extent, Format, Layer, OpenCtx, SnapshotInfo};
-use vmfs_mount::host::HostFile;
+use vmfs_mount::storage::HostFile;
 use vmfs_mount::write::{BelowReader, LayerWriter};
 
 /// A layer that reads like `inner` and lists `snaps` as its internal snapshots.

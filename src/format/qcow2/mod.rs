@@ -21,7 +21,7 @@ use self::snapshot::Snapshot;
 use super::{Extent, Format, Layer, OpenCtx, ParentRef, SnapshotInfo};
 use crate::cache::ByteCache;
 use crate::error::{Error, Kind, Result};
-use crate::host::HostFile;
+use crate::storage::HostFile;
 use parking_lot::Mutex;
 use std::any::Any;
 use std::collections::HashMap;
