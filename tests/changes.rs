@@ -143,7 +143,7 @@ fn assert_covers(what: &str, changed: &[Range<u64>], old: &[u8], new: &[u8]) {
     let bounds = changed.iter().map(|r| (r.start as usize, r.end as usize));
     for (start, end) in bounds.chain([(new.len(), new.len())]) {
         let unchanged = pos..start;
-        if old.get(unchanged.clone()) != Some(&new[unchanged.clone()]) {
+        if !unchanged.is_empty() && old.get(unchanged.clone()) != Some(&new[unchanged.clone()]) {
             let at = (pos..start)
                 .find(|&i| old.get(i) != Some(&new[i]))
                 .unwrap_or(pos);
