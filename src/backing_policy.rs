@@ -7,7 +7,7 @@
 //! resolved before deciding, and the opened file must be the one that was checked.
 
 use crate::error::{Error, Kind, Result};
-use crate::host::HostFile;
+use crate::storage::{FileKey, HostFile};
 use parking_lot::Mutex;
 use std::fmt;
 use std::os::unix::fs::{FileTypeExt, MetadataExt};
@@ -348,7 +348,8 @@ impl BackingPolicy {
 impl Admitted {
     /// Fails unless `file` is the file that was checked.
     pub fn confirm(&self, file: &HostFile) -> Result<()> {
-        if file.dev_ino() == self.dev_ino {
+        let (dev, ino) = self.dev_ino;
+        if file.key() == (FileKey::Local { dev, ino }) {
             Ok(())
         } else {
             Err(Error::new(

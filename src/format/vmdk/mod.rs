@@ -13,7 +13,7 @@ pub mod vmsd;
 use super::{Extent, Format, Identity, Layer, Mapping, OpenCtx, ParentRef};
 use crate::backing_policy::Role;
 use crate::error::{Error, Kind, Result};
-use crate::host::HostFile;
+use crate::storage::HostFile;
 use descriptor::{Access, Descriptor, ExtentLine, ExtentType, MAX_DESCRIPTOR};
 use header::SECTOR;
 use sesparse::SeSparseExtent;
