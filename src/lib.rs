@@ -2,12 +2,21 @@
 
 pub mod cache;
 pub mod chain;
+pub mod changes;
+pub mod endian;
 pub mod error;
+pub mod expose;
 pub mod format;
-pub mod host;
 pub mod lock;
 pub mod overlay;
 pub mod paths;
 pub mod plan;
+pub mod storage;
 pub mod view;
 pub mod write;
+
+/// The old name of `storage`, kept so branches started before the move keep compiling.
+pub mod host {
+    pub use crate::endian;
+    pub use crate::storage::HostFile;
+}

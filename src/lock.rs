@@ -11,7 +11,8 @@
 //! backing file) locks 100, 201, 203.
 
 use crate::error::{Error, Kind, Result};
-use crate::host::HostFile;
+use crate::storage::HostFile;
+use std::fs::File;
 use std::os::fd::AsRawFd;
 use std::sync::Arc;
 
@@ -89,8 +90,11 @@ pub struct LockGuard {
 impl Drop for LockGuard {
     fn drop(&mut self) {
         for (file, bytes) in &self.held {
+            let Some(fd) = file.as_local_file() else {
+                continue;
+            };
             for &b in bytes {
-                let _ = ofd_lock(file, b, libc::F_UNLCK as libc::c_short);
+                let _ = ofd_lock(fd, b, libc::F_UNLCK as libc::c_short);
             }
         }
     }
@@ -126,9 +130,14 @@ fn lock_with(
         if !seen.insert(file.id()) {
             continue;
         }
+        // Only local files take locks: nobody can lock a remote object (and remote layers
+        // are never written).
+        let Some(fd) = file.as_local_file() else {
+            continue;
+        };
         let mut taken = Vec::new();
         for b in perms.lock_bytes() {
-            if let Err(e) = ofd_lock(file, b, libc::F_RDLCK as libc::c_short) {
+            if let Err(e) = ofd_lock(fd, b, libc::F_RDLCK as libc::c_short) {
                 guard.held.push((file.clone(), taken));
                 return Err(Error::io(file.path(), &format!("lock byte {b}"), e));
             }
@@ -136,7 +145,7 @@ fn lock_with(
         }
         guard.held.push((file.clone(), taken));
         for (b, perm, shared) in perms.test_bytes() {
-            let busy = ofd_test(file, b)
+            let busy = ofd_test(fd, b)
                 .map_err(|e| Error::io(file.path(), &format!("test lock byte {b}"), e))?;
             if busy {
                 let what = if shared { "shared " } else { "" };
@@ -164,10 +173,10 @@ fn flock_for(byte: u64, kind: libc::c_short) -> libc::flock {
     fl
 }
 
-fn ofd_lock(file: &HostFile, byte: u64, kind: libc::c_short) -> std::io::Result<()> {
+fn ofd_lock(file: &File, byte: u64, kind: libc::c_short) -> std::io::Result<()> {
     let mut fl = flock_for(byte, kind);
     // SAFETY: the fd is open for the lifetime of `file`; fl is a valid flock.
-    let r = unsafe { libc::fcntl(file.std_file().as_raw_fd(), libc::F_OFD_SETLK, &mut fl) };
+    let r = unsafe { libc::fcntl(file.as_raw_fd(), libc::F_OFD_SETLK, &mut fl) };
     if r == -1 {
         Err(std::io::Error::last_os_error())
     } else {
@@ -176,10 +185,10 @@ fn ofd_lock(file: &HostFile, byte: u64, kind: libc::c_short) -> std::io::Result<
 }
 
 /// True if another open file description holds a lock that an exclusive lock would hit.
-fn ofd_test(file: &HostFile, byte: u64) -> std::io::Result<bool> {
+fn ofd_test(file: &File, byte: u64) -> std::io::Result<bool> {
     let mut fl = flock_for(byte, libc::F_WRLCK as libc::c_short);
     // SAFETY: as in ofd_lock.
-    let r = unsafe { libc::fcntl(file.std_file().as_raw_fd(), libc::F_OFD_GETLK, &mut fl) };
+    let r = unsafe { libc::fcntl(file.as_raw_fd(), libc::F_OFD_GETLK, &mut fl) };
     if r == -1 {
         return Err(std::io::Error::last_os_error());
     }

@@ -8,7 +8,7 @@ use crate::format::qcow2::Qcow2Image;
 use crate::format::qcow2::header::MAGIC;
 use crate::format::qcow2::write::create;
 use crate::format::{self, Format, OpenCtx, ParentRef};
-use crate::host::HostFile;
+use crate::storage::HostFile;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;

@@ -9,7 +9,7 @@
 use crate::cache::{ByteCache, Key};
 use crate::error::{Error, Kind, Result};
 use crate::format::{Extent, Layer, Mapping, compress};
-use crate::host::HostFile;
+use crate::storage::HostFile;
 use lru::LruCache;
 use parking_lot::Mutex;
 use std::num::NonZeroUsize;

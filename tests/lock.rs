@@ -7,8 +7,8 @@ use std::io::{BufRead, BufReader, Write};
 use std::path::Path;
 use std::process::{Command, Stdio};
 use vmfs_mount::error::Kind;
-use vmfs_mount::host::HostFile;
 use vmfs_mount::lock::{lock_for_mount, lock_for_mount_shared};
+use vmfs_mount::storage::HostFile;
 
 /// Runs a QEMU tool and returns (success, stdout + stderr).
 fn try_run(cmd: &str, args: &[&str]) -> (bool, String) {

@@ -3,7 +3,7 @@
 use super::Format;
 use super::magic;
 use crate::error::{Error, Kind, Result};
-use crate::host::HostFile;
+use crate::storage::HostFile;
 use std::path::Path;
 
 /// Guesses the format of `path` from its bytes.

@@ -3,7 +3,7 @@
 use super::raw_write::RawWriter;
 use super::{Extent, Format, Layer, Mapping, OpenCtx};
 use crate::error::Result;
-use crate::host::HostFile;
+use crate::storage::HostFile;
 use std::path::Path;
 use std::sync::Arc;
 

@@ -1,9 +1,8 @@
 //! In-place writes to a raw top image: guest offset = host offset.
 
 use crate::error::{Error, Kind, Result};
-use crate::host::HostFile;
+use crate::storage::HostFile;
 use crate::write::{BelowReader, LayerWriter};
-use std::os::fd::AsRawFd;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
@@ -68,17 +67,7 @@ impl LayerWriter for RawWriter {
         if len == 0 {
             return Ok(());
         }
-        let mode = libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE;
-        // SAFETY: plain syscall on an fd owned by `file`.
-        let r = unsafe {
-            libc::fallocate(
-                self.file.std_file().as_raw_fd(),
-                mode,
-                off as libc::off_t,
-                len as libc::off_t,
-            )
-        };
-        if r == 0 {
+        if let Ok(true) = self.file.punch_hole(off, len) {
             return Ok(());
         }
         // Not supported here (tmpfs of old kernels, some FUSE file systems): write zeros.

@@ -1,8 +1,8 @@
 //! The qcow2 header (cluster 0): the fixed v2/v3 fields and the header extensions.
 //! Pure decoding over bytes, so every check is unit tested; all integers are big-endian.
 
+use crate::endian::{be32, be64};
 use crate::error::{Error, Result};
-use crate::host::endian::{be32, be64};
 use std::path::Path;
 
 pub const MAGIC: &[u8; 4] = b"QFI\xfb";

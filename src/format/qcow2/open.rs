@@ -7,8 +7,8 @@ use super::snapshot::{self, Snapshot};
 use super::{MAX_BACKING_NAME, MAX_L1_BYTES, MAX_REFTABLE_BYTES};
 use crate::error::{Error, Result};
 use crate::format::{Format, ParentRef};
-use crate::host::HostFile;
 use crate::paths::resolve_relative;
+use crate::storage::HostFile;
 use std::path::Path;
 use std::sync::Arc;
 

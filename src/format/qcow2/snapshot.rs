@@ -2,8 +2,8 @@
 //! (QEMU `qcow2_do_read_snapshots`).
 
 use super::header::c_string;
+use crate::endian::{be16, be32, be64};
 use crate::error::{Error, Result};
-use crate::host::endian::{be16, be32, be64};
 use std::path::Path;
 
 /// QEMU's limits: snapshot count, extra data per entry, and the whole table.

@@ -16,8 +16,8 @@
 
 use super::Qcow2Image;
 use crate::cache::{Blob, ByteCache, Key};
+use crate::endian::be64;
 use crate::error::Result;
-use crate::host::endian::be64;
 use parking_lot::{Mutex, RwLock};
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;

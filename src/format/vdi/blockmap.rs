@@ -1,8 +1,8 @@
 //! The VDI block map: one u32 per block. Translation of guest offsets into runs of blocks
 //! that share one state and, for data, continue each other in the host file.
 
+use crate::endian::le32;
 use crate::error::{Error, Result};
-use crate::host::endian::le32;
 use std::path::Path;
 
 /// Never written: "any data" in a base image (read as zeros), the parent's data in a

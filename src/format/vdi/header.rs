@@ -8,8 +8,8 @@
 //! uuidParentModify; VDIHEADER1PLUS adds the LCHS geometry at 0x1C8 (cbHeader >= 0x190).
 
 use super::uuid::Uuid;
+use crate::endian::{le32, le64};
 use crate::error::{Error, Result};
-use crate::host::endian::{le32, le64};
 use std::path::Path;
 
 pub const SIGNATURE: u32 = 0xbeda107f;

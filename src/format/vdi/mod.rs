@@ -8,7 +8,7 @@ mod vbox;
 
 use super::{Extent, Format, Identity, Layer, Mapping, OpenCtx, ParentRef};
 use crate::error::{Error, Kind, Result};
-use crate::host::HostFile;
+use crate::storage::HostFile;
 use blockmap::{BlockMap, Run};
 use header::{Header, MAX_BLOCKS};
 use std::path::Path;

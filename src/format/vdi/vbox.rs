@@ -10,7 +10,7 @@
 
 use super::header::SIGNATURE;
 use super::uuid::Uuid;
-use crate::host::endian::le32;
+use crate::endian::le32;
 use std::collections::HashSet;
 use std::fs::File;
 use std::os::unix::fs::FileExt;

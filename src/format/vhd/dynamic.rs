@@ -2,7 +2,7 @@
 //! dynamic and differencing VHDs, with the parent identity and the parent locators.
 
 use super::footer::checksum;
-use crate::host::endian::{be32, be64};
+use crate::endian::{be32, be64};
 
 pub const HEADER_LEN: usize = 1024;
 pub const COOKIE: &[u8; 8] = b"cxsparse";

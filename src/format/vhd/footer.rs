@@ -2,7 +2,7 @@
 //! copy at offset 0 for dynamic and differencing disks. Images made before Virtual PC 2004
 //! end in a 511-byte footer (the spec allows both).
 
-use crate::host::endian::{be16, be32, be64};
+use crate::endian::{be16, be32, be64};
 
 pub const FOOTER_LEN: usize = 512;
 /// The footer length of pre-2004 Virtual PC images.

@@ -21,7 +21,7 @@ pub use footer::{DiskType, Footer};
 use super::{Extent, Format, Identity, Layer, Mapping, OpenCtx, ParentRef};
 use crate::cache::{ByteCache, Key};
 use crate::error::{Error, Kind, Result};
-use crate::host::HostFile;
+use crate::storage::HostFile;
 use footer::{printable, uuid_text};
 use std::fmt;
 use std::path::{Path, PathBuf};

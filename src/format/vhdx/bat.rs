@@ -5,8 +5,8 @@ use super::header::MIB;
 use super::metadata::Metadata;
 use super::overlay::Replayed;
 use crate::cache::{ByteCache, Key};
+use crate::endian::le64;
 use crate::error::{Error, Result};
-use crate::host::endian::le64;
 use std::sync::Arc;
 
 /// Cache tags (unique to this driver's table kinds).

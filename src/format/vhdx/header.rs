@@ -3,9 +3,9 @@
 use super::crc32c::crc32c_with_zeroed_field;
 use super::guid::Guid;
 use super::overlay::Replayed;
+use crate::endian::{le16, le32, le64};
 use crate::error::{Error, Kind, Result};
-use crate::host::HostFile;
-use crate::host::endian::{le16, le32, le64};
+use crate::storage::HostFile;
 use std::path::Path;
 
 pub const KIB: u64 = 1024;

@@ -5,9 +5,9 @@ use super::crc32c::crc32c_with_zeroed_field;
 use super::guid::Guid;
 use super::header::{Header, MIB};
 use super::overlay::Overlay;
+use crate::endian::{le32, le64};
 use crate::error::{Error, Result};
-use crate::host::HostFile;
-use crate::host::endian::{le32, le64};
+use crate::storage::HostFile;
 use std::collections::HashMap;
 use std::fmt;
 

@@ -4,8 +4,8 @@
 use super::guid::Guid;
 use super::header::{KIB, MIB, Region};
 use super::overlay::Replayed;
+use crate::endian::{le16, le32, le64};
 use crate::error::{Error, Kind, Result};
-use crate::host::endian::{le16, le32, le64};
 use std::path::Path;
 
 const TABLE_SIZE: u64 = 64 * KIB;

@@ -13,7 +13,7 @@ pub mod parent;
 use super::{Extent, Format, Identity, Layer, Mapping, OpenCtx, ParentRef};
 use crate::cache::ByteCache;
 use crate::error::{Error, Result};
-use crate::host::HostFile;
+use crate::storage::HostFile;
 use bat::{Bat, Geometry};
 use header::{Header, MIB};
 use log::LogState;

@@ -7,7 +7,7 @@
 
 use crate::error::{Error, Result};
 use crate::format::Mapping;
-use crate::host::HostFile;
+use crate::storage::HostFile;
 use std::collections::BTreeMap;
 use std::io::Write;
 use std::path::Path;

@@ -1,9 +1,10 @@
 //! On-disk headers of sparse extents: hosted sparse ("KDMV", VMDK4, with the
 //! streamOptimized footer) and ESX redo logs ("COWD", VMDK3). All integers little-endian.
 
+use crate::endian::*;
 use crate::ensure_corrupt;
 use crate::error::{Error, Result};
-use crate::host::{HostFile, endian::*};
+use crate::storage::HostFile;
 
 pub const SECTOR: u64 = 512;
 pub const GD_AT_END: u64 = u64::MAX;

@@ -12,7 +12,7 @@ pub mod vmsd;
 
 use super::{Extent, Format, Identity, Layer, Mapping, OpenCtx, ParentRef};
 use crate::error::{Error, Kind, Result};
-use crate::host::HostFile;
+use crate::storage::HostFile;
 use descriptor::{Access, Descriptor, ExtentLine, ExtentType, MAX_DESCRIPTOR};
 use header::SECTOR;
 use sesparse::SeSparseExtent;

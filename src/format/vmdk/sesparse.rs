@@ -3,10 +3,11 @@
 
 use super::header::{MAX_GD_ENTRIES, SECTOR};
 use crate::cache::{ByteCache, Key};
+use crate::endian::le64;
 use crate::ensure_corrupt;
 use crate::error::{Error, Result};
 use crate::format::{Extent, Mapping};
-use crate::host::{HostFile, endian::le64};
+use crate::storage::HostFile;
 use std::sync::Arc;
 
 const MAGIC: u64 = 0xcafe_babe;

@@ -3,9 +3,10 @@
 
 use super::header::{self, SECTOR, SparseHeader};
 use crate::cache::{ByteCache, Key};
+use crate::endian::le32;
 use crate::error::{Error, Result};
 use crate::format::{Codec, Extent, Mapping};
-use crate::host::{HostFile, endian::le32};
+use crate::storage::HostFile;
 use std::sync::Arc;
 
 /// Cache tag of VMDK grain tables.

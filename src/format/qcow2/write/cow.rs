@@ -172,12 +172,8 @@ impl Qcow2Writer {
 
     /// Best effort: a file system without hole punching just keeps the bytes.
     fn punch_hole(&self, off: u64, len: u64) {
-        use std::os::fd::AsRawFd;
-        let mode = libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE;
-        let fd = self.file().std_file().as_raw_fd();
-        // SAFETY: plain syscall on an fd owned by the image file; the range holds no data
-        // anything references (its refcount just became 0).
-        let _ = unsafe { libc::fallocate(fd, mode, off as libc::off_t, len as libc::off_t) };
+        // The range holds no data anything references (its refcount just became 0).
+        let _ = self.file().punch_hole(off, len);
     }
 
     /// The L2 table covering `pos`, owned by this image alone: allocated when missing,

@@ -6,7 +6,7 @@
 use super::super::MAX_REFTABLE_BYTES;
 use super::entry::{get_refcount, set_refcount};
 use crate::error::{Error, Kind, Result};
-use crate::host::HostFile;
+use crate::storage::HostFile;
 use std::collections::{HashMap, HashSet};
 
 /// Reftable entry bits that hold the refcount block offset.
@@ -49,7 +49,7 @@ impl Refcounts {
         let raw = file.read_table(table_offset, bytes, MAX_REFTABLE_BYTES, "refcount table")?;
         let table: Vec<u64> = raw
             .chunks_exact(8)
-            .map(|c| crate::host::endian::be64(c, 0))
+            .map(|c| crate::endian::be64(c, 0))
             .collect();
         let mut metadata: HashSet<u64> = (0..table_clusters)
             .map(|i| (table_offset >> cluster_bits) + i)

@@ -1,50 +1,83 @@
-//! Host files: positioned I/O with bounds checks and errors that name the file.
+//! Where image bytes live. A `HostFile` is one open image file (a layer, an extent, a data
+//! file) behind one interface: positioned reads with bounds checks and errors that name the
+//! file, whatever the backend. The format drivers see only this type, never where the bytes
+//! come from.
+//!
+//! Backends: `local` (a file on this host). Capabilities only a local file has (a real file
+//! descriptor, for QEMU-compatible locks and kernel passthrough) are explicit:
+//! `as_local_file()` answers `None` for any other backend.
+
+mod local;
 
 use crate::error::{Error, Result};
-use std::fs::{File, OpenOptions};
-use std::os::unix::fs::{FileExt, MetadataExt};
+use std::fmt;
+use std::fs::File;
+use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
+pub use local::LocalFile;
+
 static NEXT_ID: AtomicU64 = AtomicU64::new(1);
+
+/// What makes two opened files the same file (loop detection in chains).
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub enum FileKey {
+    /// st_dev, st_ino.
+    Local { dev: u64, ino: u64 },
+}
+
+/// One storage backend's raw I/O. `HostFile` adds bounds checks and file-naming errors.
+pub trait Backend: Send + Sync + fmt::Debug {
+    /// Reads up to `buf.len()` bytes at `off`; fewer (or 0) only at the end of the object.
+    fn read_at(&self, buf: &mut [u8], off: u64) -> io::Result<usize>;
+    fn write_all_at(&self, buf: &[u8], off: u64) -> io::Result<()>;
+    fn sync_data(&self) -> io::Result<()>;
+    /// The current size, asked of the host.
+    fn current_len(&self) -> io::Result<u64>;
+    /// Frees [off, off+len) so it reads as zeros; `Ok(false)` when the backend cannot.
+    fn punch_hole(&self, off: u64, len: u64) -> io::Result<bool>;
+    fn key(&self) -> FileKey;
+    /// The open file behind this backend, if it is a local file.
+    fn as_local_file(&self) -> Option<&File> {
+        None
+    }
+}
 
 /// One open image file (a layer, an extent, a data file). Shared by every view that uses it.
 #[derive(Debug)]
 pub struct HostFile {
     path: PathBuf,
-    file: File,
+    backend: Box<dyn Backend>,
     id: u64,
     len: AtomicU64,
     writable: bool,
-    dev_ino: (u64, u64),
 }
 
 impl HostFile {
     /// Opens read-only unless `writable`. Lower layers are always opened read-only.
     pub fn open(path: &Path, writable: bool) -> Result<Arc<HostFile>> {
-        let file = OpenOptions::new()
-            .read(true)
-            .write(writable)
-            .open(path)
-            .map_err(|e| Error::io(path, "open", e))?;
-        let meta = file.metadata().map_err(|e| Error::io(path, "stat", e))?;
-        if meta.is_dir() {
-            return Err(Error::invalid(format!(
-                "{}: is a directory, not a disk image",
-                path.display()
-            )));
-        }
-        Ok(Arc::new(HostFile {
-            path: path.to_path_buf(),
-            file,
-            id: NEXT_ID.fetch_add(1, Ordering::Relaxed),
-            len: AtomicU64::new(meta.len()),
-            writable,
-            dev_ino: (meta.dev(), meta.ino()),
-        }))
+        let (file, len) = LocalFile::open(path, writable)?;
+        Ok(Self::with_backend(path, Box::new(file), len, writable))
     }
 
+    fn with_backend(
+        path: &Path,
+        backend: Box<dyn Backend>,
+        len: u64,
+        writable: bool,
+    ) -> Arc<HostFile> {
+        Arc::new(HostFile {
+            path: path.to_path_buf(),
+            backend,
+            id: NEXT_ID.fetch_add(1, Ordering::Relaxed),
+            len: AtomicU64::new(len),
+            writable,
+        })
+    }
+
+    /// The name the user (or the image that refers to this file) gave it.
     pub fn path(&self) -> &Path {
         &self.path
     }
@@ -66,13 +99,15 @@ impl HostFile {
         self.writable
     }
 
-    /// (st_dev, st_ino): identifies the file for loop detection.
-    pub fn dev_ino(&self) -> (u64, u64) {
-        self.dev_ino
+    /// Identifies the file for loop detection.
+    pub fn key(&self) -> FileKey {
+        self.backend.key()
     }
 
-    pub fn std_file(&self) -> &File {
-        &self.file
+    /// The local file behind this one, for what needs a real descriptor (locks, kernel
+    /// passthrough); `None` for files that do not live on this host.
+    pub fn as_local_file(&self) -> Option<&File> {
+        self.backend.as_local_file()
     }
 
     /// Fails with Corrupt unless [off, off+len) lies inside the file.
@@ -94,9 +129,17 @@ impl HostFile {
     /// Reads exactly `buf.len()` bytes; the range must lie inside the file.
     pub fn read_exact_at(&self, buf: &mut [u8], off: u64, field: &str) -> Result<()> {
         self.check_range(field, off, buf.len() as u64)?;
-        self.file
-            .read_exact_at(buf, off)
-            .map_err(|e| Error::io(&self.path, &format!("read {field} at {off:#x}"), e))
+        let done = self
+            .read_fully(buf, off)
+            .map_err(|e| Error::io(&self.path, &format!("read {field} at {off:#x}"), e))?;
+        if done < buf.len() {
+            return Err(Error::io(
+                &self.path,
+                &format!("read {field} at {off:#x}"),
+                io::ErrorKind::UnexpectedEof.into(),
+            ));
+        }
+        Ok(())
     }
 
     /// Reads a whole table of `len` bytes, bounded by `limit` so a hostile header cannot make
@@ -131,22 +174,31 @@ impl HostFile {
         }
         let avail = ((len - off).min(buf.len() as u64)) as usize;
         let (head, tail) = buf.split_at_mut(avail);
-        let mut done = 0;
-        while done < head.len() {
-            match self.file.read_at(&mut head[done..], off + done as u64) {
-                Ok(0) => break, // the file shrank under us: zero-fill
-                Ok(n) => done += n,
-                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-                Err(e) => return Err(Error::io(&self.path, &format!("read data at {off:#x}"), e)),
-            }
-        }
+        // A file that shrank under us reads as zeros past its new end.
+        let done = self
+            .read_fully(head, off)
+            .map_err(|e| Error::io(&self.path, &format!("read data at {off:#x}"), e))?;
         head[done..].fill(0);
         tail.fill(0);
         Ok(())
     }
 
+    /// Reads until `buf` is full or the backend reports the end; returns the bytes read.
+    fn read_fully(&self, buf: &mut [u8], off: u64) -> io::Result<usize> {
+        let mut done = 0;
+        while done < buf.len() {
+            match self.backend.read_at(&mut buf[done..], off + done as u64) {
+                Ok(0) => break,
+                Ok(n) => done += n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(done)
+    }
+
     pub fn write_all_at(&self, buf: &[u8], off: u64) -> Result<()> {
-        self.file
+        self.backend
             .write_all_at(buf, off)
             .map_err(|e| Error::io(&self.path, &format!("write at {off:#x}"), e))?;
         let end = off + buf.len() as u64;
@@ -155,49 +207,27 @@ impl HostFile {
     }
 
     pub fn sync_data(&self) -> Result<()> {
-        self.file
+        self.backend
             .sync_data()
             .map_err(|e| Error::io(&self.path, "fdatasync", e))
     }
 
+    /// Frees [off, off+len) so it reads as zeros. `Ok(false)` when this file (its file
+    /// system or its backend) cannot; the bytes are then untouched.
+    pub fn punch_hole(&self, off: u64, len: u64) -> Result<bool> {
+        self.backend
+            .punch_hole(off, len)
+            .map_err(|e| Error::io(&self.path, &format!("punch hole at {off:#x}"), e))
+    }
+
     /// Re-reads the size from the host (after another component grew the file).
     pub fn refresh_len(&self) -> Result<u64> {
-        let meta = self
-            .file
-            .metadata()
+        let len = self
+            .backend
+            .current_len()
             .map_err(|e| Error::io(&self.path, "stat", e))?;
-        self.len.store(meta.len(), Ordering::Release);
-        Ok(meta.len())
-    }
-}
-
-/// Big- and little-endian field readers over a byte slice. Out-of-range reads yield 0 rather
-/// than panic; callers validate lengths before decoding.
-pub mod endian {
-    fn get<const N: usize>(b: &[u8], off: usize) -> [u8; N] {
-        let mut a = [0u8; N];
-        if let Some(s) = off.checked_add(N).and_then(|end| b.get(off..end)) {
-            a.copy_from_slice(s);
-        }
-        a
-    }
-    pub fn be16(b: &[u8], off: usize) -> u16 {
-        u16::from_be_bytes(get(b, off))
-    }
-    pub fn be32(b: &[u8], off: usize) -> u32 {
-        u32::from_be_bytes(get(b, off))
-    }
-    pub fn be64(b: &[u8], off: usize) -> u64 {
-        u64::from_be_bytes(get(b, off))
-    }
-    pub fn le16(b: &[u8], off: usize) -> u16 {
-        u16::from_le_bytes(get(b, off))
-    }
-    pub fn le32(b: &[u8], off: usize) -> u32 {
-        u32::from_le_bytes(get(b, off))
-    }
-    pub fn le64(b: &[u8], off: usize) -> u64 {
-        u64::from_le_bytes(get(b, off))
+        self.len.store(len, Ordering::Release);
+        Ok(len)
     }
 }
 
@@ -223,12 +253,5 @@ mod tests {
         assert!(f.read_exact_at(&mut buf, 6, "x").is_err());
         assert!(f.read_table(0, 8, 4, "t").is_err());
         std::fs::remove_dir_all(&dir).unwrap();
-    }
-
-    #[test]
-    fn endian_helpers_never_panic() {
-        assert_eq!(endian::be32(&[0, 0, 1, 0], 0), 256);
-        assert_eq!(endian::le32(&[0, 1], 0), 0);
-        assert_eq!(endian::be64(&[], usize::MAX), 0);
     }
 }
