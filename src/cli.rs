@@ -5,6 +5,7 @@
 
 use clap::{ArgAction, Parser};
 use std::path::PathBuf;
+use vmfs_mount::expose::FileOptions;
 use vmfs_mount::format::Format;
 use vmfs_mount::storage::config::RemoteOptions;
 
@@ -36,7 +37,25 @@ Mount options (-o, comma-separated, repeatable):
   nopassthrough           serve raw-identical files through the daemon too (by default the
                           kernel reads them directly when running as root on Linux 6.9+)
   log=FILE                daemon log file
+  backing_dirs=DIR[:DIR]  images may also name backing/parent/extent/data files in DIR and below
+                          (by default only the directories of the files named here are allowed)
+  trust_backing           images may name such files anywhere (still only regular files and
+                          block devices)
   fsname=NAME, subtype=NAME
+Remote images (IMAGE is s3://BUCKET/KEY, https://HOST/PATH or http://HOST/PATH; read-only,
+writable with overlay=FILE; credentials from AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY/
+AWS_SESSION_TOKEN or the shared credentials file, never from the command line):
+  cache_dir=DIR           chunk cache (--cache-dir; default $XDG_CACHE_HOME/vmfs-mount,
+                          /var/cache/vmfs-mount as root), shared by every mount on the host
+  cache_max=SIZE          chunk cache limit, least recently used evicted (--cache-max;
+                          default 4G; 0: no persistent cache)
+  aws_profile=NAME        profile in the shared credentials/config files (AWS_PROFILE)
+  aws_shared_credentials_file=FILE   (AWS_SHARED_CREDENTIALS_FILE; default ~/.aws/credentials)
+  aws_region=REGION       (AWS_REGION; default us-east-1)
+  aws_endpoint_url=URL    S3-compatible store (AWS_ENDPOINT_URL), e.g. MinIO, Garage, Ceph
+  s3_path_style, s3_virtual_hosted   addressing (default: path-style with a custom endpoint)
+  remote_timeout=SECS     connect/read stall before a retry (default 20)
+  remote_retries=N        retries of timeouts, 5xx and throttling before EIO (default 5)
 Generic mount(8)/fstab options are accepted and ignored (nodev, nosuid, noexec and noatime are
 applied): dev, nodev, suid, nosuid, exec, noexec, atime, noatime, relatime, auto, noauto,
 user, users, nouser, _netdev, nofail, defaults, x-*, comment=*.
@@ -45,17 +64,21 @@ Examples:
   vmfs-mount disk.qcow2 /mnt/vm
   vmfs-mount -r -o allow_other disk.vmdk /mnt/vm
   vmfs-mount --list --json disk.qcow2
+  AWS_PROFILE=ci vmfs-mount s3://golden/ubuntu/top.qcow2 /mnt/vm
+  vmfs-mount --overlay /var/tmp/vm.qcow2 https://images.example/vm/disk.vmdk /mnt/vm
+  vmfs-mount --changes nightly --json disk.qcow2   # what changed since snapshot nightly
   mount -t fuse.vmfs-mount /images/disk.qcow2 /mnt/vm -o ro";
 
 #[derive(Parser, Debug)]
 #[command(name = "vmfs-mount", version, about = ABOUT, long_about = LONG_ABOUT, after_help = AFTER_HELP)]
+#[command(group(clap::ArgGroup::new("report").args(["list", "changes"])))]
 pub struct Args {
     /// Disk image to mount (the top of its backing chain): a file, or s3://BUCKET/KEY,
     /// https://HOST/PATH, http://HOST/PATH
     pub image: PathBuf,
 
-    /// Directory to mount on (not needed with --list)
-    #[arg(required_unless_present = "list")]
+    /// Directory to mount on (not needed with --list or --changes)
+    #[arg(required_unless_present_any = ["list", "changes"])]
     pub mountpoint: Option<PathBuf>,
 
     /// Stay in the foreground and log to stderr
@@ -73,6 +96,14 @@ pub struct Args {
     /// Write changes to this overlay file instead of the image
     #[arg(long, value_name = "FILE")]
     pub overlay: Option<PathBuf>,
+
+    /// Let images name backing, parent, extent and data files in these directories too
+    #[arg(long, value_name = "DIR[:DIR...]")]
+    pub backing_dirs: Option<String>,
+
+    /// Let images name backing, parent, extent and data files anywhere
+    #[arg(long)]
+    pub trust_backing: bool,
 
     /// Metadata cache size (K, M, G suffixes); decompressed data gets an eighth of it extra
     #[arg(long, value_name = "SIZE")]
@@ -112,8 +143,13 @@ pub struct Args {
     #[arg(long)]
     pub list: bool,
 
-    /// With --list: print JSON
-    #[arg(long, requires = "list")]
+    /// Print the extents where view NEW (default: the live disk) may differ from view OLD,
+    /// found from metadata only (names as under snapshots/), then exit
+    #[arg(long, value_name = "OLD[..NEW]")]
+    pub changes: Option<String>,
+
+    /// With --list or --changes: print JSON
+    #[arg(long, requires = "report")]
     pub json: bool,
 }
 
@@ -142,6 +178,8 @@ pub struct Settings {
     pub log_file: Option<PathBuf>,
     pub verbose: u8,
     pub list: bool,
+    /// `--changes OLD[..NEW]`, as given (names are resolved against the opened views).
+    pub changes: Option<String>,
     pub json: bool,
     pub allow_other: bool,
     pub allow_root: bool,
@@ -155,6 +193,12 @@ pub struct Settings {
     pub passthrough: bool,
     /// Remote layers: chunk cache, S3 settings, timeouts.
     pub remote: RemoteOptions,
+    /// `backing_dirs`: more directories images may name files in.
+    pub backing_dirs: Vec<PathBuf>,
+    /// `trust_backing`: images may name files anywhere.
+    pub trust_backing: bool,
+    /// Which optional files each view's directory shows.
+    pub files: FileOptions,
 }
 
 pub const DEFAULT_TABLE_CACHE: usize = 256 << 20;
@@ -183,6 +227,7 @@ impl Settings {
             log_file: a.log_file,
             verbose: a.verbose,
             list: a.list,
+            changes: a.changes,
             json: a.json,
             allow_other: false,
             allow_root: false,
@@ -193,7 +238,13 @@ impl Settings {
             kernel_flags: Vec::new(),
             passthrough: true,
             remote: RemoteOptions::default(),
+            backing_dirs: Vec::new(),
+            trust_backing: a.trust_backing,
+            files: FileOptions::default(),
         };
+        if let Some(d) = &a.backing_dirs {
+            s.apply_one(&format!("backing_dirs={d}"))?;
+        }
         if let Some(f) = &a.format {
             s.apply_one(&format!("format={f}"))?;
         }
@@ -260,6 +311,12 @@ impl Settings {
             ("auto_unmount", None) => self.auto_unmount = true,
             ("nopassthrough", None) => self.passthrough = false,
             ("force_share", None) => self.force_share = true,
+            ("trust_backing", None) => self.trust_backing = true,
+            ("backing_dirs", v) => {
+                let list = need(v)?;
+                self.backing_dirs
+                    .extend(list.split(':').filter(|d| !d.is_empty()).map(PathBuf::from));
+            }
             ("overlay", v) => self.overlay = Some(PathBuf::from(need(v)?)),
             ("format", v) => {
                 let name = need(v)?;
@@ -449,6 +506,29 @@ mod tests {
     }
 
     #[test]
+    fn backing_policy_options() {
+        let s = settings(&["img", "mnt"]).unwrap();
+        assert!(s.backing_dirs.is_empty() && !s.trust_backing);
+        let s = settings(&["-o", "backing_dirs=/a:/b/c,trust_backing", "img", "mnt"]).unwrap();
+        assert_eq!(s.backing_dirs, [PathBuf::from("/a"), PathBuf::from("/b/c")]);
+        assert!(s.trust_backing);
+        let s = settings(&[
+            "--backing-dirs",
+            "/x",
+            "--trust-backing",
+            "-o",
+            "backing_dirs=/y",
+            "img",
+            "mnt",
+        ])
+        .unwrap();
+        assert_eq!(s.backing_dirs, [PathBuf::from("/x"), PathBuf::from("/y")]);
+        assert!(s.trust_backing);
+        assert!(settings(&["-o", "backing_dirs", "img", "mnt"]).is_err());
+        assert!(settings(&["-o", "trust_backing=1", "img", "mnt"]).is_err());
+    }
+
+    #[test]
     fn bad_options_are_usage_errors() {
         let e = settings(&["-o", "ro,bogus", "img", "mnt"]).unwrap_err();
         assert!(e.0.contains("unknown mount option \"bogus\""), "{e:?}");
@@ -468,6 +548,9 @@ mod tests {
         assert!(settings(&["--list", "--json", "img"]).unwrap().json);
         assert!(Args::try_parse_from(["vmfs-mount", "img"]).is_err());
         assert!(Args::try_parse_from(["vmfs-mount", "--json", "img", "mnt"]).is_err());
+        let s = settings(&["--changes", "base..s1", "--json", "img"]).unwrap();
+        assert_eq!(s.changes.as_deref(), Some("base..s1"));
+        assert!(Args::try_parse_from(["vmfs-mount", "--list", "--changes", "a", "img"]).is_err());
     }
 
     #[test]

@@ -1,9 +1,12 @@
 //! vmfs-mount: mount a virtual-machine disk image chain as a tree of raw files.
 
+pub mod backing_policy;
 pub mod cache;
 pub mod chain;
+pub mod changes;
 pub mod endian;
 pub mod error;
+pub mod expose;
 pub mod format;
 pub mod lock;
 pub mod overlay;

@@ -8,15 +8,13 @@
 //! the image under `--overlay`), so a downloaded image cannot make the daemon fetch from
 //! arbitrary servers (cloud metadata endpoints, intranet hosts).
 
-use crate::error::{Error, Kind, Result};
 use crate::storage::RemoteUrl;
-use parking_lot::Mutex;
 use std::path::{Path, PathBuf};
 
 /// Resolves a path stored in `child_path`'s image: absolute paths stay, relative ones are
 /// relative to the child's directory (not the working directory). For a remote child, a
-/// relative name is an object beside it (a refused reference keeps its stored text, and
-/// `check_reference` says why).
+/// relative name is an object beside it (a reference that cannot be resolved keeps its
+/// stored text, which `remote_rule` then refuses).
 pub fn resolve_relative(child_path: &Path, stored: &str) -> PathBuf {
     if let Ok(Some(url)) = RemoteUrl::from_path(child_path) {
         return match url.resolve(stored) {
@@ -32,57 +30,81 @@ pub fn resolve_relative(child_path: &Path, stored: &str) -> PathBuf {
     }
 }
 
-/// Remote origins (scheme plus host or bucket) the user named on the command line.
-static NAMED_ORIGINS: Mutex<Vec<RemoteUrl>> = Mutex::new(Vec::new());
-
-/// Records a location the user named: local images may refer to URLs on its host/bucket.
-pub fn trust_named(location: &Path) {
-    if let Ok(Some(url)) = RemoteUrl::from_path(location) {
-        let mut named = NAMED_ORIGINS.lock();
-        if !named.iter().any(|n| n.same_origin(&url)) {
-            named.push(url);
+/// Whether an image at `requester` may refer to `target` at all as far as locations go: a
+/// remote image only to objects on its own host or bucket (the rest of the rules, for local
+/// files, are the backing-file policy's).
+pub fn stays_within(requester: &Path, target: &Path) -> bool {
+    match RemoteUrl::from_path(requester) {
+        Ok(Some(from)) => {
+            matches!(RemoteUrl::from_path(target), Ok(Some(to)) if from.same_origin(&to))
         }
+        Ok(None) => true,
+        Err(_) => false,
     }
 }
 
-/// Whether the image at `requester` may make us open `target` (its backing file, parent,
-/// extent or data file, already resolved). `stored` is the name as the image stores it.
-pub fn check_reference(requester: &Path, stored: &str, target: &Path) -> Result<()> {
-    let from = RemoteUrl::from_path(requester)?;
-    let to = RemoteUrl::from_path(target)?;
+/// The rule for references from or to remote objects, beside the backing-file policy's
+/// rules for local files: `None` when neither side is remote, else why it is allowed or
+/// refused. `named`: the remote locations the user named; `trust_any`: `-o trust_backing`
+/// (which lets local images name any URL, but never lets a remote image leave its origin).
+pub fn remote_rule(
+    requester: &Path,
+    target: &Path,
+    named: &[RemoteUrl],
+    trust_any: bool,
+) -> Option<std::result::Result<String, String>> {
+    let from = RemoteUrl::from_path(requester);
+    let to = RemoteUrl::from_path(target);
     match (from, to) {
-        (None, None) => Ok(()),
-        (Some(from), to) => match to {
-            Some(to) if from.same_origin(&to) => Ok(()),
-            _ => Err(Error::new(
-                Kind::InvalidInput,
-                format!(
-                    "{from}: refers to {stored:?} ({}), outside its {}; refused",
-                    crate::storage::url::shown(&target.to_string_lossy()),
-                    if from.scheme == crate::storage::url::Scheme::S3 {
-                        "bucket"
-                    } else {
-                        "host"
-                    }
-                ),
+        (Ok(None), Ok(None)) => None,
+        (Err(e), _) | (_, Err(e)) => Some(Err(e.to_string())),
+        (Ok(Some(from)), to) => Some(match to {
+            Ok(Some(to)) if from.same_origin(&to) => Ok(format!(
+                "on {}://{}, beside the image",
+                from.scheme.name(),
+                from.authority
             )),
-        },
-        (None, Some(to)) => {
-            if NAMED_ORIGINS.lock().iter().any(|n| n.same_origin(&to)) {
-                Ok(())
-            } else {
-                Err(Error::new(
-                    Kind::InvalidInput,
-                    format!(
-                        "{}: refers to the remote object {to}; a local image may only refer to \
-                         objects on a host or bucket named on the command line (mount the URL \
-                         itself, or use it as IMAGE with --overlay)",
-                        requester.display()
-                    ),
-                ))
-            }
-        }
+            _ => Err(format!(
+                "is outside {}://{}: a remote image may only refer to objects on its own {}",
+                from.scheme.name(),
+                from.authority,
+                if from.scheme == crate::storage::url::Scheme::S3 {
+                    "bucket"
+                } else {
+                    "host"
+                }
+            )),
+        }),
+        (Ok(None), Ok(Some(to))) => Some(remote_verdict(&to, named, trust_any)),
     }
+}
+
+/// Whether a remote object may be opened for a local image: only on an origin the user
+/// named, unless `trust_any`.
+pub fn remote_verdict(
+    to: &RemoteUrl,
+    named: &[RemoteUrl],
+    trust_any: bool,
+) -> std::result::Result<String, String> {
+    if let Some(n) = named.iter().find(|n| n.same_origin(to)) {
+        return Ok(format!(
+            "on {}://{}, named on the command line",
+            n.scheme.name(),
+            n.authority
+        ));
+    }
+    if trust_any {
+        return Ok("trust_backing is set".into());
+    }
+    Err(format!(
+        "is a remote object on a {} not named on the command line (mount the URL itself, use it \
+         as IMAGE with --overlay, or accept any location with -o trust_backing)",
+        if to.scheme == crate::storage::url::Scheme::S3 {
+            "bucket"
+        } else {
+            "host"
+        }
+    ))
 }
 
 #[cfg(test)]
@@ -114,7 +136,7 @@ mod tests {
         let top = Path::new("s3://bucket/vm/top.qcow2");
         let base = resolve_relative(top, "../base.qcow2");
         assert_eq!(base, PathBuf::from("s3://bucket/base.qcow2"));
-        assert!(check_reference(top, "../base.qcow2", &base).is_ok());
+        assert!(matches!(remote_rule(top, &base, &[], false), Some(Ok(_))));
         for stored in [
             "/etc/passwd",
             "../../x",
@@ -122,23 +144,33 @@ mod tests {
             "http://127.0.0.1/x",
         ] {
             let target = resolve_relative(top, stored);
-            let e = check_reference(top, stored, &target).unwrap_err();
-            assert_eq!(e.kind(), Kind::InvalidInput, "{stored}: {e}");
+            assert!(
+                matches!(remote_rule(top, &target, &[], true), Some(Err(_))),
+                "{stored}"
+            );
+            assert!(!stays_within(top, &target), "{stored}");
         }
-        // A locator computed by a driver (joined to the parent directory) is checked too.
-        let outside = Path::new("/srv/base.vhd");
-        assert!(check_reference(top, "base.vhd", outside).is_err());
+        assert!(remote_rule(Path::new("/a"), Path::new("/b"), &[], false).is_none());
     }
 
     #[test]
     fn local_images_refer_to_urls_only_on_named_origins() {
         let local = Path::new("/srv/overlay.qcow2");
         let target = Path::new("https://images.example/vm/base.qcow2");
-        assert!(check_reference(local, "https://images.example/vm/base.qcow2", target).is_err());
-        trust_named(Path::new("https://images.example/vm/top.qcow2"));
-        assert!(check_reference(local, "https://images.example/vm/base.qcow2", target).is_ok());
+        assert!(matches!(
+            remote_rule(local, target, &[], false),
+            Some(Err(_))
+        ));
+        assert!(matches!(remote_rule(local, target, &[], true), Some(Ok(_))));
+        let named = [RemoteUrl::parse("https://images.example/vm/top.qcow2").unwrap()];
+        assert!(matches!(
+            remote_rule(local, target, &named, false),
+            Some(Ok(_))
+        ));
         let other = Path::new("https://169.254.169.254/latest");
-        assert!(check_reference(local, "https://169.254.169.254/latest", other).is_err());
-        assert!(check_reference(local, "base", Path::new("/srv/base")).is_ok());
+        assert!(matches!(
+            remote_rule(local, other, &named, false),
+            Some(Err(_))
+        ));
     }
 }

@@ -16,10 +16,12 @@ pub mod vhd;
 pub mod vhdx;
 pub mod vmdk;
 
+use crate::backing_policy::{BackingPolicy, Role};
 use crate::cache::ByteCache;
 use crate::error::{Error, Result};
 use crate::storage::HostFile;
 use std::fmt;
+use std::ops::Range;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -169,7 +171,7 @@ pub struct SnapshotInfo {
 }
 
 /// One layer of a chain: a format driver instance, or one internal snapshot of it.
-pub trait Layer: Send + Sync + fmt::Debug {
+pub trait Layer: std::any::Any + Send + Sync + fmt::Debug {
     fn format(&self) -> Format;
     /// The file the user would name for this layer (the descriptor for VMDK).
     fn path(&self) -> &Path;
@@ -209,6 +211,18 @@ pub trait Layer: Send + Sync + fmt::Debug {
     fn writer(&self) -> Option<&dyn crate::write::LayerWriter> {
         None
     }
+    /// When `older` is another table of the same file (an internal snapshot of it, or the
+    /// live image), the guest ranges inside [off, end) where the two may map differently,
+    /// found from their tables alone; `None` when the two do not share a file this way.
+    /// Both must sit on the same layers below.
+    fn changed_since(
+        &self,
+        _older: &dyn Layer,
+        _off: u64,
+        _end: u64,
+    ) -> Option<Result<Vec<Range<u64>>>> {
+        None
+    }
 }
 
 /// Everything a driver needs when opening a layer.
@@ -218,6 +232,37 @@ pub struct OpenCtx {
     pub tables: Arc<ByteCache>,
     /// Open the top file for writing (lower layers never are).
     pub writable: bool,
+    /// Which files an image may name (extents, data files, parents).
+    pub policy: BackingPolicy,
+}
+
+impl OpenCtx {
+    /// A context with the default backing-file policy.
+    pub fn new(tables: Arc<ByteCache>, writable: bool) -> OpenCtx {
+        OpenCtx {
+            tables,
+            writable,
+            policy: BackingPolicy::new(),
+        }
+    }
+
+    /// The same context with another policy.
+    pub fn with_policy(mut self, policy: BackingPolicy) -> OpenCtx {
+        self.policy = policy;
+        self
+    }
+
+    /// Opens a file the image at `requester` names, if the policy allows it.
+    pub fn open_named(
+        &self,
+        requester: &Path,
+        role: Role,
+        stored: &str,
+        path: &Path,
+        writable: bool,
+    ) -> Result<Arc<HostFile>> {
+        self.policy.open(requester, role, stored, path, writable)
+    }
 }
 
 /// Opens one layer of `format` from `path`.

@@ -5,13 +5,9 @@
 use super::Qcow2Image;
 use super::entry::{self, Cluster};
 use super::header::Compression;
-use super::write::L2Ref;
-use crate::cache::Key;
+use super::tables::{L2Ref, l2_table};
 use crate::error::{Error, Result};
 use crate::format::{Codec, Extent, Mapping};
-
-/// Cache tag of qcow2 L2 tables in the shared table cache.
-pub const TAG_L2: u8 = 0x32;
 
 /// One translated unit (a cluster, a subcluster or an unallocated L2 range).
 #[derive(Clone, Copy, Debug)]
@@ -184,12 +180,7 @@ impl Walker<'_> {
         {
             return Ok(t.clone());
         }
-        let file = &self.img.file;
-        let cs = self.img.geometry.cluster_size();
-        let key = Key::new(file.id(), l2_off, TAG_L2);
-        let t = self.img.l2_sync.get(&self.img.tables, key, || {
-            file.read_table(l2_off, cs, cs, "L2 table")
-        })?;
+        let t = l2_table(self.img, l2_off)?;
         self.l2 = Some((l2_off, t.clone()));
         Ok(t)
     }

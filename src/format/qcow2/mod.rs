@@ -4,11 +4,13 @@
 //! The parsed image (`Qcow2Image`) is shared through an `Arc` by every layer made from it:
 //! the live layer and each snapshot layer differ only in their L1 table and size.
 
+pub mod diff;
 pub mod entry;
 pub mod header;
 pub mod map;
 mod open;
 pub mod snapshot;
+pub mod tables;
 pub mod write;
 
 use self::entry::Geometry;
@@ -22,8 +24,10 @@ use crate::cache::ByteCache;
 use crate::error::{Error, Kind, Result};
 use crate::storage::HostFile;
 use parking_lot::Mutex;
+use std::any::Any;
 use std::collections::HashMap;
 use std::fmt;
+use std::ops::Range;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Weak};
 
@@ -56,7 +60,7 @@ pub struct Qcow2Image {
     pub parent: ParentRef,
     pub tables: Arc<ByteCache>,
     /// Keeps cached L2 tables coherent with the writer's updates.
-    pub l2_sync: write::L2Sync,
+    pub l2_sync: tables::L2Sync,
     snapshot_l1s: Mutex<SnapshotL1s>,
 }
 
@@ -147,7 +151,7 @@ impl Qcow2Image {
             has_data_file: header.has_data_file(),
         };
         check_tables(&header, &geometry, &file)?;
-        let data_file = open_data_file(&header, &extensions, &file)?;
+        let data_file = open_data_file(&header, &extensions, &file, ctx)?;
         let parent = backing_ref(&header, &extensions, &file)?;
         let (snapshots, snapshot_error) = match read_snapshots(&header, &file) {
             Ok(s) => (s, None),
@@ -170,7 +174,7 @@ impl Qcow2Image {
             snapshot_error,
             parent,
             tables: ctx.tables.clone(),
-            l2_sync: write::L2Sync::default(),
+            l2_sync: tables::L2Sync::default(),
             snapshot_l1s: Mutex::new(SnapshotL1s::default()),
         })
     }
@@ -241,6 +245,16 @@ impl Qcow2Image {
     }
 }
 
+impl Qcow2Layer {
+    /// The L1 table this layer maps through now (the writer's, for the live layer).
+    pub fn current_l1(&self) -> Arc<[u64]> {
+        match &self.writer {
+            Some(w) => w.l1(),
+            None => self.l1.clone(),
+        }
+    }
+}
+
 impl Layer for Qcow2Layer {
     fn format(&self) -> Format {
         Format::Qcow2
@@ -256,6 +270,19 @@ impl Layer for Qcow2Layer {
             Some(w) => map::map(&self.image, &w.l1(), self.l1_offset, off, len),
             None => map::map(&self.image, &self.l1, self.l1_offset, off, len),
         }
+    }
+    fn changed_since(
+        &self,
+        older: &dyn Layer,
+        off: u64,
+        end: u64,
+    ) -> Option<Result<Vec<Range<u64>>>> {
+        let older = (older as &dyn Any).downcast_ref::<Qcow2Layer>()?;
+        if !Arc::ptr_eq(&older.image, &self.image) {
+            return None;
+        }
+        let (old, new) = (older.current_l1(), self.current_l1());
+        Some(diff::changed_between(&self.image, &old, &new, off, end))
     }
     fn writer(&self) -> Option<&dyn crate::write::LayerWriter> {
         self.writer.as_deref().map(|w| w as _)

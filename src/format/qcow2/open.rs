@@ -5,8 +5,9 @@ use super::entry::Geometry;
 use super::header::{Extensions, Header};
 use super::snapshot::{self, Snapshot};
 use super::{MAX_BACKING_NAME, MAX_L1_BYTES, MAX_REFTABLE_BYTES};
+use crate::backing_policy::Role;
 use crate::error::{Error, Result};
-use crate::format::{Format, ParentRef};
+use crate::format::{Format, OpenCtx, ParentRef};
 use crate::paths::resolve_relative;
 use crate::storage::HostFile;
 use std::path::Path;
@@ -149,6 +150,7 @@ pub(super) fn open_data_file(
     h: &Header,
     ext: &Extensions,
     file: &HostFile,
+    ctx: &OpenCtx,
 ) -> Result<Option<Arc<HostFile>>> {
     let path = file.path();
     if !h.has_data_file() {
@@ -177,8 +179,8 @@ pub(super) fn open_data_file(
         ));
     }
     let data_path = resolve_relative(path, name);
-    crate::paths::check_reference(path, name, &data_path)?;
-    let data = HostFile::open(&data_path, file.writable())
+    let data = ctx
+        .open_named(path, Role::DataFile, name, &data_path, file.writable())
         .map_err(|e| e.context(format!("external data file {name:?} of {}", path.display())))?;
     Ok(Some(data))
 }

@@ -406,13 +406,12 @@ impl Layer for VhdLayer {
     }
 
     fn parent(&self) -> ParentRef {
-        let allowed =
-            |raw: &str, p: &Path| crate::paths::check_reference(self.path(), raw, p).is_ok();
+        let allowed = |p: &Path| crate::paths::stays_within(self.path(), p);
         let best = self
             .parents
             .iter()
-            .find(|(raw, p)| allowed(raw, p) && crate::storage::location::exists(p))
-            .or_else(|| self.parents.iter().find(|(raw, p)| allowed(raw, p)))
+            .find(|(_, p)| allowed(p) && crate::storage::location::exists(p))
+            .or_else(|| self.parents.iter().find(|(_, p)| allowed(p)))
             .or(self.parents.first());
         match best {
             Some((raw, path)) => ParentRef::Path {

@@ -73,11 +73,11 @@ pub fn candidates(child: &Path, meta: &Metadata) -> Vec<(String, PathBuf)> {
 /// chain opener reports it as missing).
 pub fn parent_ref(child: &Path, meta: &Metadata) -> Result<ParentRef> {
     let cands = candidates(child, meta);
-    let allowed = |raw: &str, p: &Path| crate::paths::check_reference(child, raw, p).is_ok();
+    let allowed = |p: &Path| crate::paths::stays_within(child, p);
     let pick = cands
         .iter()
-        .find(|(raw, p)| allowed(raw, p) && crate::storage::location::exists(p))
-        .or_else(|| cands.iter().find(|(raw, p)| allowed(raw, p)))
+        .find(|(_, p)| allowed(p) && crate::storage::location::exists(p))
+        .or_else(|| cands.iter().find(|(_, p)| allowed(p)))
         .or(cands.first());
     match pick {
         Some((raw, path)) => Ok(ParentRef::Path {
