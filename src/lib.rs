@@ -3,6 +3,7 @@
 pub mod cache;
 pub mod chain;
 pub mod changes;
+pub mod clones;
 pub mod endian;
 pub mod error;
 pub mod format;
