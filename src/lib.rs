@@ -6,6 +6,7 @@ pub mod changes;
 pub mod clones;
 pub mod endian;
 pub mod error;
+pub mod expose;
 pub mod format;
 pub mod lock;
 pub mod overlay;
