@@ -271,8 +271,8 @@ mod tests {
         for bad in ["", ".", "..", "a/b", "nul\0"] {
             assert!(check_name(bad).is_err(), "{bad:?}");
         }
-        assert!(check_name(&"x".repeat(249)).is_err());
-        assert!(check_name(&"x".repeat(248)).is_ok());
+        assert!(check_name(&"x".repeat(250)).is_err());
+        assert!(check_name(&"x".repeat(249)).is_ok());
         assert_eq!(clone_name(Path::new("/d/a.qcow2")), Some("a".into()));
         assert_eq!(clone_name(Path::new("/d/a.img")), None);
         assert_eq!(clone_name(Path::new("/d/.qcow2")), None);
