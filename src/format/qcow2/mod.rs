@@ -11,6 +11,7 @@ pub mod header;
 pub mod map;
 mod open;
 pub mod snapshot;
+pub mod tables;
 pub mod write;
 
 use self::entry::Geometry;
@@ -60,7 +61,7 @@ pub struct Qcow2Image {
     pub parent: ParentRef,
     pub tables: Arc<ByteCache>,
     /// Keeps cached L2 tables coherent with the writer's updates.
-    pub l2_sync: write::L2Sync,
+    pub l2_sync: tables::L2Sync,
     snapshot_l1s: Mutex<SnapshotL1s>,
 }
 
@@ -174,7 +175,7 @@ impl Qcow2Image {
             snapshot_error,
             parent,
             tables: ctx.tables.clone(),
-            l2_sync: write::L2Sync::default(),
+            l2_sync: tables::L2Sync::default(),
             snapshot_l1s: Mutex::new(SnapshotL1s::default()),
         })
     }
