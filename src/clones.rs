@@ -140,10 +140,9 @@ impl CloneDir {
         if !meta.file_type().is_file() {
             return Err(Error::invalid("not a regular file"));
         }
-        let ctx = OpenCtx {
-            tables: Arc::new(ByteCache::new(1 << 20)),
-            writable: false,
-        };
+        // The clone is a file the user asked for (through --clones DIR): a trusted root.
+        let ctx = OpenCtx::new(Arc::new(ByteCache::new(1 << 20)), false)
+            .with_policy(crate::backing_policy::BackingPolicy::new().trust_named(path));
         let file = crate::storage::HostFile::open(path, false)?;
         let mut magic = [0u8; 4];
         if file.len() < 4 || file.read_exact_at(&mut magic, 0, "magic").is_err() || &magic != MAGIC
@@ -170,17 +169,19 @@ impl CloneDir {
     }
 
     /// Opens clone file `path` as a writable layer over `base` (the mount's layers, top
-    /// first, whose top is the image): the clone's chain, top first.
+    /// first, whose top is the image): the clone's chain, top first. `ctx` gives the shared
+    /// table cache and the mount's backing-file policy; the clone itself is a trusted root.
     pub fn open(
         &self,
         path: &Path,
         base: &[Arc<dyn Layer>],
-        tables: &Arc<ByteCache>,
+        ctx: &OpenCtx,
     ) -> Result<Vec<Arc<dyn Layer>>> {
         let ctx = OpenCtx {
-            tables: tables.clone(),
             writable: true,
-        };
+            ..ctx.clone()
+        }
+        .with_policy(ctx.policy.clone().trust_named(path));
         let top = format::open_layer(path, Format::Qcow2, &ctx)?;
         self.check_parent(&top.parent())
             .map_err(|e| e.context(format!("clone {}", path.display())))?;

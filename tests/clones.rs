@@ -39,11 +39,7 @@ fn golden(d: &Scratch, rng: &mut Rng) -> std::path::PathBuf {
 }
 
 fn layers_of(image: &Path, tables: &Arc<ByteCache>) -> Vec<Arc<dyn Layer>> {
-    let ctx = OpenCtx {
-        tables: tables.clone(),
-        writable: false,
-    };
-    vmfs_mount::chain::open_chain(image, None, &ctx).unwrap()
+    vmfs_mount::chain::open_chain(image, None, &OpenCtx::new(tables.clone(), false)).unwrap()
 }
 
 fn backing_filename(image: &Path) -> String {
@@ -109,7 +105,9 @@ fn clones_are_qemu_overlays_found_again_and_read_like_their_chain() {
         4096,
     ));
     let mut model = read_all(&base);
-    let chain = clones.open(&a, &base_layers, &tables).unwrap();
+    let chain = clones
+        .open(&a, &base_layers, &OpenCtx::new(tables.clone(), false))
+        .unwrap();
     assert_eq!(chain.len(), base_layers.len() + 1);
     let view = View::over(chain[..1].to_vec(), base.clone(), clusters.clone());
     for i in 0..60 {
@@ -211,15 +209,7 @@ fn a_view_over_a_base_splits_base_extents_where_the_top_holds_data() {
     let clusters = Arc::new(ByteCache::new(8 << 20));
     let base_layers = layers_of(&image, &tables);
     let base = Arc::new(View::new(base_layers, 16 * MIB, clusters.clone(), 4096));
-    let own = vmfs_mount::format::open_detect(
-        &top,
-        None,
-        &OpenCtx {
-            tables,
-            writable: false,
-        },
-    )
-    .unwrap();
+    let own = vmfs_mount::format::open_detect(&top, None, &OpenCtx::new(tables, false)).unwrap();
     let view = View::over(vec![own], base, clusters);
     same(
         "view over the base",
