@@ -116,7 +116,7 @@ impl ViewFiles {
         let size = disk.size();
         // Until the scan says what it read, any write marks the table stale: a write racing
         // with the scan is then never missed.
-        disk.watch(vec![0..u64::MAX]);
+        disk.watch(std::iter::once(0..u64::MAX).collect());
         let read = |off: u64, buf: &mut [u8]| -> crate::error::Result<()> {
             let n = disk.read(off, buf)?;
             if n < buf.len() {

@@ -108,10 +108,9 @@ pub type ReadAt<'a> = &'a dyn Fn(u64, &mut [u8]) -> Result<()>;
 /// partitions and a note.
 pub fn scan(read: ReadAt<'_>, disk_size: u64, declared_sector: Option<u32>) -> Table {
     let mut r = Reader::new(read, disk_size);
-    let sector = match declared_sector {
-        Some(s @ (512 | 4096)) => s,
-        _ => 512,
-    };
+    let sector = declared_sector
+        .filter(|s| matches!(s, 512 | 4096))
+        .unwrap_or(512);
     let mut notes = Vec::new();
     if declared_sector.is_some_and(|s| s != 512 && s != 4096) {
         notes.push(format!(
