@@ -114,7 +114,7 @@ impl DirHandler for ViewDir {
             }
             out
         });
-        tree.invalidate(stale);
+        tree.invalidate_now(stale);
     }
 }
 
