@@ -186,13 +186,7 @@ fn every_partition_of_every_format_reads_as_its_range() {
             &parts,
             true,
         );
-        for (fmt, opts) in [
-            ("qcow2", ""),
-            ("vmdk", ""),
-            ("vpc", "force_size=on"),
-            ("vhdx", ""),
-            ("vdi", ""),
-        ] {
+        for (fmt, opts) in formats[i].iter() {
             let image = convert(&raw_path, fmt, opts);
             check_partitions(
                 &format!("{name}/{fmt}"),
