@@ -1,8 +1,10 @@
 //! vmfs-mount: mount a virtual-machine disk image chain as a tree of raw files.
 
+pub mod backing_policy;
 pub mod cache;
 pub mod chain;
 pub mod changes;
+pub mod clones;
 pub mod endian;
 pub mod error;
 pub mod expose;

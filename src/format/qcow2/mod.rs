@@ -4,12 +4,14 @@
 //! The parsed image (`Qcow2Image`) is shared through an `Arc` by every layer made from it:
 //! the live layer and each snapshot layer differ only in their L1 table and size.
 
+pub mod bitmap;
 pub mod diff;
 pub mod entry;
 pub mod header;
 pub mod map;
 mod open;
 pub mod snapshot;
+pub mod tables;
 pub mod write;
 
 use self::entry::Geometry;
@@ -59,7 +61,7 @@ pub struct Qcow2Image {
     pub parent: ParentRef,
     pub tables: Arc<ByteCache>,
     /// Keeps cached L2 tables coherent with the writer's updates.
-    pub l2_sync: write::L2Sync,
+    pub l2_sync: tables::L2Sync,
     snapshot_l1s: Mutex<SnapshotL1s>,
 }
 
@@ -150,7 +152,7 @@ impl Qcow2Image {
             has_data_file: header.has_data_file(),
         };
         check_tables(&header, &geometry, &file)?;
-        let data_file = open_data_file(&header, &extensions, &file)?;
+        let data_file = open_data_file(&header, &extensions, &file, ctx)?;
         let parent = backing_ref(&header, &extensions, &file)?;
         let (snapshots, snapshot_error) = match read_snapshots(&header, &file) {
             Ok(s) => (s, None),
@@ -173,7 +175,7 @@ impl Qcow2Image {
             snapshot_error,
             parent,
             tables: ctx.tables.clone(),
-            l2_sync: write::L2Sync::default(),
+            l2_sync: tables::L2Sync::default(),
             snapshot_l1s: Mutex::new(SnapshotL1s::default()),
         })
     }
