@@ -436,7 +436,14 @@ fn partitions_write_through_follow_repartitioning_and_hold_file_systems() {
     assert_eq!(std::fs::metadata(&p2).unwrap().len(), 2 * M);
     assert_eq!(
         names_in(&mnt),
-        ["disk.raw", "p1.raw", "p2.raw", "p3.raw", "snapshots"]
+        [
+            "changes",
+            "disk.raw",
+            "p1.raw",
+            "p2.raw",
+            "p3.raw",
+            "snapshots"
+        ]
     );
     // The snapshot keeps its own table.
     assert_eq!(std::fs::metadata(&snap_p1).unwrap().len(), 8 * M);
@@ -446,6 +453,6 @@ fn partitions_write_through_follow_repartitioning_and_hold_file_systems() {
     df.sync_all().unwrap();
     drop(df);
     eventually("partition files disappear", || {
-        names_in(&mnt) == ["disk.raw", "snapshots"]
+        names_in(&mnt) == ["changes", "disk.raw", "snapshots"]
     });
 }
