@@ -44,16 +44,18 @@ Examples:
   vmfs-mount disk.qcow2 /mnt/vm
   vmfs-mount -r -o allow_other disk.vmdk /mnt/vm
   vmfs-mount --list --json disk.qcow2
+  vmfs-mount --changes nightly --json disk.qcow2   # what changed since snapshot nightly
   mount -t fuse.vmfs-mount /images/disk.qcow2 /mnt/vm -o ro";
 
 #[derive(Parser, Debug)]
 #[command(name = "vmfs-mount", version, about = ABOUT, long_about = LONG_ABOUT, after_help = AFTER_HELP)]
+#[command(group(clap::ArgGroup::new("report").args(["list", "changes"])))]
 pub struct Args {
     /// Disk image to mount (the top of its backing chain)
     pub image: PathBuf,
 
-    /// Directory to mount on (not needed with --list)
-    #[arg(required_unless_present = "list")]
+    /// Directory to mount on (not needed with --list or --changes)
+    #[arg(required_unless_present_any = ["list", "changes"])]
     pub mountpoint: Option<PathBuf>,
 
     /// Stay in the foreground and log to stderr
@@ -100,8 +102,13 @@ pub struct Args {
     #[arg(long)]
     pub list: bool,
 
-    /// With --list: print JSON
-    #[arg(long, requires = "list")]
+    /// Print the extents where view NEW (default: the live disk) may differ from view OLD,
+    /// found from metadata only (names as under snapshots/), then exit
+    #[arg(long, value_name = "OLD[..NEW]")]
+    pub changes: Option<String>,
+
+    /// With --list or --changes: print JSON
+    #[arg(long, requires = "report")]
     pub json: bool,
 }
 
@@ -130,6 +137,8 @@ pub struct Settings {
     pub log_file: Option<PathBuf>,
     pub verbose: u8,
     pub list: bool,
+    /// `--changes OLD[..NEW]`, as given (names are resolved against the opened views).
+    pub changes: Option<String>,
     pub json: bool,
     pub allow_other: bool,
     pub allow_root: bool,
@@ -169,6 +178,7 @@ impl Settings {
             log_file: a.log_file,
             verbose: a.verbose,
             list: a.list,
+            changes: a.changes,
             json: a.json,
             allow_other: false,
             allow_root: false,
@@ -440,6 +450,9 @@ mod tests {
         assert!(settings(&["--list", "--json", "img"]).unwrap().json);
         assert!(Args::try_parse_from(["vmfs-mount", "img"]).is_err());
         assert!(Args::try_parse_from(["vmfs-mount", "--json", "img", "mnt"]).is_err());
+        let s = settings(&["--changes", "base..s1", "--json", "img"]).unwrap();
+        assert_eq!(s.changes.as_deref(), Some("base..s1"));
+        assert!(Args::try_parse_from(["vmfs-mount", "--list", "--changes", "a", "img"]).is_err());
     }
 
     #[test]

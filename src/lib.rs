@@ -2,6 +2,7 @@
 
 pub mod cache;
 pub mod chain;
+pub mod changes;
 pub mod endian;
 pub mod error;
 pub mod format;

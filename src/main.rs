@@ -1,5 +1,6 @@
 //! vmfs-mount: the command line, the mount and the daemon around the vmfs_mount library.
 
+mod changes_report;
 mod cli;
 mod daemon;
 mod fs;
@@ -20,7 +21,7 @@ fn main() {
             std::process::exit(2);
         }
     };
-    if !settings.foreground && !settings.list {
+    if !settings.foreground && !settings.list && settings.changes.is_none() {
         daemon::close_inherited_fds();
     }
     init_logging(settings.verbose);
@@ -47,7 +48,7 @@ fn run(s: &Settings) -> i32 {
         access: s.access,
         overlay: s.overlay.as_deref().map(absolute),
         force_share: s.force_share,
-        listing: s.list,
+        listing: s.list || s.changes.is_some(),
         table_cache: s.table_cache,
         cluster_cache: s.cluster_cache,
     };
@@ -60,6 +61,16 @@ fn run(s: &Settings) -> i32 {
                 } else {
                     list::text(&s.image, &opened)
                 };
+                print!("{out}");
+                0
+            }
+            Err(e) => fail(&e.to_string()),
+        };
+    }
+    if let Some(spec) = &s.changes {
+        req.access = Access::ReadOnly;
+        return match open_for_mount(&req).and_then(|o| changes_report::report(&o, spec, s.json)) {
+            Ok(out) => {
                 print!("{out}");
                 0
             }

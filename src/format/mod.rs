@@ -20,6 +20,7 @@ use crate::cache::ByteCache;
 use crate::error::{Error, Result};
 use crate::storage::HostFile;
 use std::fmt;
+use std::ops::Range;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -169,7 +170,7 @@ pub struct SnapshotInfo {
 }
 
 /// One layer of a chain: a format driver instance, or one internal snapshot of it.
-pub trait Layer: Send + Sync + fmt::Debug {
+pub trait Layer: std::any::Any + Send + Sync + fmt::Debug {
     fn format(&self) -> Format;
     /// The file the user would name for this layer (the descriptor for VMDK).
     fn path(&self) -> &Path;
@@ -207,6 +208,18 @@ pub trait Layer: Send + Sync + fmt::Debug {
     }
     /// In-place writing, for the top layer only.
     fn writer(&self) -> Option<&dyn crate::write::LayerWriter> {
+        None
+    }
+    /// When `older` is another table of the same file (an internal snapshot of it, or the
+    /// live image), the guest ranges inside [off, end) where the two may map differently,
+    /// found from their tables alone; `None` when the two do not share a file this way.
+    /// Both must sit on the same layers below.
+    fn changed_since(
+        &self,
+        _older: &dyn Layer,
+        _off: u64,
+        _end: u64,
+    ) -> Option<Result<Vec<Range<u64>>>> {
         None
     }
 }

@@ -184,13 +184,18 @@ impl Walker<'_> {
         {
             return Ok(t.clone());
         }
-        let file = &self.img.file;
-        let cs = self.img.geometry.cluster_size();
-        let key = Key::new(file.id(), l2_off, TAG_L2);
-        let t = self.img.l2_sync.get(&self.img.tables, key, || {
-            file.read_table(l2_off, cs, cs, "L2 table")
-        })?;
+        let t = l2_table(self.img, l2_off)?;
         self.l2 = Some((l2_off, t.clone()));
         Ok(t)
     }
+}
+
+/// The L2 table at `l2_off`: the writer's live copy, or through the shared table cache.
+pub fn l2_table(img: &Qcow2Image, l2_off: u64) -> Result<L2Ref> {
+    let file = &img.file;
+    let cs = img.geometry.cluster_size();
+    let key = Key::new(file.id(), l2_off, TAG_L2);
+    img.l2_sync.get(&img.tables, key, || {
+        file.read_table(l2_off, cs, cs, "L2 table")
+    })
 }

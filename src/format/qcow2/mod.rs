@@ -4,6 +4,7 @@
 //! The parsed image (`Qcow2Image`) is shared through an `Arc` by every layer made from it:
 //! the live layer and each snapshot layer differ only in their L1 table and size.
 
+pub mod diff;
 pub mod entry;
 pub mod header;
 pub mod map;
@@ -22,8 +23,10 @@ use crate::cache::ByteCache;
 use crate::error::{Error, Kind, Result};
 use crate::storage::HostFile;
 use parking_lot::Mutex;
+use std::any::Any;
 use std::collections::HashMap;
 use std::fmt;
+use std::ops::Range;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Weak};
 
@@ -241,6 +244,16 @@ impl Qcow2Image {
     }
 }
 
+impl Qcow2Layer {
+    /// The L1 table this layer maps through now (the writer's, for the live layer).
+    pub fn current_l1(&self) -> Arc<[u64]> {
+        match &self.writer {
+            Some(w) => w.l1(),
+            None => self.l1.clone(),
+        }
+    }
+}
+
 impl Layer for Qcow2Layer {
     fn format(&self) -> Format {
         Format::Qcow2
@@ -256,6 +269,19 @@ impl Layer for Qcow2Layer {
             Some(w) => map::map(&self.image, &w.l1(), self.l1_offset, off, len),
             None => map::map(&self.image, &self.l1, self.l1_offset, off, len),
         }
+    }
+    fn changed_since(
+        &self,
+        older: &dyn Layer,
+        off: u64,
+        end: u64,
+    ) -> Option<Result<Vec<Range<u64>>>> {
+        let older = (older as &dyn Any).downcast_ref::<Qcow2Layer>()?;
+        if !Arc::ptr_eq(&older.image, &self.image) {
+            return None;
+        }
+        let (old, new) = (older.current_l1(), self.current_l1());
+        Some(diff::changed_between(&self.image, &old, &new, off, end))
     }
     fn writer(&self) -> Option<&dyn crate::write::LayerWriter> {
         self.writer.as_deref().map(|w| w as _)

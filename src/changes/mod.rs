@@ -1,0 +1,169 @@
+//! Changed blocks: where one view of a chain may differ from another, found from metadata
+//! alone, never by comparing data.
+//!
+//! Two views of one chain share their bottom layers. Above the shared part, every byte a
+//! layer of either side maps (data, zeros or compressed) may differ; where none of them
+//! maps anything both read the shared layers, so nothing differs. When the lowest unshared
+//! layer of each side is a table of the same qcow2 file (the live image and an internal
+//! snapshot of it), the two are compared entry by entry instead. Past the end of either
+//! view or of any unshared layer (which cuts off what lies below it) everything may differ.
+//! The answer never misses a changed byte and over-reports only at the granularity of the
+//! layers' tables (a cluster or subcluster).
+
+pub mod ranges;
+pub mod records;
+
+use crate::error::{Error, Kind, Result};
+use crate::format::{Layer, Mapping};
+use std::ops::Range;
+use std::sync::Arc;
+
+/// Windows in which seeks look for the next change: small first, so a change near the
+/// offset is found cheaply, growing so a long unchanged stretch costs few passes.
+const FIRST_WINDOW: u64 = 64 << 20;
+const MAX_WINDOW: u64 = 64 << 30;
+
+/// The changes from an old view to a new one (of the same chain).
+#[derive(Debug, Clone)]
+pub struct Changes {
+    /// Layers only the old / only the new view has, above the shared ones.
+    old_only: Vec<Arc<dyn Layer>>,
+    new_only: Vec<Arc<dyn Layer>>,
+    /// (old, new): two tables of one qcow2 file, right above the shared layers.
+    pair: Option<(Arc<dyn Layer>, Arc<dyn Layer>)>,
+    /// From here on everything may differ.
+    cutoff: u64,
+    /// The new view's size: every range lies below it.
+    size: u64,
+}
+
+impl Changes {
+    /// The changes from the view of `old` layers (top first, `old_size` bytes) to the view of
+    /// `new` layers. Layers count as shared when they are the same object.
+    pub fn between(
+        old: &[Arc<dyn Layer>],
+        old_size: u64,
+        new: &[Arc<dyn Layer>],
+        new_size: u64,
+    ) -> Changes {
+        let shared = old
+            .iter()
+            .rev()
+            .zip(new.iter().rev())
+            .take_while(|(a, b)| std::ptr::addr_eq(Arc::as_ptr(a), Arc::as_ptr(b)))
+            .count();
+        let mut old_only = old[..old.len() - shared].to_vec();
+        let mut new_only = new[..new.len() - shared].to_vec();
+        let cutoff = old_only
+            .iter()
+            .chain(&new_only)
+            .map(|l| l.virtual_size())
+            .fold(old_size.min(new_size), u64::min);
+        // An empty range costs nothing and says whether the two tables can be compared.
+        let paired = matches!(
+            (old_only.last(), new_only.last()),
+            (Some(a), Some(b)) if b.changed_since(&**a, 0, 0).is_some()
+        );
+        let pair = if paired {
+            old_only.pop().zip(new_only.pop())
+        } else {
+            None
+        };
+        Changes {
+            old_only,
+            new_only,
+            pair,
+            cutoff,
+            size: new_size,
+        }
+    }
+
+    /// The size of the new view.
+    pub fn size(&self) -> u64 {
+        self.size
+    }
+
+    /// The changed ranges inside [off, end), clipped to it, sorted and merged.
+    pub fn ranges(&self, off: u64, end: u64) -> Result<Vec<Range<u64>>> {
+        let end = end.min(self.size);
+        if off >= end {
+            return Ok(Vec::new());
+        }
+        let below_cutoff = end.min(self.cutoff);
+        let mut all = Vec::new();
+        for layer in self.old_only.iter().chain(&self.new_only) {
+            mapped(&**layer, off, below_cutoff, &mut all)?;
+        }
+        if let Some((old, new)) = &self.pair
+            && off < below_cutoff
+        {
+            match new.changed_since(&**old, off, below_cutoff) {
+                Some(r) => all.extend(r?),
+                None => all.push(off..below_cutoff),
+            }
+        }
+        all.push(self.cutoff.max(off)..end);
+        Ok(ranges::union(all))
+    }
+
+    /// Every changed range of the new view.
+    pub fn all(&self) -> Result<Vec<Range<u64>>> {
+        self.ranges(0, self.size)
+    }
+
+    /// The first changed offset at or after `off`, if any.
+    pub fn next_changed(&self, off: u64) -> Result<Option<u64>> {
+        let mut pos = off;
+        let mut window = FIRST_WINDOW;
+        while pos < self.size {
+            let end = pos.saturating_add(window).min(self.size);
+            if let Some(r) = self.ranges(pos, end)?.first() {
+                return Ok(Some(r.start));
+            }
+            pos = end;
+            window = (window * 2).min(MAX_WINDOW);
+        }
+        Ok(None)
+    }
+
+    /// The first unchanged offset at or after `off`; the end of the view counts as one.
+    pub fn next_unchanged(&self, off: u64) -> Result<u64> {
+        let mut pos = off;
+        let mut window = FIRST_WINDOW;
+        while pos < self.size {
+            let end = pos.saturating_add(window).min(self.size);
+            match self.ranges(pos, end)?.first() {
+                Some(r) if r.start == pos && r.end == end => pos = end,
+                Some(r) if r.start == pos => return Ok(r.end),
+                _ => return Ok(pos),
+            }
+            window = (window * 2).min(MAX_WINDOW);
+        }
+        Ok(self.size.max(off.min(self.size)))
+    }
+}
+
+/// Appends the ranges inside [off, end) that `layer` maps itself (anything but
+/// "unallocated": its data, zeros or compressed clusters hide what lies below).
+fn mapped(layer: &dyn Layer, off: u64, end: u64, out: &mut Vec<Range<u64>>) -> Result<()> {
+    let end = end.min(layer.virtual_size());
+    let mut pos = off;
+    while pos < end {
+        let e = layer.map(pos, end - pos)?;
+        if e.len == 0 || e.len > end - pos {
+            return Err(Error::new(
+                Kind::Corrupt,
+                format!(
+                    "{}: translation of {pos:#x} returned a bad length {}",
+                    layer.path().display(),
+                    e.len
+                ),
+            ));
+        }
+        if !matches!(e.map, Mapping::Unallocated) {
+            ranges::push_range(out, pos..pos + e.len);
+        }
+        pos += e.len;
+    }
+    Ok(())
+}
