@@ -5,6 +5,7 @@
 
 use clap::{ArgAction, Parser};
 use std::path::PathBuf;
+use vmfs_mount::expose::FileOptions;
 use vmfs_mount::format::Format;
 
 const ABOUT: &str = "Mount a virtual-machine disk image chain as raw files";
@@ -150,6 +151,8 @@ pub struct Settings {
     pub kernel_flags: Vec<&'static str>,
     /// Let the kernel read raw-identical files directly (off with `-o nopassthrough`).
     pub passthrough: bool,
+    /// Which optional files each view's directory shows.
+    pub files: FileOptions,
 }
 
 pub const DEFAULT_TABLE_CACHE: usize = 256 << 20;
@@ -188,6 +191,7 @@ impl Settings {
             subtype: None,
             kernel_flags: Vec::new(),
             passthrough: true,
+            files: FileOptions::default(),
         };
         if let Some(f) = &a.format {
             s.apply_one(&format!("format={f}"))?;

@@ -47,9 +47,7 @@ pub fn run(settings: &Settings, mountpoint: PathBuf, opened: Opened) -> i32 {
         if let Some(f) = &log {
             redirect_output(f);
         }
-        return match serve(&mountpoint, &opened, &config, settings.passthrough, |_| {
-            Ok(())
-        }) {
+        return match serve(&mountpoint, &opened, &config, settings, |_| Ok(())) {
             Ok(()) => 0,
             Err(e) => {
                 eprintln!("vmfs-mount: {e}");
@@ -73,14 +71,7 @@ pub fn run(settings: &Settings, mountpoint: PathBuf, opened: Opened) -> i32 {
         }
         0 => {
             drop(read_end);
-            daemon_child(
-                &mountpoint,
-                &opened,
-                &config,
-                settings.passthrough,
-                write_end,
-                log,
-            )
+            daemon_child(&mountpoint, &opened, &config, settings, write_end, log)
         }
         child => {
             drop(write_end);
@@ -119,7 +110,7 @@ fn daemon_child(
     mountpoint: &Path,
     opened: &Opened,
     config: &Config,
-    passthrough: bool,
+    settings: &Settings,
     ready: File,
     log: Option<File>,
 ) -> i32 {
@@ -129,7 +120,7 @@ fn daemon_child(
         libc::chdir(c"/".as_ptr());
     }
     let mut ready = Some(ready);
-    let result = serve(mountpoint, opened, config, passthrough, |_| {
+    let result = serve(mountpoint, opened, config, settings, |_| {
         // Detach from the caller's terminal and pipes before saying we are ready, so that a
         // caller reading our output to EOF returns as soon as the parent exits.
         match &log {
@@ -168,18 +159,19 @@ fn serve(
     mountpoint: &Path,
     opened: &Opened,
     config: &Config,
-    passthrough: bool,
+    settings: &Settings,
     on_ready: impl FnOnce(&Path) -> Result<(), String>,
 ) -> Result<(), String> {
     let (tx, rx) = channel();
     block_signals_and_watch(tx.clone())?;
-    let mut fs = DiskFs::new(opened);
-    if !passthrough {
+    let mut fs = DiskFs::new(opened, &settings.files);
+    if !settings.passthrough {
         fs = fs.without_passthrough();
     }
-    let writable = fs.writable_views();
+    let tree = fs.shared();
     let mut session = Session::new(fs, mountpoint, config)
         .map_err(|e| format!("cannot mount on {}: {e}", mountpoint.display()))?;
+    tree.attach(session.notifier());
     let mut unmounter = session.unmount_callable();
     std::thread::Builder::new()
         .name("session".into())
@@ -214,7 +206,7 @@ fn serve(
                     mountpoint.display()
                 );
                 signalled = true;
-                DiskFs::flush_all(&writable);
+                tree.flush_all();
                 unmount(&mut unmounter, mountpoint);
             }
             Ok(Event::Signal(sig)) => {
@@ -222,7 +214,7 @@ fn serve(
                     "signal {sig} again: exiting while {} is still busy",
                     mountpoint.display()
                 );
-                DiskFs::flush_all(&writable);
+                tree.flush_all();
                 return Ok(());
             }
             Ok(Event::Ended(None)) | Err(_) => {

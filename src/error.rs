@@ -22,6 +22,13 @@ pub enum Kind {
     Busy,
     /// An earlier write failure made this view refuse further writes.
     Failed,
+    /// A name that must be new is taken (mkdir, rename onto an existing snapshot).
+    Exists,
+    /// A directory to remove still holds something that cannot go with it.
+    NotEmpty,
+    /// The operation is not allowed on this object (rmdir of the live view, mkdir where no
+    /// directory can be made).
+    NotPermitted,
 }
 
 pub struct Error {
@@ -102,6 +109,9 @@ impl Error {
             Kind::InvalidInput => libc::EINVAL,
             Kind::ReadOnly => libc::EROFS,
             Kind::Busy => libc::EBUSY,
+            Kind::Exists => libc::EEXIST,
+            Kind::NotEmpty => libc::ENOTEMPTY,
+            Kind::NotPermitted => libc::EPERM,
         }
     }
 }

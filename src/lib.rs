@@ -5,6 +5,7 @@ pub mod chain;
 pub mod changes;
 pub mod endian;
 pub mod error;
+pub mod expose;
 pub mod format;
 pub mod lock;
 pub mod overlay;

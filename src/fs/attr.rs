@@ -25,8 +25,9 @@ impl Owner {
     }
 }
 
-/// A directory: read and search only (the tree never changes), `subdirs` for the link count.
-pub fn dir(ino: u64, mtime: SystemTime, subdirs: usize, owner: Owner) -> FileAttr {
+/// A directory: read and search only (changes come through mkdir/rmdir/rename handlers, which
+/// do not need the write bit), `subdirs` for the link count.
+pub fn dir(ino: u64, mtime: SystemTime, subdirs: usize, writable: bool, owner: Owner) -> FileAttr {
     FileAttr {
         ino: INodeNo(ino),
         size: 0,
@@ -36,7 +37,7 @@ pub fn dir(ino: u64, mtime: SystemTime, subdirs: usize, owner: Owner) -> FileAtt
         ctime: mtime,
         crtime: mtime,
         kind: FileType::Directory,
-        perm: 0o555,
+        perm: if writable { 0o755 } else { 0o555 },
         nlink: 2 + u32::try_from(subdirs).unwrap_or(u32::MAX - 2),
         uid: owner.uid,
         gid: owner.gid,
@@ -46,8 +47,8 @@ pub fn dir(ino: u64, mtime: SystemTime, subdirs: usize, owner: Owner) -> FileAtt
     }
 }
 
-/// A disk file of `size` bytes of which `allocated` hold data.
-pub fn disk_file(
+/// A regular file of `size` bytes of which `allocated` hold data.
+pub fn file(
     ino: u64,
     size: u64,
     allocated: u64,
@@ -86,19 +87,20 @@ mod tests {
 
     #[test]
     fn read_only_files_are_0444_and_writable_0644() {
-        let a = disk_file(2, 10 << 20, 1000, UNIX_EPOCH, false, ME);
+        let a = file(2, 10 << 20, 1000, UNIX_EPOCH, false, ME);
         assert_eq!(
             (a.perm, a.kind, a.size, a.blocks),
             (0o444, FileType::RegularFile, 10 << 20, 2)
         );
         assert_eq!((a.uid, a.gid, a.nlink), (1000, 100, 1));
-        assert_eq!(disk_file(2, 1, 0, UNIX_EPOCH, true, ME).perm, 0o644);
+        assert_eq!(file(2, 1, 0, UNIX_EPOCH, true, ME).perm, 0o644);
     }
 
     #[test]
     fn dirs_are_0555_with_links_for_subdirs() {
-        let a = dir(3, UNIX_EPOCH, 5, ME);
+        let a = dir(3, UNIX_EPOCH, 5, false, ME);
         assert_eq!((a.perm, a.kind, a.nlink), (0o555, FileType::Directory, 7));
-        assert_eq!(dir(1, UNIX_EPOCH, usize::MAX, ME).nlink, u32::MAX);
+        assert_eq!(dir(1, UNIX_EPOCH, usize::MAX, false, ME).nlink, u32::MAX);
+        assert_eq!(dir(1, UNIX_EPOCH, 0, true, ME).perm, 0o755);
     }
 }

@@ -1,17 +1,28 @@
-//! The FUSE file system: an immutable tree of directories and disk files, each file a `View`.
+//! The FUSE file system: a tree of directories and exposed files that may change while
+//! mounted.
 //!
-//! Handlers take no lock of their own (the tree is fixed at mount); library errors become
-//! errno here and nowhere else, with a log line.
+//! - `tree.rs`: the nodes (inodes allocated as nodes appear, never reused; removed nodes stay
+//!   resolvable until the kernel forgets them), plain data behind one lock.
+//! - `state.rs`: `SharedTree` (the lock, held only to read or change the tree, never across
+//!   I/O; changes queue kernel cache invalidations sent by a thread of their own) and the
+//!   attribute and entry lookups the handlers share.
+//! - `handler.rs`: `DirHandler`, what a directory does beyond name lookups (refresh its
+//!   entries, mkdir/rmdir/rename); `viewdir.rs`: the handler of a view's directory.
+//! - the files themselves are `vmfs_mount::expose::ExposedFile`s: handlers read, write, seek
+//!   and count blocks through that trait and never ask what kind of file they serve.
+//!
+//! Library errors become errno here and nowhere else, with a log line.
 
 pub mod attr;
-mod passthrough;
+pub mod handler;
 mod state;
 #[cfg(test)]
 mod tests;
 pub mod tree;
+pub mod viewdir;
 
-pub use state::DiskFs;
-use state::{FH_WRITE, MAX_READ, READ_BUF, fail, nanos};
+pub use state::{DiskFs, SharedTree};
+use state::{FH_WRITE, MAX_READ, READ_BUF};
 
 use fuser::{
     AccessFlags, Errno, FileHandle, Filesystem, FopenFlags, Generation, INodeNo, InitFlags,
@@ -20,9 +31,9 @@ use fuser::{
     ReplyXattr, Request, TimeOrNow, WriteFlags,
 };
 use std::ffi::OsStr;
-use std::sync::atomic::Ordering;
+use std::sync::Arc;
 use std::time::SystemTime;
-use tree::NodeKind;
+use tree::Ino;
 
 impl Filesystem for DiskFs {
     fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> std::io::Result<()> {
@@ -52,18 +63,26 @@ impl Filesystem for DiskFs {
 
     fn destroy(&mut self) {
         // Reached on every unmount, clean or not: make acknowledged writes durable.
-        DiskFs::flush_all(&self.writable_views());
+        self.tree.flush_all();
     }
 
     fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
-        let found = name
-            .to_str()
-            .and_then(|n| self.tree.lookup(parent.0, n))
-            .and_then(|ino| self.attr(ino));
+        let Some(name) = name.to_str() else {
+            return reply.error(Errno::ENOENT);
+        };
+        self.refresh(parent.0);
+        let found = self
+            .tree
+            .read(|t| t.lookup(parent.0, name))
+            .and_then(|ino| Some((ino, self.attr(ino)?)));
         match found {
-            Some((a, ttl)) => reply.entry(&ttl, &a, Generation(0)),
+            Some((ino, (a, ttl))) => self.reply_entry(ino, &a, ttl, reply),
             None => reply.error(Errno::ENOENT),
         }
+    }
+
+    fn forget(&self, _req: &Request, ino: INodeNo, nlookup: u64) {
+        self.tree.change(|t| t.forget(ino.0, nlookup));
     }
 
     fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
@@ -95,9 +114,9 @@ impl Filesystem for DiskFs {
             return reply.error(Errno::ENOENT);
         };
         if let Some(new_size) = size.filter(|s| *s != a.size) {
-            let path = self.disk(ino).map(|d| d.path.as_str()).unwrap_or("?");
             log::warn!(
-                "{path}: refused to change the size to {new_size} bytes: a disk's size never changes"
+                "{}: refused to change the size to {new_size} bytes: a disk's size never changes",
+                self.path(ino.0)
             );
             return reply.error(Errno::EPERM);
         }
@@ -107,29 +126,33 @@ impl Filesystem for DiskFs {
     }
 
     fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
-        let d = match self.disk(ino) {
-            Ok(d) => d,
+        let f = match self.tree.file(ino.0) {
+            Ok(f) => f,
             Err(e) => return reply.error(e),
         };
         let wants_write = flags.acc_mode() != OpenAccMode::O_RDONLY;
-        if wants_write && !d.writable {
+        if wants_write && !f.writable() {
             return reply.error(Errno::EROFS);
         }
-        if !wants_write && !d.writable && self.passthrough {
-            let backing = d.backing.get_or_init(|| {
-                let file = passthrough::identity_file(&d.view)?;
-                reply
-                    .open_backing(file.as_local_file()?)
-                    .map_err(|e| log::info!("{}: no kernel passthrough: {e}", d.path))
-                    .ok()
-            });
-            if let Some(id) = backing {
-                return reply.opened_passthrough(FileHandle(0), FopenFlags::empty(), id);
-            }
+        if !wants_write
+            && !f.mutable()
+            && self.passthrough
+            && let Some(id) = self.backing_id(ino.0, &*f, &reply)
+        {
+            self.tree.read(|t| t.opened(ino.0));
+            return reply.opened_passthrough(FileHandle(0), FopenFlags::empty(), &id);
         }
-        // Only this mount changes a view, so the page cache stays valid across opens.
         let fh = if wants_write { FH_WRITE } else { 0 };
-        reply.opened(FileHandle(fh), FopenFlags::FOPEN_KEEP_CACHE);
+        self.tree.read(|t| t.opened(ino.0));
+        // A file whose bytes never change keeps its page cache across opens. Others drop it
+        // at open; while open, writes through another file showing the same bytes
+        // invalidate the pages they change.
+        let keep = if f.mutable() {
+            FopenFlags::empty()
+        } else {
+            FopenFlags::FOPEN_KEEP_CACHE
+        };
+        reply.opened(FileHandle(fh), keep);
     }
 
     fn read(
@@ -143,8 +166,8 @@ impl Filesystem for DiskFs {
         _lock_owner: Option<LockOwner>,
         reply: ReplyData,
     ) {
-        let d = match self.disk(ino) {
-            Ok(d) => d,
+        let f = match self.tree.file(ino.0) {
+            Ok(f) => f,
             Err(e) => return reply.error(e),
         };
         let len = (size as usize).min(MAX_READ);
@@ -153,13 +176,11 @@ impl Filesystem for DiskFs {
             if buf.len() < len {
                 buf.resize(len, 0);
             }
-            match d.view.read(offset, &mut buf[..len]) {
+            match f.read(offset, &mut buf[..len]) {
                 Ok(n) => reply.data(&buf[..n]),
-                Err(e) => reply.error(fail(
-                    &d.path,
-                    &format!("read {len} bytes at {offset:#x}"),
-                    &e,
-                )),
+                Err(e) => {
+                    reply.error(self.fail(ino.0, &format!("read {len} bytes at {offset:#x}"), &e))
+                }
             }
         });
     }
@@ -176,21 +197,19 @@ impl Filesystem for DiskFs {
         _lock_owner: Option<LockOwner>,
         reply: ReplyWrite,
     ) {
-        let d = match self.disk(ino) {
-            Ok(d) => d,
+        let f = match self.tree.file(ino.0) {
+            Ok(f) => f,
             Err(e) => return reply.error(e),
         };
-        if !d.writable {
+        if !f.writable() {
             return reply.error(Errno::EROFS);
         }
-        match d.view.write(offset, data) {
-            Ok(()) => {
-                d.mtime_ns
-                    .store(nanos(SystemTime::now()), Ordering::Relaxed);
-                reply.written(u32::try_from(data.len()).unwrap_or(u32::MAX));
-            }
-            Err(e) => reply.error(fail(
-                &d.path,
+        let result = f.write(offset, data);
+        self.written(ino.0, offset, data.len() as u64);
+        match result {
+            Ok(()) => reply.written(u32::try_from(data.len()).unwrap_or(u32::MAX)),
+            Err(e) => reply.error(self.fail(
+                ino.0,
                 &format!("write {} bytes at {offset:#x}", data.len()),
                 &e,
             )),
@@ -205,14 +224,25 @@ impl Filesystem for DiskFs {
         _lock_owner: LockOwner,
         reply: ReplyEmpty,
     ) {
-        match self.disk(ino) {
-            Ok(d) if d.writable && fh.0 == FH_WRITE => match d.view.flush() {
-                Ok(()) => reply.ok(),
-                Err(e) => reply.error(fail(&d.path, "flush", &e)),
-            },
+        match self.tree.file(ino.0) {
+            Ok(f) if f.writable() && fh.0 == FH_WRITE => self.sync(ino.0, &*f, "flush", reply),
             Ok(_) => reply.ok(),
             Err(e) => reply.error(e),
         }
+    }
+
+    fn release(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        _flush: bool,
+        reply: ReplyEmpty,
+    ) {
+        self.tree.read(|t| t.released(ino.0));
+        reply.ok();
     }
 
     fn fsync(
@@ -223,11 +253,8 @@ impl Filesystem for DiskFs {
         _datasync: bool,
         reply: ReplyEmpty,
     ) {
-        match self.disk(ino) {
-            Ok(d) if d.writable => match d.view.flush() {
-                Ok(()) => reply.ok(),
-                Err(e) => reply.error(fail(&d.path, "fsync", &e)),
-            },
+        match self.tree.file(ino.0) {
+            Ok(f) if f.writable() => self.sync(ino.0, &*f, "fsync", reply),
             Ok(_) => reply.ok(),
             Err(e) => reply.error(e),
         }
@@ -243,8 +270,8 @@ impl Filesystem for DiskFs {
         mode: i32,
         reply: ReplyEmpty,
     ) {
-        let d = match self.disk(ino) {
-            Ok(d) => d,
+        let f = match self.tree.file(ino.0) {
+            Ok(f) => f,
             Err(e) => return reply.error(e),
         };
         const PUNCH: i32 = libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE;
@@ -252,20 +279,16 @@ impl Filesystem for DiskFs {
         if mode != PUNCH && !zero_range {
             return reply.error(Errno::from_i32(libc::EOPNOTSUPP));
         }
-        if !d.writable {
+        if !f.writable() {
             return reply.error(Errno::EROFS);
         }
-        match d.view.discard(offset, length) {
-            Ok(()) => {
-                d.mtime_ns
-                    .store(nanos(SystemTime::now()), Ordering::Relaxed);
-                reply.ok()
+        let result = f.discard(offset, length);
+        self.written(ino.0, offset, length);
+        match result {
+            Ok(()) => reply.ok(),
+            Err(e) => {
+                reply.error(self.fail(ino.0, &format!("discard {length} bytes at {offset:#x}"), &e))
             }
-            Err(e) => reply.error(fail(
-                &d.path,
-                &format!("discard {length} bytes at {offset:#x}"),
-                &e,
-            )),
         }
     }
 
@@ -278,35 +301,42 @@ impl Filesystem for DiskFs {
         whence: i32,
         reply: ReplyLseek,
     ) {
-        let d = match self.disk(ino) {
-            Ok(d) => d,
+        let f = match self.tree.file(ino.0) {
+            Ok(f) => f,
             Err(e) => return reply.error(e),
         };
         let Ok(off) = u64::try_from(offset) else {
             return reply.error(Errno::EINVAL);
         };
-        if off >= d.view.size() && (whence == libc::SEEK_DATA || whence == libc::SEEK_HOLE) {
+        if off >= f.size() && (whence == libc::SEEK_DATA || whence == libc::SEEK_HOLE) {
             return reply.error(Errno::ENXIO);
         }
         let found = match whence {
-            libc::SEEK_DATA => d.view.next_data(off).map(|o| o.ok_or(Errno::ENXIO)),
-            libc::SEEK_HOLE => d.view.next_hole(off).map(Ok),
+            libc::SEEK_DATA => f.next_data(off).map(|o| o.ok_or(Errno::ENXIO)),
+            libc::SEEK_HOLE => f.next_hole(off).map(Ok),
             _ => return reply.error(Errno::EINVAL),
         };
         match found {
             Ok(Ok(pos)) => reply.offset(i64::try_from(pos).unwrap_or(i64::MAX)),
             Ok(Err(e)) => reply.error(e),
-            Err(e) => reply.error(fail(&d.path, &format!("seek from {off:#x}"), &e)),
+            Err(e) => reply.error(self.fail(ino.0, &format!("seek from {off:#x}"), &e)),
         }
     }
 
     fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
-        match self.tree.get(ino.0).map(|n| &n.kind) {
-            Some(NodeKind::Dir(_)) => reply.opened(
+        self.refresh(ino.0);
+        let found = self.tree.read(|t| {
+            t.get(ino.0)
+                .map(|n| (n.is_dir(), n.handler().is_some_and(|h| h.changes())))
+        });
+        match found {
+            // A listing that cannot change may stay in the kernel's cache.
+            Some((true, false)) => reply.opened(
                 FileHandle(0),
                 FopenFlags::FOPEN_CACHE_DIR | FopenFlags::FOPEN_KEEP_CACHE,
             ),
-            Some(NodeKind::File { .. }) => reply.error(Errno::ENOTDIR),
+            Some((true, true)) => reply.opened(FileHandle(0), FopenFlags::empty()),
+            Some((false, _)) => reply.error(Errno::ENOTDIR),
             None => reply.error(Errno::ENOENT),
         }
     }
@@ -357,40 +387,31 @@ impl Filesystem for DiskFs {
             ) {
                 break;
             }
+            // The kernel counts a lookup for every entry but "." and "..".
+            if i >= 2 {
+                self.tree.read(|t| t.remember(*child));
+            }
         }
         reply.ok();
     }
 
     fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
-        let bytes: u64 = self
-            .disks
-            .iter()
-            .map(|d| d.view.size())
-            .fold(0, u64::saturating_add);
-        reply.statfs(
-            bytes.div_ceil(4096),
-            0,
-            0,
-            self.tree.len() as u64,
-            0,
-            4096,
-            255,
-            4096,
-        );
+        let (bytes, nodes) = self.tree.read(|t| (t.shown_bytes(), t.len() as u64));
+        reply.statfs(bytes.div_ceil(4096), 0, 0, nodes, 0, 4096, 255, 4096);
     }
 
     fn access(&self, _req: &Request, ino: INodeNo, mask: AccessFlags, reply: ReplyEmpty) {
-        let Some(node) = self.tree.get(ino.0) else {
-            return reply.error(Errno::ENOENT);
-        };
-        let writable = match node.kind {
-            NodeKind::File { view } => self.disks.get(view).is_some_and(|d| d.writable),
-            NodeKind::Dir(_) => false,
-        };
-        if mask.contains(AccessFlags::W_OK) && !writable {
-            return reply.error(Errno::EROFS);
+        let writable = self.tree.read(|t| {
+            t.get(ino.0).map(|n| match n.file() {
+                Some(f) => f.writable(),
+                None => n.handler().is_some_and(|h| h.writable()),
+            })
+        });
+        match writable {
+            None => reply.error(Errno::ENOENT),
+            Some(false) if mask.contains(AccessFlags::W_OK) => reply.error(Errno::EROFS),
+            Some(_) => reply.ok(),
         }
-        reply.ok();
     }
 
     fn getxattr(
@@ -429,7 +450,69 @@ impl Filesystem for DiskFs {
         reply.error(Errno::from_i32(libc::ENOTSUP));
     }
 
-    // The tree is fixed: nothing can be created, removed or renamed.
+    // Directories are made, removed and renamed by their handlers; files are never created.
+    fn mkdir(
+        &self,
+        _r: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        _m: u32,
+        _u: u32,
+        reply: ReplyEntry,
+    ) {
+        let Some(h) = self.tree.handler(parent.0) else {
+            return reply.error(Errno::EACCES);
+        };
+        let Some(name) = name.to_str() else {
+            return reply.error(Errno::EINVAL);
+        };
+        match h.mkdir(&self.tree, parent.0, name) {
+            Ok(ino) => match self.attr(ino) {
+                Some((a, ttl)) => self.reply_entry(ino, &a, ttl, reply),
+                None => reply.error(Errno::ENOENT),
+            },
+            Err(e) => reply.error(self.fail(parent.0, &format!("mkdir {name}"), &e)),
+        }
+    }
+
+    fn rmdir(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        let Some(h) = self.tree.handler(parent.0) else {
+            return reply.error(Errno::EPERM);
+        };
+        let Some(name) = name.to_str() else {
+            return reply.error(Errno::ENOENT);
+        };
+        match h.rmdir(&self.tree, parent.0, name) {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(self.fail(parent.0, &format!("rmdir {name}"), &e)),
+        }
+    }
+
+    fn rename(
+        &self,
+        _r: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        new_parent: INodeNo,
+        new_name: &OsStr,
+        flags: fuser::RenameFlags,
+        reply: ReplyEmpty,
+    ) {
+        let Some(h) = self.tree.handler(parent.0) else {
+            return reply.error(Errno::EPERM);
+        };
+        if flags.contains(fuser::RenameFlags::RENAME_EXCHANGE) {
+            return reply.error(Errno::EINVAL);
+        }
+        let (Some(name), Some(new_name)) = (name.to_str(), new_name.to_str()) else {
+            return reply.error(Errno::EINVAL);
+        };
+        match h.rename(&self.tree, parent.0, name, new_parent.0, new_name) {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(self.fail(parent.0, &format!("rename {name} to {new_name}"), &e)),
+        }
+    }
+
     fn mknod(
         &self,
         _r: &Request,
@@ -440,10 +523,6 @@ impl Filesystem for DiskFs {
         _d: u32,
         reply: ReplyEntry,
     ) {
-        reply.error(Errno::EACCES);
-    }
-
-    fn mkdir(&self, _r: &Request, _p: INodeNo, _n: &OsStr, _m: u32, _u: u32, reply: ReplyEntry) {
         reply.error(Errno::EACCES);
     }
 
@@ -478,21 +557,52 @@ impl Filesystem for DiskFs {
     fn unlink(&self, _req: &Request, _parent: INodeNo, _name: &OsStr, reply: ReplyEmpty) {
         reply.error(Errno::EPERM);
     }
+}
 
-    fn rmdir(&self, _req: &Request, _parent: INodeNo, _name: &OsStr, reply: ReplyEmpty) {
-        reply.error(Errno::EPERM);
+impl DiskFs {
+    /// Replies with an entry and counts the lookup the kernel now holds.
+    fn reply_entry(
+        &self,
+        ino: Ino,
+        a: &fuser::FileAttr,
+        ttl: std::time::Duration,
+        reply: ReplyEntry,
+    ) {
+        self.tree.read(|t| t.remember(ino));
+        reply.entry(&ttl, a, Generation(0));
     }
 
-    fn rename(
+    /// Flushes a file, then lets its directory catch up with what the writes changed (a
+    /// partitioning tool fsyncs and closes the disk when done).
+    fn sync(&self, ino: Ino, f: &dyn vmfs_mount::expose::ExposedFile, op: &str, reply: ReplyEmpty) {
+        let result = f.flush();
+        if let Some(dir) = self.parent_of(ino) {
+            self.refresh(dir);
+        }
+        match result {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(self.fail(ino, op, &e)),
+        }
+    }
+
+    /// The kernel passthrough id of read-only file `ino`, made on its first open, if the file
+    /// is byte for byte one host file.
+    fn backing_id(
         &self,
-        _r: &Request,
-        _p: INodeNo,
-        _n: &OsStr,
-        _np: INodeNo,
-        _nn: &OsStr,
-        _f: fuser::RenameFlags,
-        reply: ReplyEmpty,
-    ) {
-        reply.error(Errno::EPERM);
+        ino: Ino,
+        f: &dyn vmfs_mount::expose::ExposedFile,
+        reply: &ReplyOpen,
+    ) -> Option<Arc<fuser::BackingId>> {
+        if let Some(known) = self.backing.lock().get(&ino) {
+            return known.clone();
+        }
+        let id = f.identity_file().and_then(|file| {
+            reply
+                .open_backing(file.as_local_file()?)
+                .map_err(|e| log::info!("{}: no kernel passthrough: {e}", self.path(ino)))
+                .ok()
+                .map(Arc::new)
+        });
+        self.backing.lock().entry(ino).or_insert(id).clone()
     }
 }

@@ -1,43 +1,173 @@
-//! The state behind the FUSE handlers: the fixed tree, one `Disk` per exposed file, and the
-//! lookups the handlers share (attributes, directory entries, errno mapping).
+//! The state behind the FUSE handlers: the shared tree with its lock and the thread that
+//! tells the kernel what went stale, and the lookups the handlers share (attributes,
+//! directory entries, errno mapping).
 
 use super::attr::{self, Owner};
-use super::tree::{self, NodeKind, Tree};
-use crate::mount::{Exposed, Opened};
-use fuser::{BackingId, Errno, FileType, INodeNo};
+use super::handler::DirHandler;
+use super::tree::{Ino, NodeKind, Stale, Tree};
+use super::viewdir;
+use crate::mount::Opened;
+use fuser::{BackingId, Errno, FileType, INodeNo, Notifier};
+use parking_lot::{Mutex, RwLock};
 use std::cell::RefCell;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, OnceLock};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::collections::HashMap;
+use std::ffi::OsStr;
+use std::sync::Arc;
+use std::sync::mpsc::{Sender, channel};
+use std::time::{Duration, SystemTime};
 use vmfs_mount::error::Error;
-use vmfs_mount::view::View;
+use vmfs_mount::expose::{ExposedFile, FileOptions};
 
-/// Nodes, names and read-only attributes never change while mounted.
+/// Attributes of read-only files and of directories: they change only with invalidation.
 pub(super) const STATIC_TTL: Duration = Duration::from_secs(3600);
-/// A writable disk's allocation and mtime change with writes.
+/// A writable file's allocation and mtime change with writes.
 pub(super) const WRITABLE_TTL: Duration = Duration::from_secs(1);
 /// Largest read we serve in one request (the kernel asks for at most max_pages).
 pub(super) const MAX_READ: usize = 16 << 20;
 /// File handle of an open for writing (flush/fsync then reach the disk).
 pub(super) const FH_WRITE: u64 = 1;
 
-/// One disk file of the mount.
-pub(super) struct Disk {
-    pub(super) view: Arc<View>,
-    pub(super) writable: bool,
-    /// Nanoseconds since the epoch: the layer's mtime or snapshot date, then the last write.
-    pub(super) mtime_ns: AtomicU64,
-    /// For log lines: where in the mount this file is.
-    pub(super) path: String,
-    /// Set on the first read-only open: the kernel passthrough id, if this file qualifies.
-    pub(super) backing: OnceLock<Option<BackingId>>,
+/// The tree behind its lock. The lock is held only while the tree is read or changed, never
+/// across I/O: callers take what they need (an `Arc` of a file) and let go.
+pub struct SharedTree {
+    tree: RwLock<Tree>,
+    inval: Invalidator,
+}
+
+impl SharedTree {
+    pub fn new(tree: Tree) -> SharedTree {
+        SharedTree {
+            tree: RwLock::new(tree),
+            inval: Invalidator::default(),
+        }
+    }
+
+    /// Runs `f` on the tree under the read lock.
+    pub fn read<R>(&self, f: impl FnOnce(&Tree) -> R) -> R {
+        f(&self.tree.read())
+    }
+
+    /// Runs `f` on the tree under the write lock, then has the kernel drop what it changed.
+    pub fn change<R>(&self, f: impl FnOnce(&mut Tree) -> R) -> R {
+        let (r, stale) = {
+            let mut t = self.tree.write();
+            let r = f(&mut t);
+            (r, t.take_stale())
+        };
+        self.inval.send(stale);
+        r
+    }
+
+    /// Has the kernel drop cached pages or attributes (`Stale::Data`, `Stale::Inode`).
+    pub fn invalidate(&self, stale: Vec<Stale>) {
+        self.inval.send(stale);
+    }
+
+    /// From now on, changes reach the kernel through `notifier` (before this they are
+    /// dropped: nothing can be cached before the mount).
+    pub fn attach(&self, notifier: Notifier) {
+        self.inval.attach(notifier);
+    }
+
+    /// The file at `ino`, if it is one.
+    pub fn file(&self, ino: Ino) -> Result<Arc<dyn ExposedFile>, Errno> {
+        self.read(|t| match t.get(ino).map(|n| &n.kind) {
+            Some(NodeKind::File(f)) => Ok(f.clone()),
+            Some(NodeKind::Dir { .. }) => Err(Errno::EISDIR),
+            None => Err(Errno::ENOENT),
+        })
+    }
+
+    /// The handler of directory `dir`, if it has one.
+    pub fn handler(&self, dir: Ino) -> Option<Arc<dyn DirHandler>> {
+        self.read(|t| t.get(dir).and_then(|n| n.handler().cloned()))
+    }
+
+    /// Every writable file (flushing at unmount or on a signal).
+    pub fn writable_files(&self) -> Vec<Arc<dyn ExposedFile>> {
+        self.read(|t| {
+            let mut out = Vec::new();
+            let mut todo = vec![super::tree::ROOT];
+            while let Some(dir) = todo.pop() {
+                for ino in t.children(dir).into_iter().flat_map(|c| c.values()) {
+                    match t.get(*ino).map(|n| &n.kind) {
+                        Some(NodeKind::Dir { .. }) => todo.push(*ino),
+                        Some(NodeKind::File(f)) if f.writable() => out.push(f.clone()),
+                        _ => {}
+                    }
+                }
+            }
+            out
+        })
+    }
+
+    /// Flushes every writable file; false if one failed (each failure is logged).
+    pub fn flush_all(&self) -> bool {
+        let mut ok = true;
+        for f in self.writable_files() {
+            if let Err(e) = f.flush() {
+                log::error!("flush failed: {e}");
+                ok = false;
+            }
+        }
+        ok
+    }
+}
+
+/// Sends kernel cache invalidations from a thread of its own: a handler may change the tree
+/// while the kernel holds the very directory lock an invalidation needs, so sending from the
+/// handler's thread could deadlock.
+#[derive(Default)]
+struct Invalidator {
+    tx: Mutex<Option<Sender<Vec<Stale>>>>,
+}
+
+impl Invalidator {
+    fn attach(&self, notifier: Notifier) {
+        let (tx, rx) = channel::<Vec<Stale>>();
+        let spawned = std::thread::Builder::new()
+            .name("invalidate".into())
+            .spawn(move || {
+                for batch in rx {
+                    for s in batch {
+                        let r = match &s {
+                            Stale::Entry(parent, name) => {
+                                notifier.inval_entry(INodeNo(*parent), OsStr::new(name))
+                            }
+                            Stale::Inode(ino) => notifier.inval_inode(INodeNo(*ino), 0, 0),
+                            Stale::Data(ino, off, len) => notifier.inval_inode(
+                                INodeNo(*ino),
+                                i64::try_from(*off).unwrap_or(i64::MAX),
+                                i64::try_from(*len).unwrap_or(i64::MAX),
+                            ),
+                        };
+                        if let Err(e) = r {
+                            log::debug!("kernel cache invalidation {s:?}: {e}");
+                        }
+                    }
+                }
+            });
+        match spawned {
+            Ok(_) => *self.tx.lock() = Some(tx),
+            Err(e) => log::error!("cannot start the invalidation thread: {e}"),
+        }
+    }
+
+    fn send(&self, stale: Vec<Stale>) {
+        if stale.is_empty() {
+            return;
+        }
+        if let Some(tx) = &*self.tx.lock() {
+            let _ = tx.send(stale);
+        }
+    }
 }
 
 pub struct DiskFs {
-    pub(super) tree: Tree,
-    pub(super) disks: Vec<Disk>,
+    pub(super) tree: Arc<SharedTree>,
     pub(super) owner: Owner,
-    pub(super) mounted_at: SystemTime,
+    /// Passthrough ids of read-only files, made on their first open.
+    pub(super) backing: Mutex<HashMap<Ino, Option<Arc<BackingId>>>>,
     /// Passthrough allowed by the user (`-o nopassthrough` turns it off).
     pub(super) allow_passthrough: bool,
     /// Passthrough negotiated with the kernel at init.
@@ -49,31 +179,14 @@ thread_local! {
 }
 
 impl DiskFs {
-    pub fn new(opened: &Opened) -> DiskFs {
-        let disk = |e: &Exposed, path: String| Disk {
-            view: e.view.clone(),
-            writable: e.writable,
-            mtime_ns: AtomicU64::new(nanos(e.spec.mtime)),
-            path,
-            backing: OnceLock::new(),
-        };
-        let mut disks = vec![disk(&opened.live, tree::DISK_FILE_NAME.to_string())];
-        for s in &opened.snapshots {
-            disks.push(disk(
-                s,
-                format!("snapshots/{}/{}", s.spec.name, tree::DISK_FILE_NAME),
-            ));
-        }
-        let names: Vec<String> = opened
-            .snapshots
-            .iter()
-            .map(|s| s.spec.name.clone())
-            .collect();
+    /// The tree for an opened chain: the live view at the root, one directory per snapshot,
+    /// each with the files `options` asks for.
+    pub fn new(opened: &Opened, options: &FileOptions) -> DiskFs {
+        let tree = viewdir::build(opened, options);
         DiskFs {
-            tree: Tree::build(&names),
-            disks,
+            tree: Arc::new(SharedTree::new(tree)),
             owner: Owner::current(),
-            mounted_at: SystemTime::now(),
+            backing: Mutex::new(HashMap::new()),
             allow_passthrough: true,
             passthrough: false,
         }
@@ -85,85 +198,96 @@ impl DiskFs {
         self
     }
 
-    /// Flushes every writable view; returns false if one failed (each failure is logged).
-    pub fn flush_all(disks: &[Arc<View>]) -> bool {
-        let mut ok = true;
-        for v in disks {
-            if let Err(e) = v.flush() {
-                log::error!("flush failed: {e}");
-                ok = false;
-            }
+    /// The tree, for attaching the kernel notifier and for flushing from outside the session.
+    pub fn shared(&self) -> Arc<SharedTree> {
+        self.tree.clone()
+    }
+
+    /// Attributes of `ino`: the tree is read under its lock, the file's size and allocation
+    /// (which may need I/O) after it is released.
+    pub(super) fn attr(&self, ino: Ino) -> Option<(fuser::FileAttr, Duration)> {
+        enum Found {
+            Dir(SystemTime, usize, bool),
+            File(Arc<dyn ExposedFile>),
         }
-        ok
-    }
-
-    /// The views whose data a flush may have to make durable.
-    pub fn writable_views(&self) -> Vec<Arc<View>> {
-        self.disks
-            .iter()
-            .filter(|d| d.writable)
-            .map(|d| d.view.clone())
-            .collect()
-    }
-
-    pub(super) fn attr(&self, ino: u64) -> Option<(fuser::FileAttr, Duration)> {
-        let node = self.tree.get(ino)?;
-        Some(match &node.kind {
-            NodeKind::Dir(_) => (
-                attr::dir(ino, self.mounted_at, self.tree.subdirs(ino), self.owner),
+        let found = self.tree.read(|t| {
+            let node = t.get(ino)?;
+            Some(match &node.kind {
+                NodeKind::Dir { handler, .. } => Found::Dir(
+                    node.changed,
+                    t.subdirs(ino),
+                    handler.as_ref().is_some_and(|h| h.writable()),
+                ),
+                NodeKind::File(f) => Found::File(f.clone()),
+            })
+        })?;
+        Some(match found {
+            Found::Dir(changed, subdirs, writable) => (
+                attr::dir(ino, changed, subdirs, writable, self.owner),
                 STATIC_TTL,
             ),
-            NodeKind::File { view } => {
-                let d = self.disks.get(*view)?;
-                let allocated = d.view.allocated_bytes().unwrap_or_else(|e| {
-                    log::warn!("{}: cannot count allocated blocks: {e}", d.path);
+            Found::File(f) => {
+                let allocated = f.allocated_bytes().unwrap_or_else(|e| {
+                    log::warn!("{}: cannot count allocated blocks: {e}", self.path(ino));
                     0
                 });
-                let mtime = UNIX_EPOCH + Duration::from_nanos(d.mtime_ns.load(Ordering::Relaxed));
-                let a =
-                    attr::disk_file(ino, d.view.size(), allocated, mtime, d.writable, self.owner);
-                (a, if d.writable { WRITABLE_TTL } else { STATIC_TTL })
+                let writable = f.writable();
+                let a = attr::file(ino, f.size(), allocated, f.mtime(), writable, self.owner);
+                (a, if writable { WRITABLE_TTL } else { STATIC_TTL })
             }
         })
     }
 
-    pub(super) fn disk(&self, ino: INodeNo) -> Result<&Disk, Errno> {
-        match self.tree.get(ino.0).map(|n| &n.kind) {
-            Some(NodeKind::File { view }) => self.disks.get(*view).ok_or(Errno::ENOENT),
-            Some(NodeKind::Dir(_)) => Err(Errno::EISDIR),
-            None => Err(Errno::ENOENT),
+    /// Where `ino` is in the mount, for log lines.
+    pub(super) fn path(&self, ino: Ino) -> String {
+        self.tree.read(|t| t.path(ino))
+    }
+
+    /// Brings directory `dir` up to date through its handler, if it has one.
+    pub(super) fn refresh(&self, dir: Ino) {
+        if let Some(h) = self.tree.handler(dir) {
+            h.refresh(&self.tree, dir);
+        }
+    }
+
+    /// The directory holding file `ino`.
+    pub(super) fn parent_of(&self, ino: Ino) -> Option<Ino> {
+        self.tree.read(|t| t.get(ino).map(|n| n.parent))
+    }
+
+    /// Tells the handler of `file`'s directory that bytes of it were written.
+    pub(super) fn written(&self, file: Ino, off: u64, len: u64) {
+        if let Some(dir) = self.parent_of(file)
+            && let Some(h) = self.tree.handler(dir)
+        {
+            h.written(&self.tree, dir, file, off, len);
         }
     }
 
     /// Directory entries of `ino` including "." and "..", in a stable order.
-    pub(super) fn entries(&self, ino: u64) -> Result<Vec<(u64, FileType, String)>, Errno> {
-        let node = self.tree.get(ino).ok_or(Errno::ENOENT)?;
-        let NodeKind::Dir(children) = &node.kind else {
-            return Err(Errno::ENOTDIR);
-        };
-        let mut out = vec![
-            (ino, FileType::Directory, ".".into()),
-            (node.parent, FileType::Directory, "..".into()),
-        ];
-        for (name, child) in children {
-            let kind = match self.tree.get(*child).map(|n| &n.kind) {
-                Some(NodeKind::Dir(_)) => FileType::Directory,
-                _ => FileType::RegularFile,
-            };
-            out.push((*child, kind, name.clone()));
-        }
-        Ok(out)
+    pub(super) fn entries(&self, ino: Ino) -> Result<Vec<(Ino, FileType, String)>, Errno> {
+        self.tree.read(|t| {
+            let node = t.get(ino).ok_or(Errno::ENOENT)?;
+            let children = t.children(ino).ok_or(Errno::ENOTDIR)?;
+            let mut out = vec![
+                (ino, FileType::Directory, ".".into()),
+                (node.parent, FileType::Directory, "..".into()),
+            ];
+            for (name, child) in children {
+                let kind = if t.get(*child).is_some_and(|n| n.is_dir()) {
+                    FileType::Directory
+                } else {
+                    FileType::RegularFile
+                };
+                out.push((*child, kind, name.clone()));
+            }
+            Ok(out)
+        })
     }
-}
 
-pub(super) fn nanos(t: SystemTime) -> u64 {
-    t.duration_since(UNIX_EPOCH)
-        .map(|d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX))
-        .unwrap_or(0)
-}
-
-/// The errno for a library error, with the log line this boundary owes.
-pub(super) fn fail(path: &str, op: &str, e: &Error) -> Errno {
-    log::error!("{path}: {op}: {e}");
-    Errno::from_i32(e.errno())
+    /// The errno for a library error at `ino`, with the log line this boundary owes.
+    pub(super) fn fail(&self, ino: Ino, op: &str, e: &Error) -> Errno {
+        log::error!("{}: {op}: {e}", self.path(ino));
+        Errno::from_i32(e.errno())
+    }
 }

@@ -68,6 +68,19 @@ fn same(what: &str, got: &[u8], want: &[u8]) {
     }
 }
 
+/// Mounts the tree of `opened` in this process, with kernel invalidations wired up.
+fn spawn(
+    opened: &crate::mount::Opened,
+    mnt: &Path,
+    config: &fuser::Config,
+) -> fuser::BackgroundSession {
+    let fs = DiskFs::new(opened, &vmfs_mount::expose::FileOptions::default());
+    let tree = fs.shared();
+    let session = fuser::spawn_mount(fs, mnt, config).unwrap();
+    tree.attach(session.notifier());
+    session
+}
+
 struct Dir(PathBuf);
 
 impl Drop for Dir {
@@ -136,7 +149,7 @@ fn snapshot_tree_shows_every_view_read_only() {
     let mut config = fuser::Config::default();
     config.n_threads = Some(2);
     config.clone_fd = true;
-    let session = fuser::spawn_mount(DiskFs::new(&opened), &mnt, &config).unwrap();
+    let session = spawn(&opened, &mnt, &config);
 
     let snaps = mnt.join("snapshots");
     let mut names: Vec<String> = std::fs::read_dir(&snaps)
@@ -265,8 +278,7 @@ fn writable_disk_takes_writes_discards_and_refuses_resizing() {
     let opened = expose(vec![layer], false, &clusters).unwrap();
     assert!(opened.live.writable);
     let mnt = dir.0.join("mnt");
-    let session =
-        fuser::spawn_mount(DiskFs::new(&opened), &mnt, &fuser::Config::default()).unwrap();
+    let session = spawn(&opened, &mnt, &fuser::Config::default());
     let disk = mnt.join("disk.raw");
     assert_eq!(std::fs::metadata(&disk).unwrap().mode() & 0o777, 0o644);
     assert_eq!(std::fs::metadata(&disk).unwrap().modified().unwrap(), old);
@@ -330,4 +342,150 @@ fn writable_disk_takes_writes_discards_and_refuses_resizing() {
     assert_eq!(meta.len(), model.len() as u64);
     assert!(meta.modified().unwrap() > old, "a write moves the mtime");
     session.umount_and_join().unwrap();
+}
+
+/// A directory whose mkdir makes a directory holding one small file, whose rmdir removes a
+/// directory with its contents and whose rename moves entries: the hooks snapshot management
+/// builds on, driven through a real mount.
+struct Scratch;
+
+impl super::handler::DirHandler for Scratch {
+    fn writable(&self) -> bool {
+        true
+    }
+    fn mkdir(&self, tree: &super::SharedTree, dir: u64, name: &str) -> Result<u64> {
+        let content = bytes(name.len() as u64, 3000);
+        let file = Arc::new(vmfs_mount::expose::BytesFile::new(content, UNIX_EPOCH));
+        let now = std::time::SystemTime::now();
+        tree.change(|t| {
+            let ino = t.add_dir(dir, name, None, now)?;
+            t.add_file(ino, "data", file, now)?;
+            Ok(ino)
+        })
+    }
+    fn rmdir(&self, tree: &super::SharedTree, dir: u64, name: &str) -> Result<()> {
+        tree.change(|t| t.remove_all(dir, name, std::time::SystemTime::now()))
+            .map(|_| ())
+    }
+    fn rename(
+        &self,
+        tree: &super::SharedTree,
+        dir: u64,
+        name: &str,
+        new_dir: u64,
+        new_name: &str,
+    ) -> Result<()> {
+        tree.change(|t| t.rename(dir, name, new_dir, new_name, std::time::SystemTime::now()))
+    }
+}
+
+/// Polls `cond` for up to five seconds (kernel invalidations arrive asynchronously).
+fn eventually(what: &str, mut cond: impl FnMut() -> bool) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while !cond() {
+        assert!(std::time::Instant::now() < deadline, "timed out: {what}");
+        std::thread::yield_now();
+    }
+}
+
+#[test]
+fn directory_handlers_make_remove_and_rename_while_mounted() {
+    if std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/fuse")
+        .is_err()
+    {
+        eprintln!("skipped: /dev/fuse is not accessible");
+        return;
+    }
+    let dir = Dir(std::env::temp_dir().join(format!("vmfs-fs-unit-h-{}", std::process::id())));
+    std::fs::create_dir_all(dir.0.join("mnt")).unwrap();
+    std::fs::write(dir.0.join("top.img"), bytes(5, 1 << 20)).unwrap();
+    let ctx = OpenCtx {
+        tables: Arc::new(ByteCache::new(1 << 20)),
+        writable: false,
+    };
+    let top = RawLayer::open(&dir.0.join("top.img"), &ctx).unwrap();
+    let opened = expose(vec![top], true, &Arc::new(ByteCache::new(1 << 20))).unwrap();
+    let fs = DiskFs::new(&opened, &vmfs_mount::expose::FileOptions::default());
+    let tree = fs.shared();
+    let now = std::time::SystemTime::now();
+    tree.change(|t| t.add_dir(super::tree::ROOT, "scratch", Some(Arc::new(Scratch)), now))
+        .unwrap();
+    let mnt = dir.0.join("mnt");
+    let session = fuser::spawn_mount(fs, &mnt, &fuser::Config::default()).unwrap();
+    tree.attach(session.notifier());
+    let scratch = mnt.join("scratch");
+    assert_eq!(std::fs::metadata(&scratch).unwrap().mode() & 0o777, 0o755);
+    let before = std::fs::metadata(&scratch).unwrap().modified().unwrap();
+
+    std::fs::create_dir(scratch.join("a")).unwrap();
+    same(
+        "a/data",
+        &std::fs::read(scratch.join("a/data")).unwrap(),
+        &bytes(1, 3000),
+    );
+    assert_eq!(
+        std::fs::create_dir(scratch.join("a"))
+            .unwrap_err()
+            .raw_os_error(),
+        Some(libc::EEXIST)
+    );
+    assert!(std::fs::metadata(&scratch).unwrap().modified().unwrap() >= before);
+    assert_eq!(std::fs::metadata(&scratch).unwrap().nlink(), 3);
+    // Nothing else takes new directories.
+    let e = std::fs::create_dir(mnt.join("snapshots/x")).unwrap_err();
+    assert_eq!(e.raw_os_error(), Some(libc::EACCES));
+
+    std::fs::rename(scratch.join("a"), scratch.join("b")).unwrap();
+    assert!(std::fs::metadata(scratch.join("a")).is_err());
+    same(
+        "b/data",
+        &std::fs::read(scratch.join("b/data")).unwrap(),
+        &bytes(1, 3000),
+    );
+
+    // An open file outlives its directory.
+    let open = std::fs::File::open(scratch.join("b/data")).unwrap();
+    std::fs::remove_dir(scratch.join("b")).unwrap();
+    assert!(std::fs::metadata(scratch.join("b")).is_err());
+    let mut buf = vec![0; 3000];
+    assert_eq!(read_at(&open, &mut buf, 0), 3000);
+    same("removed but open", &buf, &bytes(1, 3000));
+    drop(open);
+    assert_eq!(names(&scratch), Vec::<String>::new());
+
+    // A change made from outside any request reaches the kernel's caches.
+    let seen = names(&mnt);
+    assert!(seen.contains(&"scratch".to_string()));
+    tree.change(|t| t.remove_all(super::tree::ROOT, "scratch", std::time::SystemTime::now()))
+        .unwrap();
+    eventually("scratch/ disappears", || {
+        !names(&mnt).contains(&"scratch".to_string())
+    });
+    eventually("its dentry is dropped", || {
+        std::fs::metadata(&scratch).is_err()
+    });
+    session.umount_and_join().unwrap();
+}
+
+fn names(dir: &Path) -> Vec<String> {
+    let mut v: Vec<String> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
+    v.sort();
+    v
+}
+
+fn read_at(f: &std::fs::File, buf: &mut [u8], off: u64) -> usize {
+    let mut done = 0;
+    while done < buf.len() {
+        match f.read_at(&mut buf[done..], off + done as u64).unwrap() {
+            0 => break,
+            n => done += n,
+        }
+    }
+    done
 }
