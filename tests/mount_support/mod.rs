@@ -46,7 +46,11 @@ impl Drop for MountGuard {
     }
 }
 
+/// Unmounts `mnt` and waits (bounded) until the daemons that served it have exited: the
+/// kernel lets umount return before the daemon has finished its last flush and released the
+/// image locks.
 pub fn unmount(mnt: &Path) {
+    let daemons = daemons_of(mnt);
     let status = if is_root() {
         Command::new("umount").arg(mnt).status()
     } else {
@@ -55,6 +59,35 @@ pub fn unmount(mnt: &Path) {
     if !status.is_ok_and(|s| s.success()) && is_root() {
         let _ = Command::new("umount").arg("-l").arg(mnt).status();
     }
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while daemons
+        .iter()
+        .any(|pid| Path::new(&format!("/proc/{pid}")).exists())
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the daemon of {} did not exit after unmounting",
+            mnt.display()
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// The pids of vmfs-mount processes whose command line names `mnt`.
+fn daemons_of(mnt: &Path) -> Vec<u32> {
+    let want = mnt.as_os_str().as_encoded_bytes();
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    dir.filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|pid| {
+            let Ok(cmd) = std::fs::read(format!("/proc/{pid}/cmdline")) else {
+                return false;
+            };
+            let mut args = cmd.split(|&b| b == 0);
+            args.next().is_some_and(|a0| a0.ends_with(b"vmfs-mount")) && args.any(|a| a == want)
+        })
+        .collect()
 }
 
 /// Creates `dir/mnt` and mounts `image` there with `extra` options. The command returns once

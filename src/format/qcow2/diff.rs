@@ -9,8 +9,7 @@
 
 use super::Qcow2Image;
 use super::entry::{self, Geometry};
-use super::map::l2_table;
-use super::write::L2Ref;
+use super::tables::{L2Ref, l2_table};
 use crate::changes::ranges::push_range;
 use crate::error::Result;
 use std::ops::Range;

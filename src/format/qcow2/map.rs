@@ -5,13 +5,9 @@
 use super::Qcow2Image;
 use super::entry::{self, Cluster};
 use super::header::Compression;
-use super::write::L2Ref;
-use crate::cache::Key;
+use super::tables::{L2Ref, l2_table};
 use crate::error::{Error, Result};
 use crate::format::{Codec, Extent, Mapping};
-
-/// Cache tag of qcow2 L2 tables in the shared table cache.
-pub const TAG_L2: u8 = 0x32;
 
 /// One translated unit (a cluster, a subcluster or an unallocated L2 range).
 #[derive(Clone, Copy, Debug)]
@@ -188,14 +184,4 @@ impl Walker<'_> {
         self.l2 = Some((l2_off, t.clone()));
         Ok(t)
     }
-}
-
-/// The L2 table at `l2_off`: the writer's live copy, or through the shared table cache.
-pub fn l2_table(img: &Qcow2Image, l2_off: u64) -> Result<L2Ref> {
-    let file = &img.file;
-    let cs = img.geometry.cluster_size();
-    let key = Key::new(file.id(), l2_off, TAG_L2);
-    img.l2_sync.get(&img.tables, key, || {
-        file.read_table(l2_off, cs, cs, "L2 table")
-    })
 }

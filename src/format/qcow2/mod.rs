@@ -10,6 +10,7 @@ pub mod header;
 pub mod map;
 mod open;
 pub mod snapshot;
+pub mod tables;
 pub mod write;
 
 use self::entry::Geometry;
@@ -59,7 +60,7 @@ pub struct Qcow2Image {
     pub parent: ParentRef,
     pub tables: Arc<ByteCache>,
     /// Keeps cached L2 tables coherent with the writer's updates.
-    pub l2_sync: write::L2Sync,
+    pub l2_sync: tables::L2Sync,
     snapshot_l1s: Mutex<SnapshotL1s>,
 }
 
@@ -173,7 +174,7 @@ impl Qcow2Image {
             snapshot_error,
             parent,
             tables: ctx.tables.clone(),
-            l2_sync: write::L2Sync::default(),
+            l2_sync: tables::L2Sync::default(),
             snapshot_l1s: Mutex::new(SnapshotL1s::default()),
         })
     }

@@ -3,11 +3,12 @@
 //! cluster, its data (with the untouched part copied from what the view showed), the L2
 //! entry, and only then the reference drop on what it replaced.
 
+use super::Qcow2Writer;
 use super::entry::{self, ALL_ALLOC, COPIED, Kind as EntryKind, OFFSET_MASK};
 use super::refcount::Refcounts;
-use super::{L2Ref, Qcow2Writer};
 use crate::error::{Error, Result};
 use crate::format::compress;
+use crate::format::qcow2::tables::L2Ref;
 use crate::write::BelowReader;
 use std::cell::RefCell;
 

@@ -6,23 +6,20 @@
 //! Locking: `meta` is a read-write lock. Data writes into clusters this image owns alone
 //! (COPIED) take it shared, so they run in parallel; anything that allocates or changes
 //! metadata takes it exclusively, but copy-on-write drops it for its data I/O: the guest
-//! cluster is claimed in `inflight` instead, so no one else changes its entry meanwhile. Reads go through the read driver (`map.rs`) with the
-//! writer's current L1; L2 tables are immutable blobs in `ctx.tables`, replaced after each
-//! update (`L2Sync` keeps racing loads from caching stale copies).
+//! cluster is claimed in `inflight` instead, so no one else changes its entry meanwhile.
+//! Reads go through the read driver (`map.rs`) with the writer's current L1; the L2 tables
+//! both use are in `tables.rs`.
 
 mod cow;
 pub mod create;
 mod discard;
 pub mod entry;
 mod inflight;
-mod l2sync;
 mod refcount;
-
-pub use l2sync::{L2Ref, L2Sync};
 
 use super::Qcow2Image;
 use super::header::{AUTOCLEAR_DATA_FILE_RAW, Compression};
-use super::map::TAG_L2;
+use super::tables::{L2Ref, TAG_L2, l2_table};
 use crate::cache::Key;
 use crate::endian::be64;
 use crate::ensure_corrupt;
@@ -216,11 +213,7 @@ impl Qcow2Writer {
             off,
             "L2 table offset is not cluster-aligned"
         );
-        self.img
-            .l2_sync
-            .get(&self.img.tables, self.l2_key(off), || {
-                self.file().read_table(off, cs, cs, "L2 table")
-            })
+        l2_table(&self.img, off)
     }
 
     /// Writes `bytes` at `at` inside the L2 table at `l2_off` (whose contents are `current`),

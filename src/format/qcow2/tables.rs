@@ -1,4 +1,7 @@
-//! Coherence of L2 tables between the writer and the read path.
+//! The L2 tables the read path and the writer share, and their coherence.
+//!
+//! Every lookup of an L2 table (a read mapping guest bytes, the writer changing an entry) goes
+//! through [`l2_table`]. The read path never needs to know whether the image is being written.
 //!
 //! Tables the writer changes become "live": arrays of atomic words shared by the writer
 //! (which updates single entries in place, under its metadata lock, after writing them to
@@ -11,6 +14,7 @@
 //! every publication bumps a sequence number and a load caches its result only if no
 //! publication happened since it started.
 
+use super::Qcow2Image;
 use crate::cache::{Blob, ByteCache, Key};
 use crate::endian::be64;
 use crate::error::Result;
@@ -18,6 +22,20 @@ use parking_lot::{Mutex, RwLock};
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+
+/// Cache tag of qcow2 L2 tables in the shared table cache.
+pub const TAG_L2: u8 = 0x32;
+
+/// The L2 table at `l2_off` of `img`: the writer's live copy, or through the shared table
+/// cache (loaded from the file on a miss).
+pub fn l2_table(img: &Qcow2Image, l2_off: u64) -> Result<L2Ref> {
+    let file = &img.file;
+    let cs = img.geometry.cluster_size();
+    let key = Key::new(file.id(), l2_off, TAG_L2);
+    img.l2_sync.get(&img.tables, key, || {
+        file.read_table(l2_off, cs, cs, "L2 table")
+    })
+}
 
 /// Live tables kept at most (bytes): past this, the oldest goes back to the cache.
 const LIVE_BUDGET: usize = 32 << 20;
