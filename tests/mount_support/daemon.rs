@@ -2,7 +2,7 @@
 //! it can kill it like a crash would, or unmount and wait until it has really exited (an
 //! unmount returns before the daemon has flushed and released the image locks).
 
-use super::{BIN, is_mounted, unmount};
+use super::{BIN, is_mounted, is_root};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -80,7 +80,7 @@ impl Daemon {
     /// returns its exit status (None if it had been killed).
     pub fn unmount(&mut self) -> Option<i32> {
         if is_mounted(&self.mnt) {
-            unmount(&self.mnt);
+            detach(&self.mnt);
         }
         let deadline = Instant::now() + DEADLINE;
         loop {
@@ -96,10 +96,25 @@ impl Daemon {
     }
 }
 
+/// Unmounts without waiting for the daemon (`unmount` waits for it to vanish from /proc, which
+/// a child of ours does only once we have reaped it).
+fn detach(mnt: &Path) {
+    let ok = if is_root() {
+        Command::new("umount").arg(mnt).status()
+    } else {
+        Command::new("fusermount3").arg("-u").arg(mnt).status()
+    };
+    if !ok.is_ok_and(|s| s.success()) {
+        let lazy = if is_root() { "-l" } else { "-uz" };
+        let cmd = if is_root() { "umount" } else { "fusermount3" };
+        let _ = Command::new(cmd).arg(lazy).arg(mnt).status();
+    }
+}
+
 impl Drop for Daemon {
     fn drop(&mut self) {
         if is_mounted(&self.mnt) {
-            unmount(&self.mnt);
+            detach(&self.mnt);
         }
         if self.running() {
             let _ = self.child.kill();
