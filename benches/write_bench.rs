@@ -14,10 +14,7 @@ use vmfs_mount::view::View;
 const SIZE: u64 = 1 << 30;
 
 fn open_rw(image: &Path) -> View {
-    let ctx = OpenCtx {
-        tables: Arc::new(ByteCache::new(64 << 20)),
-        writable: true,
-    };
+    let ctx = OpenCtx::new(Arc::new(ByteCache::new(64 << 20)), true);
     let layers = vmfs_mount::chain::open_chain(image, None, &ctx).unwrap();
     let size = layers[0].virtual_size();
     View::new(layers, size, Arc::new(ByteCache::new(8 << 20)), 4096)

@@ -13,10 +13,7 @@ fn main() {
         eprintln!("usage: dump IMAGE [VIEW|--names]");
         std::process::exit(2);
     };
-    let ctx = OpenCtx {
-        tables: Arc::new(ByteCache::new(64 << 20)),
-        writable: false,
-    };
+    let ctx = OpenCtx::new(Arc::new(ByteCache::new(64 << 20)), false);
     let layers = match vmfs_mount::chain::open_chain(std::path::Path::new(image), None, &ctx) {
         Ok(l) => l,
         Err(e) => {

@@ -36,6 +36,10 @@ Mount options (-o, comma-separated, repeatable):
   nopassthrough           serve raw-identical files through the daemon too (by default the
                           kernel reads them directly when running as root on Linux 6.9+)
   log=FILE                daemon log file
+  backing_dirs=DIR[:DIR]  images may also name backing/parent/extent/data files in DIR and below
+                          (by default only the directories of the files named here are allowed)
+  trust_backing           images may name such files anywhere (still only regular files and
+                          block devices)
   fsname=NAME, subtype=NAME
 Generic mount(8)/fstab options are accepted and ignored (nodev, nosuid, noexec and noatime are
 applied): dev, nodev, suid, nosuid, exec, noexec, atime, noatime, relatime, auto, noauto,
@@ -74,6 +78,14 @@ pub struct Args {
     /// Write changes to this overlay file instead of the image
     #[arg(long, value_name = "FILE")]
     pub overlay: Option<PathBuf>,
+
+    /// Let images name backing, parent, extent and data files in these directories too
+    #[arg(long, value_name = "DIR[:DIR...]")]
+    pub backing_dirs: Option<String>,
+
+    /// Let images name backing, parent, extent and data files anywhere
+    #[arg(long)]
+    pub trust_backing: bool,
 
     /// Metadata cache size (K, M, G suffixes); decompressed data gets an eighth of it extra
     #[arg(long, value_name = "SIZE")]
@@ -151,6 +163,10 @@ pub struct Settings {
     pub kernel_flags: Vec<&'static str>,
     /// Let the kernel read raw-identical files directly (off with `-o nopassthrough`).
     pub passthrough: bool,
+    /// `backing_dirs`: more directories images may name files in.
+    pub backing_dirs: Vec<PathBuf>,
+    /// `trust_backing`: images may name files anywhere.
+    pub trust_backing: bool,
     /// Which optional files each view's directory shows.
     pub files: FileOptions,
 }
@@ -191,8 +207,13 @@ impl Settings {
             subtype: None,
             kernel_flags: Vec::new(),
             passthrough: true,
+            backing_dirs: Vec::new(),
+            trust_backing: a.trust_backing,
             files: FileOptions::default(),
         };
+        if let Some(d) = &a.backing_dirs {
+            s.apply_one(&format!("backing_dirs={d}"))?;
+        }
         if let Some(f) = &a.format {
             s.apply_one(&format!("format={f}"))?;
         }
@@ -253,6 +274,12 @@ impl Settings {
             ("auto_unmount", None) => self.auto_unmount = true,
             ("nopassthrough", None) => self.passthrough = false,
             ("force_share", None) => self.force_share = true,
+            ("trust_backing", None) => self.trust_backing = true,
+            ("backing_dirs", v) => {
+                let list = need(v)?;
+                self.backing_dirs
+                    .extend(list.split(':').filter(|d| !d.is_empty()).map(PathBuf::from));
+            }
             ("overlay", v) => self.overlay = Some(PathBuf::from(need(v)?)),
             ("format", v) => {
                 let name = need(v)?;
@@ -432,6 +459,29 @@ mod tests {
         assert_eq!(s.log_file, Some(PathBuf::from("/tmp/l")));
         let s = settings(&["--overlay", "o", "img", "mnt"]).unwrap();
         assert_eq!(s.overlay, Some(PathBuf::from("o")));
+    }
+
+    #[test]
+    fn backing_policy_options() {
+        let s = settings(&["img", "mnt"]).unwrap();
+        assert!(s.backing_dirs.is_empty() && !s.trust_backing);
+        let s = settings(&["-o", "backing_dirs=/a:/b/c,trust_backing", "img", "mnt"]).unwrap();
+        assert_eq!(s.backing_dirs, [PathBuf::from("/a"), PathBuf::from("/b/c")]);
+        assert!(s.trust_backing);
+        let s = settings(&[
+            "--backing-dirs",
+            "/x",
+            "--trust-backing",
+            "-o",
+            "backing_dirs=/y",
+            "img",
+            "mnt",
+        ])
+        .unwrap();
+        assert_eq!(s.backing_dirs, [PathBuf::from("/x"), PathBuf::from("/y")]);
+        assert!(s.trust_backing);
+        assert!(settings(&["-o", "backing_dirs", "img", "mnt"]).is_err());
+        assert!(settings(&["-o", "trust_backing=1", "img", "mnt"]).is_err());
     }
 
     #[test]

@@ -22,6 +22,8 @@ pub enum Kind {
     Busy,
     /// An earlier write failure made this view refuse further writes.
     Failed,
+    /// The backing-file policy refused a file an image names (see `backing_policy`).
+    Refused,
     /// A name that must be new is taken (mkdir, rename onto an existing snapshot).
     Exists,
     /// A directory to remove still holds something that cannot go with it.
@@ -109,6 +111,7 @@ impl Error {
             Kind::InvalidInput => libc::EINVAL,
             Kind::ReadOnly => libc::EROFS,
             Kind::Busy => libc::EBUSY,
+            Kind::Refused => libc::EACCES,
             Kind::Exists => libc::EEXIST,
             Kind::NotEmpty => libc::ENOTEMPTY,
             Kind::NotPermitted => libc::EPERM,

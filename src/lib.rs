@@ -1,5 +1,6 @@
 //! vmfs-mount: mount a virtual-machine disk image chain as a tree of raw files.
 
+pub mod backing_policy;
 pub mod cache;
 pub mod chain;
 pub mod changes;

@@ -5,6 +5,7 @@ use serde_json::{Map, Value, json};
 use std::fmt::Write;
 use std::path::Path;
 use std::time::{SystemTime, UNIX_EPOCH};
+use vmfs_mount::backing_policy::Decision;
 use vmfs_mount::format::{Layer, ParentRef};
 use vmfs_mount::plan::Origin;
 
@@ -15,6 +16,8 @@ struct LayerRow {
     backing: Option<(String, String)>,
     mtime: i64,
     details: Vec<(String, String)>,
+    /// The policy's decision for each file of the layer that it checked.
+    policy: Vec<Decision>,
 }
 
 struct ViewRow {
@@ -26,7 +29,7 @@ struct ViewRow {
     writable: bool,
 }
 
-fn layer_row(layer: &dyn Layer) -> LayerRow {
+fn layer_row(layer: &dyn Layer, decisions: &[Decision]) -> LayerRow {
     let backing = match layer.parent() {
         ParentRef::None => None,
         ParentRef::Path { raw, path, .. } => Some((raw, path.display().to_string())),
@@ -43,6 +46,34 @@ fn layer_row(layer: &dyn Layer) -> LayerRow {
         backing,
         mtime,
         details: layer.details(),
+        policy: layer_decisions(layer, decisions),
+    }
+}
+
+/// The last decision about each file the layer reads (a file named on the command line that
+/// is also a backing file shows how it was admitted as the backing file).
+fn layer_decisions(layer: &dyn Layer, decisions: &[Decision]) -> Vec<Decision> {
+    let mut out: Vec<Decision> = Vec::new();
+    for f in layer.files() {
+        let canon = f
+            .path()
+            .canonicalize()
+            .unwrap_or_else(|_| f.path().to_path_buf());
+        if let Some(d) = decisions.iter().rev().find(|d| d.path == canon)
+            && !out.contains(d)
+        {
+            out.push(d.clone());
+        }
+    }
+    out
+}
+
+fn decision_text(d: &Decision, main: bool) -> String {
+    let verdict = if d.allowed { "allowed" } else { "refused" };
+    if main {
+        format!("{verdict}: {}", d.reason)
+    } else {
+        format!("{} {:?}: {verdict}: {}", d.role, d.stored, d.reason)
     }
 }
 
@@ -74,7 +105,11 @@ fn secs(t: SystemTime) -> i64 {
 }
 
 fn rows(opened: &Opened) -> (Vec<LayerRow>, Vec<ViewRow>) {
-    let layers = opened.layers.iter().map(|l| layer_row(&**l)).collect();
+    let layers = opened
+        .layers
+        .iter()
+        .map(|l| layer_row(&**l, &opened.decisions))
+        .collect();
     let mut views = vec![view_row(&opened.live, true)];
     views.extend(opened.snapshots.iter().map(|s| view_row(s, false)));
     (layers, views)
@@ -106,6 +141,14 @@ pub fn text(image: &Path, opened: &Opened) -> String {
         for (k, v) in &l.details {
             let _ = writeln!(out, "      {:<14} {v}", format!("{k}:"));
         }
+        for (j, d) in l.policy.iter().enumerate() {
+            let _ = writeln!(out, "      policy:        {}", decision_text(d, j == 0));
+        }
+    }
+    if let Some(e) = &opened.stopped {
+        let _ = writeln!(out, "  [{}] not opened: {e}", layers.len());
+        let _ = writeln!(out, "Not mountable: the chain is incomplete.");
+        return out;
     }
     let _ = writeln!(
         out,
@@ -142,6 +185,20 @@ pub fn json(image: &Path, opened: &Opened) -> String {
                 .iter()
                 .map(|(k, v)| (k.clone(), json!(v)))
                 .collect();
+            let policy: Vec<Value> = l
+                .policy
+                .iter()
+                .map(|d| {
+                    json!({
+                        "file": d.path.display().to_string(),
+                        "role": d.role.name(),
+                        "stored": d.stored,
+                        "requested_by": d.requester.display().to_string(),
+                        "allowed": d.allowed,
+                        "reason": d.reason,
+                    })
+                })
+                .collect();
             json!({
                 "file": l.file,
                 "format": l.format,
@@ -151,6 +208,7 @@ pub fn json(image: &Path, opened: &Opened) -> String {
                 "mtime": l.mtime,
                 "mtime_iso": iso8601(l.mtime),
                 "details": details,
+                "policy": policy,
             })
         })
         .collect();
@@ -168,10 +226,15 @@ pub fn json(image: &Path, opened: &Opened) -> String {
             })
         })
         .collect();
+    let (stopped, views) = match &opened.stopped {
+        Some(e) => (json!(e.to_string()), Vec::new()),
+        None => (Value::Null, views),
+    };
     let doc = json!({
         "image": image.display().to_string(),
         "layers": layers,
         "views": views,
+        "stopped": stopped,
     });
     format!("{doc}\n")
 }

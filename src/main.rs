@@ -51,6 +51,8 @@ fn run(s: &Settings) -> i32 {
         listing: s.list || s.changes.is_some(),
         table_cache: s.table_cache,
         cluster_cache: s.cluster_cache,
+        backing_dirs: s.backing_dirs.iter().map(|d| absolute(d)).collect(),
+        trust_backing: s.trust_backing,
     };
     if s.list {
         req.access = Access::ReadOnly;
@@ -62,7 +64,10 @@ fn run(s: &Settings) -> i32 {
                     list::text(&s.image, &opened)
                 };
                 print!("{out}");
-                0
+                match &opened.stopped {
+                    Some(e) => fail(&e.to_string()),
+                    None => 0,
+                }
             }
             Err(e) => fail(&e.to_string()),
         };

@@ -4,6 +4,7 @@
 use crate::cli::Access;
 use std::path::PathBuf;
 use std::sync::Arc;
+use vmfs_mount::backing_policy::{BackingPolicy, Decision};
 use vmfs_mount::cache::ByteCache;
 use vmfs_mount::error::{Error, Kind, Result};
 use vmfs_mount::format::{Format, Layer, OpenCtx};
@@ -26,6 +27,10 @@ pub struct MountRequest {
     pub listing: bool,
     pub table_cache: usize,
     pub cluster_cache: usize,
+    /// `-o backing_dirs=`: more directories images may name files in.
+    pub backing_dirs: Vec<PathBuf>,
+    /// `-o trust_backing`: images may name files anywhere.
+    pub trust_backing: bool,
 }
 
 /// One exposed file: what it shows and whether writes reach it.
@@ -48,6 +53,10 @@ pub struct Opened {
     pub not_writable: Option<String>,
     /// QEMU-compatible image locks, held for the life of the mount.
     pub locks: Option<LockGuard>,
+    /// What the backing-file policy decided for every file the chain named.
+    pub decisions: Vec<Decision>,
+    /// `--list` only: the error that stopped the chain below the layers shown.
+    pub stopped: Option<Error>,
 }
 
 /// Opens the chain of `req.image` and builds every view the mount will show.
@@ -60,23 +69,31 @@ pub fn open_for_mount(req: &MountRequest) -> Result<Opened> {
                 None => vmfs_mount::format::probe::detect(&req.image)?,
             };
             if !req.listing {
-                vmfs_mount::overlay::prepare_overlay(&req.image, overlay, image_format)?;
+                let policy = policy(req)?;
+                vmfs_mount::overlay::prepare_overlay(&req.image, overlay, image_format, &policy)?;
             }
             (overlay.clone(), Some(Format::Qcow2))
         }
         _ => (req.image.clone(), req.format),
     };
+    let policy = policy(req)?;
     let tables = Arc::new(ByteCache::new(req.table_cache));
     let clusters = Arc::new(ByteCache::new(req.cluster_cache));
     let open = |writable: bool| {
-        let ctx = OpenCtx {
-            tables: tables.clone(),
-            writable,
-        };
-        vmfs_mount::chain::open_chain(&top, top_format, &ctx)
+        let ctx = OpenCtx::new(tables.clone(), writable).with_policy(policy.clone());
+        if req.listing {
+            // --list shows a chain the policy cut short (with the refusal); other errors are
+            // errors, as for a mount.
+            match vmfs_mount::chain::open_chain_partial(&top, top_format, &ctx)? {
+                (_, Some(e)) if e.kind() != Kind::Refused => Err(e),
+                partial => Ok(partial),
+            }
+        } else {
+            vmfs_mount::chain::open_chain(&top, top_format, &ctx).map(|l| (l, None))
+        }
     };
     let mut fell_back = None;
-    let layers = match req.access {
+    let (layers, stopped) = match req.access {
         Access::ReadOnly => open(false)?,
         Access::Auto => match open(true) {
             Ok(l) => l,
@@ -90,6 +107,8 @@ pub fn open_for_mount(req: &MountRequest) -> Result<Opened> {
     let read_only = req.access == Access::ReadOnly;
     let mut opened = expose(layers, read_only, &clusters)?;
     opened.fell_back_to_read_only = fell_back;
+    opened.decisions = policy.decisions();
+    opened.stopped = stopped;
     if !read_only && !opened.live.writable && opened.fell_back_to_read_only.is_none() {
         opened.not_writable = Some(format!(
             "{} ({}) cannot be written in place; use --overlay FILE to make disk.raw writable",
@@ -132,7 +151,22 @@ pub fn expose(
         fell_back_to_read_only: None,
         not_writable: None,
         locks: None,
+        decisions: Vec::new(),
+        stopped: None,
     })
+}
+
+/// The backing-file policy of a mount: the files the user named are trusted roots.
+fn policy(req: &MountRequest) -> Result<BackingPolicy> {
+    let mut p = BackingPolicy::new().trust_any(req.trust_backing);
+    for dir in &req.backing_dirs {
+        p = p.allow_dir(dir)?;
+    }
+    p = p.trust_named(&req.image);
+    if let Some(overlay) = &req.overlay {
+        p = p.trust_named(overlay);
+    }
+    Ok(p)
 }
 
 /// Takes QEMU's image locks: the top as a writer when disk.raw is writable, everything else
@@ -155,5 +189,8 @@ fn lock_chain(opened: &Opened, force_share: bool) -> Result<LockGuard> {
 
 /// Errors that mean "you may read this but not write it".
 fn is_write_protected(e: &Error) -> bool {
+    if e.kind() == Kind::Refused {
+        return false;
+    }
     e.kind() == Kind::ReadOnly || matches!(e.errno(), libc::EACCES | libc::EPERM | libc::EROFS)
 }

@@ -2,6 +2,7 @@
 //! image itself is never written. The overlay is created when missing and reused only when
 //! its backing file is the image.
 
+use crate::backing_policy::BackingPolicy;
 use crate::cache::ByteCache;
 use crate::error::{Error, Kind, Result};
 use crate::format::qcow2::Qcow2Image;
@@ -15,22 +16,31 @@ use std::sync::Arc;
 
 /// Creates `overlay` over `image` (of `image_format`) if it does not exist; otherwise checks
 /// that it is a qcow2 image whose backing file is `image` (same file, not just same name).
-pub fn prepare_overlay(image: &Path, overlay: &Path, image_format: Format) -> Result<()> {
+/// `policy` governs the files the image names (its extents, data file).
+pub fn prepare_overlay(
+    image: &Path,
+    overlay: &Path,
+    image_format: Format,
+    policy: &BackingPolicy,
+) -> Result<()> {
     let image_meta = std::fs::metadata(image).map_err(|e| Error::io(image, "stat", e))?;
     match std::fs::symlink_metadata(overlay) {
         Ok(_) => validate(image, &image_meta, overlay),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            create_over(image, overlay, image_format)
+            create_over(image, overlay, image_format, policy)
         }
         Err(e) => Err(Error::io(overlay, "stat", e)),
     }
 }
 
-fn create_over(image: &Path, overlay: &Path, image_format: Format) -> Result<()> {
-    let ctx = OpenCtx {
-        tables: Arc::new(ByteCache::new(4 << 20)),
-        writable: false,
-    };
+fn create_over(
+    image: &Path,
+    overlay: &Path,
+    image_format: Format,
+    policy: &BackingPolicy,
+) -> Result<()> {
+    let ctx = OpenCtx::new(Arc::new(ByteCache::new(4 << 20)), false)
+        .with_policy(policy.clone().trust_named(image));
     let size = format::open_layer(image, image_format, &ctx)?.virtual_size();
     let stored = backing_name(image, overlay)?;
     let name = stored
@@ -80,10 +90,7 @@ fn validate(image: &Path, image_meta: &std::fs::Metadata, overlay: &Path) -> Res
     if file.len() < 4 || file.read_exact_at(&mut magic, 0, "magic").is_err() || &magic != MAGIC {
         return Err(not_ours("it exists and is not a qcow2 image"));
     }
-    let ctx = OpenCtx {
-        tables: Arc::new(ByteCache::new(1 << 20)),
-        writable: false,
-    };
+    let ctx = OpenCtx::new(Arc::new(ByteCache::new(1 << 20)), false);
     let q = Qcow2Image::open(overlay, &ctx)?;
     let ParentRef::Path { raw, path, .. } = &q.parent else {
         return Err(not_ours("it has no backing file"));

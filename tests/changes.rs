@@ -224,10 +224,7 @@ fn live_writes_through_the_writer_count() {
     let d = Scratch::new("changes-live");
     let b = build(&d, 14, "", 64 * KIB, false);
     let size = 8 * MIB;
-    let ctx = OpenCtx {
-        tables: Arc::new(ByteCache::new(16 << 20)),
-        writable: true,
-    };
+    let ctx = OpenCtx::new(Arc::new(ByteCache::new(16 << 20)), true);
     let layers = vmfs_mount::chain::open_chain(&b.top, None, &ctx).unwrap();
     let (live, snaps) = plan::plan(&layers).unwrap();
     let s2 = snaps.iter().find(|s| s.name == "s2").unwrap();

@@ -356,6 +356,47 @@ fn base_in_the_directory_above_is_found_without_a_vbox() {
     );
 }
 
+/// The directory above is searched only from VirtualBox's `Snapshots/`: a child anywhere else
+/// whose parent lies above it is refused by the backing-file policy, naming the option.
+#[test]
+fn parent_above_a_directory_other_than_snapshots_is_refused() {
+    let s = Scratch::new("vdi-policy");
+    let mut rng = Rng::new(0xab0f);
+    std::fs::create_dir_all(s.path("disks")).unwrap();
+    let base = s.path("disk.vdi");
+    let base_bytes = qemu_parent(&base, 4, &mut rng);
+    let spec = {
+        let blocks = random_blocks(&mut rng, "ZDFD");
+        Spec::child_of(&base, &mut rng, blocks)
+    };
+    let child = s.path("disks/snap.vdi");
+    spec.write(&child, &mut rng);
+    let Err(e) = open_view(&child) else {
+        panic!("a parent outside the child's directory must be refused");
+    };
+    assert_eq!(e.kind(), Kind::Refused, "{e}");
+    let msg = e.to_string();
+    assert!(
+        msg.contains("disk.vdi") && msg.contains("backing_dirs=") && msg.contains("parent"),
+        "{msg}"
+    );
+    let policy = vmfs_mount::backing_policy::BackingPolicy::new()
+        .allow_dir(&s.0)
+        .unwrap();
+    let layers = vmfs_mount::chain::open_chain(&child, None, &ctx().with_policy(policy)).unwrap();
+    let view = vmfs_mount::view::View::new(
+        layers,
+        spec.size,
+        std::sync::Arc::new(vmfs_mount::cache::ByteCache::new(8 << 20)),
+        64,
+    );
+    assert_same(
+        "with backing_dirs",
+        &read_all(&view),
+        &spec.model(&base_bytes),
+    );
+}
+
 #[test]
 fn missing_or_wrong_parent_names_the_uuid() {
     let s = Scratch::new("vdi-missing");

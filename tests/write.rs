@@ -495,10 +495,7 @@ fn hostile_refcount_structures_fail_cleanly() {
     qemu_img(&["create", "-q", "-f", "qcow2", top.to_str().unwrap(), "1M"]);
     let good = std::fs::read(&top).unwrap();
     let reftable = u64::from_be_bytes(good[48..56].try_into().unwrap()) as usize;
-    let ctx = OpenCtx {
-        tables: Arc::new(ByteCache::new(1 << 20)),
-        writable: true,
-    };
+    let ctx = OpenCtx::new(Arc::new(ByteCache::new(1 << 20)), true);
     // An unaligned refcount block offset: refused when the image is opened for writing.
     let mut bad = good.clone();
     bad[reftable..reftable + 8].copy_from_slice(&0x10200u64.to_be_bytes());

@@ -5,6 +5,7 @@
 mod common;
 use common::*;
 use std::path::Path;
+use vmfs_mount::backing_policy::BackingPolicy;
 use vmfs_mount::error::Kind;
 use vmfs_mount::format::Format;
 use vmfs_mount::overlay::prepare_overlay;
@@ -34,7 +35,7 @@ fn overlay_over_raw_image_in_the_same_directory() {
     let mut rng = Rng::new(3);
     let original = rng.bytes((3 << 20) + 512);
     std::fs::write(&img, &original).unwrap();
-    prepare_overlay(&img, &ov, Format::Raw).unwrap();
+    prepare_overlay(&img, &ov, Format::Raw, &BackingPolicy::new()).unwrap();
     let text = info(&ov);
     assert_eq!(stored_backing(&ov), "disk.img");
     assert!(text.contains("backing file format: raw"), "{text}");
@@ -65,7 +66,7 @@ fn overlay_over_raw_image_in_the_same_directory() {
         "the image was written"
     );
     // Reused as is.
-    prepare_overlay(&img, &ov, Format::Raw).unwrap();
+    prepare_overlay(&img, &ov, Format::Raw, &BackingPolicy::new()).unwrap();
     assert_same("reused", &read_all(&open_view(&ov).unwrap()), &model);
 }
 
@@ -79,7 +80,7 @@ fn overlay_elsewhere_stores_an_absolute_path_and_wrong_overlays_are_refused() {
     let mut rng = Rng::new(8);
     write_random("qcow2", &img, &mut rng, 12345, 100_000);
     let ov = s.path("ovl/top.qcow2");
-    prepare_overlay(&img, &ov, Format::Qcow2).unwrap();
+    prepare_overlay(&img, &ov, Format::Qcow2, &BackingPolicy::new()).unwrap();
     let text = info(&ov);
     let abs = img.canonicalize().unwrap();
     assert_eq!(stored_backing(&ov), abs.to_str().unwrap());
@@ -92,14 +93,14 @@ fn overlay_elsewhere_stores_an_absolute_path_and_wrong_overlays_are_refused() {
 
     // Below the overlay's directory: relative.
     let sub = s.path("imgs/ov2.qcow2");
-    prepare_overlay(&img, &sub, Format::Qcow2).unwrap();
+    prepare_overlay(&img, &sub, Format::Qcow2, &BackingPolicy::new()).unwrap();
     assert_eq!(stored_backing(&sub), "base.qcow2");
 
     // Not qcow2, no backing file, another backing file: refused.
     let other = s.path("ovl/other.raw");
     std::fs::write(&other, [0u8; 4096]).unwrap();
     assert_eq!(
-        prepare_overlay(&img, &other, Format::Qcow2)
+        prepare_overlay(&img, &other, Format::Qcow2, &BackingPolicy::new())
             .unwrap_err()
             .kind(),
         Kind::InvalidInput
@@ -107,14 +108,14 @@ fn overlay_elsewhere_stores_an_absolute_path_and_wrong_overlays_are_refused() {
     let plain = s.path("ovl/plain.qcow2");
     qemu_img(&["create", "-q", "-f", "qcow2", plain.to_str().unwrap(), "5M"]);
     assert_eq!(
-        prepare_overlay(&img, &plain, Format::Qcow2)
+        prepare_overlay(&img, &plain, Format::Qcow2, &BackingPolicy::new())
             .unwrap_err()
             .kind(),
         Kind::InvalidInput
     );
     let img2 = s.path("imgs/base2.qcow2");
     std::fs::copy(&img, &img2).unwrap();
-    let e = prepare_overlay(&img2, &ov, Format::Qcow2).unwrap_err();
+    let e = prepare_overlay(&img2, &ov, Format::Qcow2, &BackingPolicy::new()).unwrap_err();
     assert_eq!(e.kind(), Kind::InvalidInput);
     assert!(e.to_string().contains("another file"), "{e}");
 }

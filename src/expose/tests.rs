@@ -194,10 +194,7 @@ fn disks_watch_ranges_and_move_their_mtime_on_writes() {
 #[test]
 fn read_only_raw_disks_are_their_host_file() {
     let tmp = Tmp::new("ident", &seeded(5, 8192));
-    let ctx = OpenCtx {
-        tables: Arc::new(ByteCache::new(1 << 20)),
-        writable: false,
-    };
+    let ctx = OpenCtx::new(Arc::new(ByteCache::new(1 << 20)), false);
     let raw = RawLayer::open(&tmp.0, &ctx).unwrap();
     let d = disk(raw, false);
     assert_eq!(d.identity_file().unwrap().path(), tmp.0.as_path());

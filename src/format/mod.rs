@@ -16,6 +16,7 @@ pub mod vhd;
 pub mod vhdx;
 pub mod vmdk;
 
+use crate::backing_policy::{BackingPolicy, Role};
 use crate::cache::ByteCache;
 use crate::error::{Error, Result};
 use crate::storage::HostFile;
@@ -231,6 +232,37 @@ pub struct OpenCtx {
     pub tables: Arc<ByteCache>,
     /// Open the top file for writing (lower layers never are).
     pub writable: bool,
+    /// Which files an image may name (extents, data files, parents).
+    pub policy: BackingPolicy,
+}
+
+impl OpenCtx {
+    /// A context with the default backing-file policy.
+    pub fn new(tables: Arc<ByteCache>, writable: bool) -> OpenCtx {
+        OpenCtx {
+            tables,
+            writable,
+            policy: BackingPolicy::new(),
+        }
+    }
+
+    /// The same context with another policy.
+    pub fn with_policy(mut self, policy: BackingPolicy) -> OpenCtx {
+        self.policy = policy;
+        self
+    }
+
+    /// Opens a file the image at `requester` names, if the policy allows it.
+    pub fn open_named(
+        &self,
+        requester: &Path,
+        role: Role,
+        stored: &str,
+        path: &Path,
+        writable: bool,
+    ) -> Result<Arc<HostFile>> {
+        self.policy.open(requester, role, stored, path, writable)
+    }
 }
 
 /// Opens one layer of `format` from `path`.

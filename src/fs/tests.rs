@@ -114,10 +114,7 @@ fn snapshot_tree_shows_every_view_read_only() {
         std::fs::write(dir.0.join(name), &d).unwrap();
         data.push(d);
     }
-    let ctx = OpenCtx {
-        tables: Arc::new(ByteCache::new(1 << 20)),
-        writable: false,
-    };
+    let ctx = OpenCtx::new(Arc::new(ByteCache::new(1 << 20)), false);
     let raw = |name: &str| RawLayer::open(&dir.0.join(name), &ctx).unwrap();
     let info = |index, id: &str, name: &str, size, secs| SnapshotInfo {
         index,
@@ -402,10 +399,7 @@ fn directory_handlers_make_remove_and_rename_while_mounted() {
     let dir = Dir(std::env::temp_dir().join(format!("vmfs-fs-unit-h-{}", std::process::id())));
     std::fs::create_dir_all(dir.0.join("mnt")).unwrap();
     std::fs::write(dir.0.join("top.img"), bytes(5, 1 << 20)).unwrap();
-    let ctx = OpenCtx {
-        tables: Arc::new(ByteCache::new(1 << 20)),
-        writable: false,
-    };
+    let ctx = OpenCtx::new(Arc::new(ByteCache::new(1 << 20)), false);
     let top = RawLayer::open(&dir.0.join("top.img"), &ctx).unwrap();
     let opened = expose(vec![top], true, &Arc::new(ByteCache::new(1 << 20))).unwrap();
     let fs = DiskFs::new(&opened, &vmfs_mount::expose::FileOptions::default());

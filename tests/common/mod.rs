@@ -121,10 +121,7 @@ pub fn qemu_raw(image: &Path, fmt: Option<&str>, extra: &[&str]) -> Vec<u8> {
 }
 
 pub fn ctx() -> OpenCtx {
-    OpenCtx {
-        tables: Arc::new(ByteCache::new(64 << 20)),
-        writable: false,
-    }
+    OpenCtx::new(Arc::new(ByteCache::new(64 << 20)), false)
 }
 
 /// Opens `image` with its chain and returns the live view.
@@ -141,10 +138,7 @@ pub fn open_view(image: &Path) -> vmfs_mount::error::Result<vmfs_mount::view::Vi
 
 /// Opens `image` with its chain for writing (the top layer only) and returns the live view.
 pub fn open_rw(image: &Path) -> vmfs_mount::view::View {
-    let ctx = OpenCtx {
-        tables: Arc::new(ByteCache::new(16 << 20)),
-        writable: true,
-    };
+    let ctx = OpenCtx::new(Arc::new(ByteCache::new(16 << 20)), true);
     let layers = vmfs_mount::chain::open_chain(image, None, &ctx).unwrap();
     let size = layers[0].virtual_size();
     vmfs_mount::view::View::new(layers, size, Arc::new(ByteCache::new(8 << 20)), 4096)

@@ -151,7 +151,7 @@ impl Qcow2Image {
             has_data_file: header.has_data_file(),
         };
         check_tables(&header, &geometry, &file)?;
-        let data_file = open_data_file(&header, &extensions, &file)?;
+        let data_file = open_data_file(&header, &extensions, &file, ctx)?;
         let parent = backing_ref(&header, &extensions, &file)?;
         let (snapshots, snapshot_error) = match read_snapshots(&header, &file) {
             Ok(s) => (s, None),

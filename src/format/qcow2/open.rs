@@ -5,8 +5,9 @@ use super::entry::Geometry;
 use super::header::{Extensions, Header};
 use super::snapshot::{self, Snapshot};
 use super::{MAX_BACKING_NAME, MAX_L1_BYTES, MAX_REFTABLE_BYTES};
+use crate::backing_policy::Role;
 use crate::error::{Error, Result};
-use crate::format::{Format, ParentRef};
+use crate::format::{Format, OpenCtx, ParentRef};
 use crate::paths::resolve_relative;
 use crate::storage::HostFile;
 use std::path::Path;
@@ -146,6 +147,7 @@ pub(super) fn open_data_file(
     h: &Header,
     ext: &Extensions,
     file: &HostFile,
+    ctx: &OpenCtx,
 ) -> Result<Option<Arc<HostFile>>> {
     let path = file.path();
     if !h.has_data_file() {
@@ -174,7 +176,8 @@ pub(super) fn open_data_file(
         ));
     }
     let data_path = resolve_relative(path, name);
-    let data = HostFile::open(&data_path, file.writable())
+    let data = ctx
+        .open_named(path, Role::DataFile, name, &data_path, file.writable())
         .map_err(|e| e.context(format!("external data file {name:?} of {}", path.display())))?;
     Ok(Some(data))
 }

@@ -11,6 +11,7 @@ mod sparse;
 pub mod vmsd;
 
 use super::{Extent, Format, Identity, Layer, Mapping, OpenCtx, ParentRef};
+use crate::backing_policy::Role;
 use crate::error::{Error, Kind, Result};
 use crate::storage::HostFile;
 use descriptor::{Access, Descriptor, ExtentLine, ExtentType, MAX_DESCRIPTOR};
@@ -225,16 +226,19 @@ fn open_extent(
         ));
     };
     let ext_path = descriptor::extent_path(desc_path, name);
-    let file = HostFile::open(&ext_path, false).map_err(|e| {
-        if e.kind() == Kind::NotFound {
-            Error::new(
-                Kind::NotFound,
-                format!("{}: file not found (tried {})", what(), ext_path.display()),
-            )
-        } else {
-            e.context(what())
-        }
-    })?;
+    let stored = String::from_utf8_lossy(name);
+    let file = ctx
+        .open_named(desc_path, Role::Extent, &stored, &ext_path, false)
+        .map_err(|e| {
+            if e.kind() == Kind::NotFound {
+                Error::new(
+                    Kind::NotFound,
+                    format!("{}: file not found (tried {})", what(), ext_path.display()),
+                )
+            } else {
+                e.context(what())
+            }
+        })?;
     files.push(file.clone());
     let len = line.sectors * SECTOR;
     let backing = match line.kind {

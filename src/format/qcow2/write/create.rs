@@ -122,10 +122,10 @@ mod tests {
             create(&p, 1 << 20, None).is_err(),
             "an existing file must not be replaced"
         );
-        let ctx = OpenCtx {
-            tables: std::sync::Arc::new(crate::cache::ByteCache::new(1 << 20)),
-            writable: false,
-        };
+        let ctx = OpenCtx::new(
+            std::sync::Arc::new(crate::cache::ByteCache::new(1 << 20)),
+            false,
+        );
         let q = Qcow2Image::open(&p, &ctx).unwrap();
         assert_eq!(q.extensions.backing_format.as_deref(), Some("raw"));
         assert!(matches!(&q.parent, ParentRef::Path { raw, .. } if raw == "base.raw"));
