@@ -4,6 +4,7 @@ pub mod backing_policy;
 pub mod cache;
 pub mod chain;
 pub mod changes;
+pub mod clones;
 pub mod endian;
 pub mod error;
 pub mod expose;

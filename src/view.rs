@@ -32,6 +32,10 @@ pub struct View {
     clusters: Arc<ByteCache>,
     allocated: Mutex<Option<(u64, Instant)>>,
     dirty_alloc: std::sync::atomic::AtomicBool,
+    /// A view over a shared base (a clone over its image): `layers[..own]` are this view's
+    /// own layers, resolved on every read; what they leave unallocated comes from the base
+    /// view's resolved extents, so every view over one base shares one cache of them.
+    base: Option<(Arc<View>, usize)>,
 }
 
 impl View {
@@ -53,7 +57,20 @@ impl View {
             clusters,
             allocated: Mutex::new(None),
             dirty_alloc: false.into(),
+            base: None,
         }
+    }
+
+    /// A view of `own` layers (top first) over the view `base`, which must not change while
+    /// this view lives (a read-only image under its clones). Its size is the top's.
+    pub fn over(own: Vec<Arc<dyn Layer>>, base: Arc<View>, clusters: Arc<ByteCache>) -> View {
+        let n = own.len();
+        let size = own.first().map_or(0, |l| l.virtual_size());
+        let mut layers = own;
+        layers.extend(base.layers.iter().cloned());
+        let mut v = View::new(layers, size, clusters, 16);
+        v.base = Some((base, n));
+        v
     }
 
     pub fn size(&self) -> u64 {
@@ -108,6 +125,9 @@ impl View {
 
     /// The resolved extents of one chunk, from cache or by walking the layers.
     fn chunk(&self, idx: u64) -> Result<Arc<[Extent]>> {
+        if let Some((base, own)) = &self.base {
+            return self.chunk_over(base, *own, idx);
+        }
         if let Some(e) = self.resolved.lock().get(&idx) {
             return Ok(e.clone());
         }
@@ -120,6 +140,56 @@ impl View {
             cache.put(idx, exts.clone());
         }
         Ok(exts)
+    }
+
+    /// A chunk of a view over a base: its own layers first, the base's cached extents where
+    /// they hold nothing. Chunks of both views start at the same offsets.
+    fn chunk_over(&self, base: &View, own: usize, idx: u64) -> Result<Arc<[Extent]>> {
+        let start = idx * CHUNK;
+        let len = CHUNK.min(self.size - start);
+        let mine = resolve_down_to(&self.layers[..own], start, len, Mapping::Unallocated)?;
+        if !mine.iter().any(|e| matches!(e.map, Mapping::Unallocated)) {
+            return Ok(mine.into());
+        }
+        let below = (start < base.size).then(|| base.chunk(idx)).transpose()?;
+        let mut out = Vec::with_capacity(mine.len());
+        let mut pos = start;
+        for e in mine {
+            let end = pos + e.len;
+            if !matches!(e.map, Mapping::Unallocated) {
+                push_merged(&mut out, e);
+                pos = end;
+                continue;
+            }
+            // The base's extents inside [pos, end); zeros past the base's end.
+            let mut ext_start = start;
+            for b in below.iter().flat_map(|b| b.iter()) {
+                let ext_end = ext_start + b.len;
+                let (from, to) = (ext_start.max(pos), ext_end.min(end));
+                if from < to {
+                    push_merged(
+                        &mut out,
+                        Extent {
+                            len: to - from,
+                            map: advanced(&b.map, from - ext_start),
+                        },
+                    );
+                }
+                ext_start = ext_end;
+            }
+            let covered = ext_start.clamp(pos, end);
+            if covered < end {
+                push_merged(
+                    &mut out,
+                    Extent {
+                        len: end - covered,
+                        map: Mapping::Zero,
+                    },
+                );
+            }
+            pos = end;
+        }
+        Ok(out.into())
     }
 
     fn read_pieces(&self, pieces: Vec<Piece>, buf: &mut [u8]) -> Result<()> {
@@ -265,6 +335,11 @@ impl View {
 
     /// Reads what the layers below the top show (for copy-on-write fills).
     fn read_below(&self, off: u64, buf: &mut [u8]) -> Result<()> {
+        if let Some((base, 1)) = &self.base {
+            let n = base.read(off, buf)?;
+            buf[n..].fill(0);
+            return Ok(());
+        }
         read_uncached(&self.layers[1..], off, buf, &self.clusters)
     }
 
@@ -340,15 +415,27 @@ struct Piece {
 /// Unallocated. A layer shorter than the request reads as zeros past its end, as in QEMU:
 /// the layers below it are not consulted there.
 pub fn resolve(layers: &[Arc<dyn Layer>], off: u64, len: u64) -> Result<Vec<Extent>> {
+    resolve_down_to(layers, off, len, Mapping::Zero)
+}
+
+/// `resolve`, answering `bottom` where no layer maps anything (Unallocated: a base below
+/// decides).
+fn resolve_down_to(
+    layers: &[Arc<dyn Layer>],
+    off: u64,
+    len: u64,
+    bottom: Mapping,
+) -> Result<Vec<Extent>> {
     let mut out: Vec<Extent> = Vec::new();
     let end = off + len;
     let mut pos = off;
     while pos < end {
         let mut seg = end - pos;
-        let mut map = Mapping::Zero;
+        let mut map = bottom.clone();
         for layer in layers {
             let vsize = layer.virtual_size();
             if pos >= vsize {
+                map = Mapping::Zero;
                 break;
             }
             seg = seg.min(vsize - pos);
@@ -373,6 +460,32 @@ pub fn resolve(layers: &[Arc<dyn Layer>], off: u64, len: u64) -> Result<Vec<Exte
         pos += seg;
     }
     Ok(out)
+}
+
+/// `map` as seen `by` bytes further into its extent.
+fn advanced(map: &Mapping, by: u64) -> Mapping {
+    match map {
+        Mapping::Data { file, host_off } => Mapping::Data {
+            file: file.clone(),
+            host_off: host_off + by,
+        },
+        Mapping::Compressed {
+            file,
+            host_off,
+            stored_len,
+            codec,
+            cluster_len,
+            skip,
+        } => Mapping::Compressed {
+            file: file.clone(),
+            host_off: *host_off,
+            stored_len: *stored_len,
+            codec: *codec,
+            cluster_len: *cluster_len,
+            skip: skip + by,
+        },
+        other => other.clone(),
+    }
 }
 
 /// Appends, merging with the previous extent when they continue each other.

@@ -9,11 +9,14 @@
 //! view or of any unshared layer (which cuts off what lies below it) everything may differ.
 //! The answer never misses a changed byte and over-reports only at the granularity of the
 //! layers' tables (a cluster or subcluster).
+//!
+//! A QEMU dirty bitmap is another source of changes: its set bits, at its granularity.
 
 pub mod ranges;
 pub mod records;
 
 use crate::error::{Error, Kind, Result};
+use crate::format::qcow2::bitmap::Bits;
 use crate::format::{Layer, Mapping};
 use std::ops::Range;
 use std::sync::Arc;
@@ -23,18 +26,27 @@ use std::sync::Arc;
 const FIRST_WINDOW: u64 = 64 << 20;
 const MAX_WINDOW: u64 = 64 << 30;
 
-/// The changes from an old view to a new one (of the same chain).
-#[derive(Debug, Clone)]
+/// The changes from an old view to a new one (of the same chain), or those a dirty bitmap
+/// recorded.
+#[derive(Clone)]
 pub struct Changes {
-    /// Layers only the old / only the new view has, above the shared ones.
-    old_only: Vec<Arc<dyn Layer>>,
-    new_only: Vec<Arc<dyn Layer>>,
-    /// (old, new): two tables of one qcow2 file, right above the shared layers.
-    pair: Option<(Arc<dyn Layer>, Arc<dyn Layer>)>,
-    /// From here on everything may differ.
-    cutoff: u64,
+    source: Source,
     /// The new view's size: every range lies below it.
     size: u64,
+}
+
+#[derive(Clone)]
+enum Source {
+    Views {
+        /// Layers only the old / only the new view has, above the shared ones.
+        old_only: Vec<Arc<dyn Layer>>,
+        new_only: Vec<Arc<dyn Layer>>,
+        /// (old, new): two tables of one qcow2 file, right above the shared layers.
+        pair: Option<(Arc<dyn Layer>, Arc<dyn Layer>)>,
+        /// From here on everything may differ.
+        cutoff: u64,
+    },
+    Bitmap(Arc<Bits>),
 }
 
 impl Changes {
@@ -70,11 +82,21 @@ impl Changes {
             None
         };
         Changes {
-            old_only,
-            new_only,
-            pair,
-            cutoff,
+            source: Source::Views {
+                old_only,
+                new_only,
+                pair,
+                cutoff,
+            },
             size: new_size,
+        }
+    }
+
+    /// The changes a dirty bitmap of a `size`-byte disk recorded (it may still be recording).
+    pub fn from_bitmap(bits: Arc<Bits>, size: u64) -> Changes {
+        Changes {
+            source: Source::Bitmap(bits),
+            size,
         }
     }
 
@@ -89,12 +111,21 @@ impl Changes {
         if off >= end {
             return Ok(Vec::new());
         }
-        let below_cutoff = end.min(self.cutoff);
+        let (old_only, new_only, pair, cutoff) = match &self.source {
+            Source::Bitmap(bits) => return Ok(bits.ranges(off, end)),
+            Source::Views {
+                old_only,
+                new_only,
+                pair,
+                cutoff,
+            } => (old_only, new_only, pair, *cutoff),
+        };
+        let below_cutoff = end.min(cutoff);
         let mut all = Vec::new();
-        for layer in self.old_only.iter().chain(&self.new_only) {
+        for layer in old_only.iter().chain(new_only) {
             mapped(&**layer, off, below_cutoff, &mut all)?;
         }
-        if let Some((old, new)) = &self.pair
+        if let Some((old, new)) = pair
             && off < below_cutoff
         {
             match new.changed_since(&**old, off, below_cutoff) {
@@ -102,7 +133,7 @@ impl Changes {
                 None => all.push(off..below_cutoff),
             }
         }
-        all.push(self.cutoff.max(off)..end);
+        all.push(cutoff.max(off)..end);
         Ok(ranges::union(all))
     }
 

@@ -23,12 +23,14 @@ pub const INCOMPAT_COMPRESSION: u64 = 1 << 3;
 pub const INCOMPAT_EXTL2: u64 = 1 << 4;
 const INCOMPAT_KNOWN: u64 =
     INCOMPAT_DIRTY | INCOMPAT_CORRUPT | INCOMPAT_DATA_FILE | INCOMPAT_COMPRESSION | INCOMPAT_EXTL2;
+pub const AUTOCLEAR_BITMAPS: u64 = 1 << 0;
 pub const AUTOCLEAR_DATA_FILE_RAW: u64 = 1 << 1;
 
 pub const EXT_END: u32 = 0;
 pub const EXT_BACKING_FORMAT: u32 = 0xe279_2aca;
 pub const EXT_FEATURE_TABLE: u32 = 0x6803_f857;
 pub const EXT_DATA_FILE: u32 = 0x4441_5441;
+pub const EXT_BITMAPS: u32 = 0x2385_2875;
 /// QEMU keeps the backing format in a 16-byte buffer, NUL included.
 const MAX_BACKING_FORMAT_LEN: u32 = 15;
 const FEATURE_ENTRY_LEN: usize = 48;
@@ -316,6 +318,9 @@ pub struct Extensions {
     pub data_file: Option<String>,
     /// (kind byte, bit, name) from the feature name table.
     pub feature_names: Vec<(u8, u8, String)>,
+    /// The bitmaps extension: (offset of its header in the file, its data), decoded by
+    /// `bitmap.rs`.
+    pub bitmaps: Option<(u64, Vec<u8>)>,
     /// (type, data) of every other extension, in file order.
     pub unknown: Vec<(u32, Vec<u8>)>,
 }
@@ -378,6 +383,7 @@ impl Extensions {
                     ext.backing_format = Some(c_string(data));
                 }
                 EXT_DATA_FILE => ext.data_file = Some(c_string(data)),
+                EXT_BITMAPS => ext.bitmaps = Some((off, data.to_vec())),
                 EXT_FEATURE_TABLE => {
                     for e in data.chunks_exact(FEATURE_ENTRY_LEN) {
                         ext.feature_names.push((e[0], e[1], c_string(&e[2..])));

@@ -4,6 +4,7 @@
 //! The parsed image (`Qcow2Image`) is shared through an `Arc` by every layer made from it:
 //! the live layer and each snapshot layer differ only in their L1 table and size.
 
+pub mod bitmap;
 pub mod diff;
 pub mod entry;
 pub mod header;

@@ -1,0 +1,204 @@
+//! QEMU persistent dirty bitmaps: what the library reads from an image must be what QEMU
+//! exports (qemu-nbd -B and the NBD dirty-bitmap context), and hostile directories fail
+//! cleanly.
+
+mod common;
+mod qcow2_support;
+
+use common::*;
+use qcow2_support::{find_ext, patch};
+use std::ops::Range;
+use std::path::Path;
+use std::process::Command;
+use vmfs_mount::changes::ranges;
+use vmfs_mount::format::qcow2::Qcow2Image;
+
+const MIB: u64 = 1 << 20;
+
+/// The dirty ranges of `bitmap` in `image` as QEMU exports them: qemu-nbd -B, read back with
+/// `qemu-img map` over NBD with `x-dirty-bitmap` (dirty extents show as "data": false).
+fn qemu_dirty_ranges(image: &Path, bitmap: &str) -> Vec<Range<u64>> {
+    let dir = image.parent().unwrap();
+    let sock = dir.join(format!("nbd-{bitmap}.sock"));
+    let pid_file = dir.join(format!("nbd-{bitmap}.pid"));
+    let _ = std::fs::remove_file(&sock);
+    run(
+        "qemu-nbd",
+        &[
+            "-r",
+            "-f",
+            "qcow2",
+            "-B",
+            bitmap,
+            "-x",
+            "e",
+            "-k",
+            sock.to_str().unwrap(),
+            "--fork",
+            "--pid-file",
+            pid_file.to_str().unwrap(),
+            image.to_str().unwrap(),
+        ],
+    );
+    let opts = format!(
+        "driver=nbd,export=e,server.type=unix,server.path={},x-dirty-bitmap=qemu:dirty-bitmap:{bitmap}",
+        sock.display()
+    );
+    let out = Command::new("qemu-img")
+        .args(["map", "--output=json", "--image-opts", &opts])
+        .output()
+        .unwrap();
+    let pid = std::fs::read_to_string(&pid_file).unwrap();
+    // SAFETY: kill has no memory preconditions; the pid is the qemu-nbd we started.
+    unsafe { libc::kill(pid.trim().parse().unwrap(), libc::SIGTERM) };
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let recs: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout).unwrap();
+    ranges::union(
+        recs.iter()
+            .filter(|r| r["data"] == false)
+            .map(|r| {
+                let s = r["start"].as_u64().unwrap();
+                s..s + r["length"].as_u64().unwrap()
+            })
+            .collect(),
+    )
+}
+
+/// Our reading of every bitmap of `image`: name -> (flags, dirty ranges).
+fn our_bitmaps(image: &Path) -> Vec<(String, u32, Vec<Range<u64>>)> {
+    let img = Qcow2Image::open(image, &ctx()).unwrap();
+    let Some(b) = img.bitmaps().unwrap() else {
+        return Vec::new();
+    };
+    b.entries
+        .iter()
+        .map(|e| {
+            let table = img.bitmap_table(e).unwrap();
+            let bits = img.bitmap_bits(e, &table).unwrap();
+            (e.name.clone(), e.flags, bits.ranges(0, img.size))
+        })
+        .collect()
+}
+
+fn random_writes(image: &Path, rng: &mut Rng, size: u64, n: usize) {
+    let mut cmds = Vec::new();
+    for i in 0..n {
+        let len = 1 + rng.below(300 << 10);
+        let off = rng.below(size - len);
+        cmds.push(match i % 6 {
+            4 => format!("write -z {off} {len}"),
+            5 => format!("discard {} {}", off / 512 * 512, len.div_ceil(512) * 512),
+            _ => format!("write -P {} {off} {len}", rng.below(255)),
+        });
+    }
+    qemu_io("qcow2", image, &cmds);
+}
+
+#[test]
+fn bitmaps_read_as_qemu_exports_them() {
+    let d = Scratch::new("bitmaps-read");
+    let img = d.path("disk.qcow2");
+    let size = 64 * MIB;
+    qemu_img(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        img.to_str().unwrap(),
+        &size.to_string(),
+    ]);
+    let mut rng = Rng::new(7);
+    random_writes(&img, &mut rng, size, 10);
+    let p = img.to_str().unwrap();
+    qemu_img(&["bitmap", "--add", "-g", "65536", p, "coarse"]);
+    qemu_img(&["bitmap", "--add", "-g", "4096", p, "fine"]);
+    qemu_img(&["bitmap", "--add", "-g", "512", "--disable", p, "off"]);
+    // qemu-io records writes in the enabled bitmaps and stores them on exit.
+    random_writes(&img, &mut rng, size, 40);
+    let ours = our_bitmaps(&img);
+    let names: Vec<&str> = ours.iter().map(|(n, _, _)| n.as_str()).collect();
+    assert_eq!(names, ["coarse", "fine", "off"]);
+    for (name, flags, dirty) in &ours {
+        assert_eq!(*flags & 1, 0, "{name} in use");
+        assert_eq!(*flags & 2 != 0, name != "off", "{name} auto flag");
+        assert_eq!(*dirty, qemu_dirty_ranges(&img, name), "bitmap {name}");
+        assert_eq!(dirty.is_empty(), name == "off", "{name}: {dirty:x?}");
+    }
+}
+
+#[test]
+fn a_hostile_directory_is_an_error_not_a_panic() {
+    let d = Scratch::new("bitmaps-hostile");
+    let img = d.path("disk.qcow2");
+    qemu_img(&["create", "-q", "-f", "qcow2", img.to_str().unwrap(), "16M"]);
+    qemu_img(&["bitmap", "--add", img.to_str().unwrap(), "b"]);
+    let (ext_at, _) = find_ext(&img, 0x2385_2875).unwrap();
+    let bytes = std::fs::read(&img).unwrap();
+    let dir = u64::from_be_bytes(
+        bytes[ext_at as usize + 24..ext_at as usize + 32]
+            .try_into()
+            .unwrap(),
+    );
+    let cases: Vec<(u64, Vec<u8>, &str)> = vec![
+        (ext_at + 8, 70000u32.to_be_bytes().to_vec(), "nb_bitmaps"),
+        (ext_at + 8, 2u32.to_be_bytes().to_vec(), "declares 2"),
+        (
+            ext_at + 16,
+            u64::MAX.to_be_bytes().to_vec(),
+            "bitmap_directory_size",
+        ),
+        (
+            ext_at + 24,
+            0x123u64.to_be_bytes().to_vec(),
+            "bitmap_directory_offset",
+        ),
+        (
+            dir,
+            0x10200u64.to_be_bytes().to_vec(),
+            "bitmap_table_offset",
+        ),
+        (
+            dir + 8,
+            u32::MAX.to_be_bytes().to_vec(),
+            "bitmap_table_size",
+        ),
+        (dir + 17, vec![40], "granularity_bits"),
+        (dir + 18, 60000u16.to_be_bytes().to_vec(), "past the end"),
+    ];
+    for (at, value, want) in cases {
+        let copy = d.path("copy.qcow2");
+        std::fs::copy(&img, &copy).unwrap();
+        patch(&copy, at, &value);
+        let q = Qcow2Image::open(&copy, &ctx()).unwrap();
+        let e = q.bitmaps().unwrap_err().to_string();
+        assert!(
+            e.contains(want),
+            "patch at {at:#x}: {e} should mention {want}"
+        );
+    }
+    // A table far past the end of the file.
+    let copy = d.path("copy.qcow2");
+    std::fs::copy(&img, &copy).unwrap();
+    patch(&copy, dir, &(1u64 << 62).to_be_bytes());
+    let q = Qcow2Image::open(&copy, &ctx()).unwrap();
+    let e = &q.bitmaps().unwrap().unwrap().entries[0];
+    assert!(q.bitmap_table(e).is_err());
+    // A table entry pointing nowhere sensible.
+    std::fs::copy(&img, &copy).unwrap();
+    let q = Qcow2Image::open(&copy, &ctx()).unwrap();
+    let table = q.bitmaps().unwrap().unwrap().entries[0].table_offset;
+    patch(&copy, table, &0x0000_0000_0001_0200u64.to_be_bytes());
+    let q = Qcow2Image::open(&copy, &ctx()).unwrap();
+    let e = &q.bitmaps().unwrap().unwrap().entries[0];
+    let err = q.bitmap_table(e).unwrap_err().to_string();
+    assert!(err.contains("not a valid cluster reference"), "{err}");
+    patch(&copy, table, &(1u64 << 50).to_be_bytes());
+    let q = Qcow2Image::open(&copy, &ctx()).unwrap();
+    let e = &q.bitmaps().unwrap().unwrap().entries[0];
+    let table = q.bitmap_table(e).unwrap();
+    assert!(q.bitmap_bits(e, &table).is_err());
+}
