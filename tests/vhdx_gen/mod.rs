@@ -4,8 +4,8 @@
 
 pub mod model;
 
+use crc32c::crc32c;
 use std::collections::HashMap;
-use vmfs_mount::format::vhdx::crc32c::crc32c;
 
 pub const KIB: u64 = 1024;
 pub const MIB: u64 = 1024 * 1024;

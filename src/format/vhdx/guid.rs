@@ -1,5 +1,5 @@
 //! GUIDs as VHDX stores them: Data1 u32 LE, Data2 u16 LE, Data3 u16 LE, Data4 8 bytes as-is.
-//! `Guid` keeps the 16 on-disk bytes; text uses the usual registry form.
+//! `Guid` keeps the 16 on-disk bytes; text (the usual registry form) goes through `uuid`.
 
 use std::fmt;
 
@@ -35,42 +35,15 @@ impl Guid {
 
     /// Parses `{xxxxxxxx-xxxx-xxxx-xxxx-xxxxxxxxxxxx}` (braces optional, any case).
     pub fn parse(s: &str) -> Option<Guid> {
-        let s = s.trim();
-        let s = s
-            .strip_prefix('{')
-            .and_then(|t| t.strip_suffix('}'))
-            .unwrap_or(s);
-        let parts: Vec<&str> = s.split('-').collect();
-        let widths = [8, 4, 4, 4, 12];
-        if parts.len() != 5
-            || parts
-                .iter()
-                .zip(widths)
-                .any(|(p, w)| p.len() != w || !p.bytes().all(|c| c.is_ascii_hexdigit()))
-        {
-            return None;
-        }
-        let d1 = u32::from_str_radix(parts[0], 16).ok()?;
-        let d2 = u16::from_str_radix(parts[1], 16).ok()?;
-        let d3 = u16::from_str_radix(parts[2], 16).ok()?;
-        let d4 = u64::from_str_radix(&format!("{}{}", parts[3], parts[4]), 16).ok()?;
-        Some(Guid::from_fields(d1, d2, d3, d4))
+        uuid::Uuid::try_parse(s.trim())
+            .ok()
+            .map(|u| Guid(u.to_bytes_le()))
     }
 }
 
 impl fmt::Display for Guid {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let g = &self.0;
-        write!(
-            f,
-            "{:08x}-{:04x}-{:04x}-{:02x}{:02x}-",
-            u32::from_le_bytes([g[0], g[1], g[2], g[3]]),
-            u16::from_le_bytes([g[4], g[5]]),
-            u16::from_le_bytes([g[6], g[7]]),
-            g[8],
-            g[9]
-        )?;
-        g[10..].iter().try_for_each(|b| write!(f, "{b:02x}"))
+        uuid::Uuid::from_bytes_le(self.0).hyphenated().fmt(f)
     }
 }
 

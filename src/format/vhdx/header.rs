@@ -308,7 +308,7 @@ mod tests {
         b[66..68].copy_from_slice(&1u16.to_le_bytes());
         b[68..72].copy_from_slice(&(MIB as u32).to_le_bytes());
         b[72..80].copy_from_slice(&MIB.to_le_bytes());
-        let crc = super::super::crc32c::crc32c(&b);
+        let crc = crc32c::crc32c(&b);
         b[4..8].copy_from_slice(&crc.to_le_bytes());
         b
     }
@@ -340,7 +340,7 @@ mod tests {
             e[24..28].copy_from_slice(&len.to_le_bytes());
             e[28..32].copy_from_slice(&req.to_le_bytes());
         }
-        let crc = super::super::crc32c::crc32c(&b);
+        let crc = crc32c::crc32c(&b);
         b[4..8].copy_from_slice(&crc.to_le_bytes());
         b
     }

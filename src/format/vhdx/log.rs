@@ -358,7 +358,7 @@ impl Scanner<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::format::vhdx::crc32c::crc32c;
+    use crc32c::crc32c;
 
     const GUID: Guid = Guid([9; 16]);
 
