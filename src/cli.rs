@@ -29,6 +29,8 @@ Mount options (-o, comma-separated, repeatable):
   default_permissions     let the kernel check permissions
   auto_unmount            unmount when the daemon dies (needs allow_other or allow_root)
   overlay=FILE            write changes to FILE instead of the image (created if missing)
+  clones=DIR              add clones/: writable clones of the image (mounted read-only), one
+                          qcow2 overlay DIR/NAME.qcow2 each (mkdir clones/NAME makes one)
   force_share             with ro: share the image with a QEMU that is writing it (qemu-img -U)
   format=FMT              force the top image's format (qcow2, raw, vmdk, vpc, vhdx, vdi)
   cache_size=SIZE         metadata cache size, e.g. 256M (default 256M)
@@ -78,6 +80,10 @@ pub struct Args {
     /// Write changes to this overlay file instead of the image
     #[arg(long, value_name = "FILE")]
     pub overlay: Option<PathBuf>,
+
+    /// Add clones/: writable qcow2 clones of the image (then mounted read-only) in DIR
+    #[arg(long, value_name = "DIR")]
+    pub clones: Option<PathBuf>,
 
     /// Let images name backing, parent, extent and data files in these directories too
     #[arg(long, value_name = "DIR[:DIR...]")]
@@ -169,6 +175,8 @@ pub struct Settings {
     pub trust_backing: bool,
     /// Which optional files each view's directory shows.
     pub files: FileOptions,
+    /// `clones=DIR`: writable clones of the read-only image.
+    pub clones: Option<PathBuf>,
 }
 
 pub const DEFAULT_TABLE_CACHE: usize = 256 << 20;
@@ -210,6 +218,7 @@ impl Settings {
             backing_dirs: Vec::new(),
             trust_backing: a.trust_backing,
             files: FileOptions::default(),
+            clones: a.clones,
         };
         if let Some(d) = &a.backing_dirs {
             s.apply_one(&format!("backing_dirs={d}"))?;
@@ -235,6 +244,16 @@ impl Settings {
             return Err(UsageError(
                 "force_share only works with a read-only mount (add -o ro)".into(),
             ));
+        }
+        if s.clones.is_some() {
+            if s.overlay.is_some() || s.force_share {
+                return Err(UsageError(
+                    "clones need an image nothing else changes: not with overlay or force_share"
+                        .into(),
+                ));
+            }
+            // The clones' base must not change under them.
+            s.access = Access::ReadOnly;
         }
         if s.auto_unmount && !(s.allow_other || s.allow_root) {
             return Err(UsageError(
@@ -281,6 +300,7 @@ impl Settings {
                     .extend(list.split(':').filter(|d| !d.is_empty()).map(PathBuf::from));
             }
             ("overlay", v) => self.overlay = Some(PathBuf::from(need(v)?)),
+            ("clones", v) => self.clones = Some(PathBuf::from(need(v)?)),
             ("format", v) => {
                 let name = need(v)?;
                 self.format = Some(Format::parse(&name).map_err(|e| UsageError(e.to_string()))?);
@@ -459,6 +479,15 @@ mod tests {
         assert_eq!(s.log_file, Some(PathBuf::from("/tmp/l")));
         let s = settings(&["--overlay", "o", "img", "mnt"]).unwrap();
         assert_eq!(s.overlay, Some(PathBuf::from("o")));
+        let s = settings(&["-o", "clones=/srv/c", "img", "mnt"]).unwrap();
+        assert_eq!(s.clones, Some(PathBuf::from("/srv/c")));
+        assert_eq!(
+            s.access,
+            Access::ReadOnly,
+            "clones make the image read-only"
+        );
+        assert!(settings(&["--clones", "c", "--overlay", "o", "img", "mnt"]).is_err());
+        assert!(settings(&["--clones", "c", "-o", "ro,force_share", "img", "mnt"]).is_err());
     }
 
     #[test]

@@ -12,9 +12,12 @@ use crate::format::qcow2::Qcow2Image;
 use crate::format::qcow2::header::MAGIC;
 use crate::format::qcow2::write::create;
 use crate::format::{self, Format, Layer, OpenCtx, ParentRef};
+use crate::lock::{self, LockGuard};
+use crate::view::View;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Component, Path, PathBuf};
 use std::sync::Arc;
+use std::time::SystemTime;
 
 pub const CLONE_EXTENSION: &str = "qcow2";
 /// Longest clone name: the file name `NAME.qcow2` must fit in 255 bytes.
@@ -192,6 +195,96 @@ impl CloneDir {
         let mut layers = vec![top];
         layers.extend(base.iter().cloned());
         Ok(layers)
+    }
+}
+
+/// The clones of a mount: how to open, make and delete them over the mount's live view,
+/// which every clone uses as its base (so they share its decoded tables and resolved
+/// extents). The live view must not change while clones exist: the mount is read-only.
+pub struct CloneSet {
+    dir: CloneDir,
+    base: Arc<View>,
+    /// The shared table cache and the mount's backing-file policy.
+    ctx: OpenCtx,
+    clusters: Arc<ByteCache>,
+}
+
+/// One clone in use: its view (writable) and its QEMU locks.
+pub struct OpenClone {
+    pub name: String,
+    pub path: PathBuf,
+    pub view: Arc<View>,
+    pub mtime: SystemTime,
+    _locks: LockGuard,
+}
+
+impl CloneSet {
+    pub fn new(dir: CloneDir, base: Arc<View>, ctx: OpenCtx, clusters: Arc<ByteCache>) -> Self {
+        CloneSet {
+            dir,
+            base,
+            ctx,
+            clusters,
+        }
+    }
+
+    pub fn dir(&self) -> &CloneDir {
+        &self.dir
+    }
+
+    /// Opens every clone of the image found in the directory; one that cannot be opened (a
+    /// QEMU holds it, it is damaged) is skipped with a warning.
+    pub fn open_existing(&self) -> Result<Vec<OpenClone>> {
+        let mut out = Vec::new();
+        for f in self.dir.discover()? {
+            match self.open(&f.name, &f.path) {
+                Ok(c) => out.push(c),
+                Err(e) => log::warn!("clone {:?} is not shown: {e}", f.name),
+            }
+        }
+        Ok(out)
+    }
+
+    /// Opens clone `name` at `path` for writing, locked as QEMU locks an image it writes.
+    pub fn open(&self, name: &str, path: &Path) -> Result<OpenClone> {
+        let layers = self.dir.open(path, self.base.layers(), &self.ctx)?;
+        let top = layers[0].clone();
+        if top.writer().is_none() {
+            return Err(Error::new(
+                Kind::ReadOnly,
+                format!("{}: cannot be written in place", path.display()),
+            ));
+        }
+        let locks = lock::lock_for_mount(&top.files(), &[])?;
+        let mtime = std::fs::metadata(path)
+            .and_then(|m| m.modified())
+            .unwrap_or(SystemTime::UNIX_EPOCH);
+        let view = View::over(vec![top], self.base.clone(), self.clusters.clone());
+        Ok(OpenClone {
+            name: name.to_string(),
+            path: path.to_path_buf(),
+            view: Arc::new(view),
+            mtime,
+            _locks: locks,
+        })
+    }
+
+    /// Makes clone `name` and opens it; the file is removed again if it cannot be opened.
+    pub fn create(&self, name: &str) -> Result<OpenClone> {
+        let path = self.dir.create(name)?;
+        self.open(name, &path).inspect_err(|_| {
+            let _ = std::fs::remove_file(&path);
+        })
+    }
+
+    /// Flushes and closes `clone`, then deletes its file.
+    pub fn delete(&self, clone: OpenClone) -> Result<()> {
+        if let Err(e) = clone.view.flush() {
+            log::warn!("clone {:?}: flush before deleting: {e}", clone.name);
+        }
+        let name = clone.name.clone();
+        drop(clone);
+        self.dir.delete(&name)
     }
 }
 

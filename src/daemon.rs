@@ -289,7 +289,8 @@ fn fuse_config(s: &Settings, opened: &Opened) -> Config {
             s.subtype.as_deref().unwrap_or("vmfs-mount")
         )),
     ];
-    if !opened.live.writable {
+    // A read-only image with clones still takes writes: to the clones.
+    if !opened.live.writable && opened.clones.is_none() {
         options.push(MountOption::RO);
     }
     if s.default_permissions {

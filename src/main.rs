@@ -53,6 +53,7 @@ fn run(s: &Settings) -> i32 {
         cluster_cache: s.cluster_cache,
         backing_dirs: s.backing_dirs.iter().map(|d| absolute(d)).collect(),
         trust_backing: s.trust_backing,
+        clones: s.clones.as_deref().map(absolute),
     };
     if s.list {
         req.access = Access::ReadOnly;

@@ -2,11 +2,15 @@
 //! Everything here happens before the daemon forks, so that every error reaches the user.
 
 use crate::cli::Access;
+use parking_lot::Mutex;
 use std::path::PathBuf;
 use std::sync::Arc;
 use vmfs_mount::backing_policy::{BackingPolicy, Decision};
 use vmfs_mount::cache::ByteCache;
+use vmfs_mount::clones::{CloneDir, CloneSet, OpenClone};
 use vmfs_mount::error::{Error, Kind, Result};
+use vmfs_mount::format::qcow2::Qcow2Layer;
+use vmfs_mount::format::qcow2::bitmap::Bits;
 use vmfs_mount::format::{Format, Layer, OpenCtx};
 use vmfs_mount::lock::{self, LockGuard};
 use vmfs_mount::plan::{self, ViewSpec};
@@ -31,6 +35,8 @@ pub struct MountRequest {
     pub backing_dirs: Vec<PathBuf>,
     /// `-o trust_backing`: images may name files anywhere.
     pub trust_backing: bool,
+    /// `--clones DIR`: writable clones of the (read-only) image live in DIR.
+    pub clones: Option<PathBuf>,
 }
 
 /// One exposed file: what it shows and whether writes reach it.
@@ -57,6 +63,17 @@ pub struct Opened {
     pub decisions: Vec<Decision>,
     /// `--list` only: the error that stopped the chain below the layers shown.
     pub stopped: Option<Error>,
+    /// `--clones DIR`: how to make clones, and those found in DIR at mount.
+    pub clones: Option<MountedClones>,
+    /// The image's QEMU dirty bitmaps (read-only mounts: nothing changes them), by name.
+    pub bitmaps: Vec<(String, Arc<Bits>)>,
+}
+
+pub struct MountedClones {
+    pub set: Arc<CloneSet>,
+    /// Opened at mount (so errors reach the user before the daemon forks); the tree takes
+    /// them over.
+    pub found: Mutex<Vec<OpenClone>>,
 }
 
 /// Opens the chain of `req.image` and builds every view the mount will show.
@@ -119,6 +136,13 @@ pub fn open_for_mount(req: &MountRequest) -> Result<Opened> {
     if !req.listing {
         opened.locks = Some(lock_chain(&opened, req.force_share)?);
     }
+    if !opened.live.writable {
+        opened.bitmaps = bitmaps(&opened.layers[0]);
+    }
+    if let Some(dir) = &req.clones {
+        let ctx = OpenCtx::new(tables.clone(), false).with_policy(policy.clone());
+        opened.clones = Some(open_clones(dir, &opened, ctx, &clusters, req.listing)?);
+    }
     Ok(opened)
 }
 
@@ -153,7 +177,70 @@ pub fn expose(
         locks: None,
         decisions: Vec::new(),
         stopped: None,
+        clones: None,
+        bitmaps: Vec::new(),
     })
+}
+
+/// The clones of the live view (a read-only image) in `dir`: those found there are opened
+/// unless only listing.
+fn open_clones(
+    dir: &std::path::Path,
+    opened: &Opened,
+    ctx: OpenCtx,
+    clusters: &Arc<ByteCache>,
+    listing: bool,
+) -> Result<MountedClones> {
+    let live = &opened.live;
+    if live.writable {
+        return Err(Error::invalid(
+            "--clones needs a read-only mount: the clones' base must not change",
+        ));
+    }
+    let top = &live.spec.layers[0];
+    let dir = CloneDir::new(dir, top.path(), top.format(), live.spec.size)?;
+    let set = Arc::new(CloneSet::new(dir, live.view.clone(), ctx, clusters.clone()));
+    let found = if listing {
+        Vec::new()
+    } else {
+        set.open_existing()?
+    };
+    Ok(MountedClones {
+        set,
+        found: Mutex::new(found),
+    })
+}
+
+/// The dirty bitmaps of a qcow2 top layer that hold a consistent record (not in use).
+fn bitmaps(top: &Arc<dyn Layer>) -> Vec<(String, Arc<Bits>)> {
+    let Some(q) = (&**top as &dyn std::any::Any).downcast_ref::<Qcow2Layer>() else {
+        return Vec::new();
+    };
+    let img = &q.image;
+    let found = match img.bitmaps() {
+        Ok(Some(b)) => b.entries,
+        Ok(None) => return Vec::new(),
+        Err(e) => {
+            log::warn!("{e}; no dirty bitmap is shown");
+            return Vec::new();
+        }
+    };
+    let mut out = Vec::new();
+    for e in found {
+        if e.in_use() {
+            log::info!(
+                "{}: bitmap {:?} is in use (not saved consistently); not shown",
+                img.path.display(),
+                e.name
+            );
+            continue;
+        }
+        match img.bitmap_table(&e).and_then(|t| img.bitmap_bits(&e, &t)) {
+            Ok(bits) => out.push((e.name.clone(), Arc::new(bits))),
+            Err(err) => log::warn!("{err}; bitmap {:?} is not shown", e.name),
+        }
+    }
+    out
 }
 
 /// The backing-file policy of a mount: the files the user named are trusted roots.

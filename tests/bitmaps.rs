@@ -2,71 +2,18 @@
 //! exports (qemu-nbd -B and the NBD dirty-bitmap context), and hostile directories fail
 //! cleanly.
 
+mod bitmap_support;
 mod common;
 mod qcow2_support;
 
+use bitmap_support::qemu_dirty_ranges;
 use common::*;
 use qcow2_support::{find_ext, patch};
 use std::ops::Range;
 use std::path::Path;
-use std::process::Command;
-use vmfs_mount::changes::ranges;
 use vmfs_mount::format::qcow2::Qcow2Image;
 
 const MIB: u64 = 1 << 20;
-
-/// The dirty ranges of `bitmap` in `image` as QEMU exports them: qemu-nbd -B, read back with
-/// `qemu-img map` over NBD with `x-dirty-bitmap` (dirty extents show as "data": false).
-fn qemu_dirty_ranges(image: &Path, bitmap: &str) -> Vec<Range<u64>> {
-    let dir = image.parent().unwrap();
-    let sock = dir.join(format!("nbd-{bitmap}.sock"));
-    let pid_file = dir.join(format!("nbd-{bitmap}.pid"));
-    let _ = std::fs::remove_file(&sock);
-    run(
-        "qemu-nbd",
-        &[
-            "-r",
-            "-f",
-            "qcow2",
-            "-B",
-            bitmap,
-            "-x",
-            "e",
-            "-k",
-            sock.to_str().unwrap(),
-            "--fork",
-            "--pid-file",
-            pid_file.to_str().unwrap(),
-            image.to_str().unwrap(),
-        ],
-    );
-    let opts = format!(
-        "driver=nbd,export=e,server.type=unix,server.path={},x-dirty-bitmap=qemu:dirty-bitmap:{bitmap}",
-        sock.display()
-    );
-    let out = Command::new("qemu-img")
-        .args(["map", "--output=json", "--image-opts", &opts])
-        .output()
-        .unwrap();
-    let pid = std::fs::read_to_string(&pid_file).unwrap();
-    // SAFETY: kill has no memory preconditions; the pid is the qemu-nbd we started.
-    unsafe { libc::kill(pid.trim().parse().unwrap(), libc::SIGTERM) };
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let recs: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout).unwrap();
-    ranges::union(
-        recs.iter()
-            .filter(|r| r["data"] == false)
-            .map(|r| {
-                let s = r["start"].as_u64().unwrap();
-                s..s + r["length"].as_u64().unwrap()
-            })
-            .collect(),
-    )
-}
 
 /// Our reading of every bitmap of `image`: name -> (flags, dirty ranges).
 fn our_bitmaps(image: &Path) -> Vec<(String, u32, Vec<Range<u64>>)> {

@@ -12,6 +12,7 @@
 //!
 //! A QEMU dirty bitmap is another source of changes: its set bits, at its granularity.
 
+pub mod file;
 pub mod ranges;
 pub mod records;
 

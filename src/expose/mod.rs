@@ -41,6 +41,12 @@ pub trait ExposedFile: Send + Sync {
         self.writable()
     }
 
+    /// Whether reads must bypass the kernel's page cache: the bytes change with writes to
+    /// other files that no invalidation follows (changed blocks of a writable disk).
+    fn direct_io(&self) -> bool {
+        false
+    }
+
     /// The mtime shown for the file: a layer's mtime, a snapshot's date, the last write.
     fn mtime(&self) -> SystemTime;
 

@@ -14,6 +14,8 @@
 //! Library errors become errno here and nowhere else, with a log line.
 
 pub mod attr;
+pub mod changesdir;
+pub mod clonedir;
 pub mod handler;
 mod state;
 #[cfg(test)]
@@ -147,7 +149,9 @@ impl Filesystem for DiskFs {
         // A file whose bytes never change keeps its page cache across opens. Others drop it
         // at open; while open, writes through another file showing the same bytes
         // invalidate the pages they change.
-        let keep = if f.mutable() {
+        let keep = if f.direct_io() {
+            FopenFlags::FOPEN_DIRECT_IO
+        } else if f.mutable() {
             FopenFlags::empty()
         } else {
             FopenFlags::FOPEN_KEEP_CACHE

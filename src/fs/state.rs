@@ -182,7 +182,13 @@ impl DiskFs {
     /// The tree for an opened chain: the live view at the root, one directory per snapshot,
     /// each with the files `options` asks for.
     pub fn new(opened: &Opened, options: &FileOptions) -> DiskFs {
-        let tree = viewdir::build(opened, options);
+        let mut tree = viewdir::build(opened, options);
+        let now = SystemTime::now();
+        super::changesdir::attach(&mut tree, opened, now);
+        if let Some(c) = &opened.clones {
+            let found = std::mem::take(&mut *c.found.lock());
+            super::clonedir::ClonesDir::attach(&mut tree, c.set.clone(), found, options, now);
+        }
         DiskFs {
             tree: Arc::new(SharedTree::new(tree)),
             owner: Owner::current(),
@@ -233,7 +239,14 @@ impl DiskFs {
                 });
                 let writable = f.writable();
                 let a = attr::file(ino, f.size(), allocated, f.mtime(), writable, self.owner);
-                (a, if writable { WRITABLE_TTL } else { STATIC_TTL })
+                (
+                    a,
+                    if f.mutable() {
+                        WRITABLE_TTL
+                    } else {
+                        STATIC_TTL
+                    },
+                )
             }
         })
     }

@@ -192,7 +192,16 @@ pub fn names_in(dir: &Path) -> Vec<String> {
 /// Checks a whole mount: the live file, the exact set of snapshot names, every directory's
 /// mode and content, and every file's size, mode and bytes (whole, then in odd ranges).
 pub fn assert_mount_shows(mnt: &Path, live: &[u8], snapshots: &BTreeMap<String, Vec<u8>>) {
-    assert_eq!(names_in(mnt), ["disk.raw", "snapshots"]);
+    // changes/ holds one file per snapshot view when there is any.
+    if snapshots.is_empty() {
+        assert_eq!(names_in(mnt), ["disk.raw", "snapshots"]);
+    } else {
+        assert_eq!(names_in(mnt), ["changes", "disk.raw", "snapshots"]);
+        assert_dir(&mnt.join("changes"));
+        let mut want: Vec<String> = snapshots.keys().map(|n| format!("{n}.raw")).collect();
+        want.sort();
+        assert_eq!(names_in(&mnt.join("changes")), want, "names under changes/");
+    }
     assert_dir(mnt);
     assert_dir(&mnt.join("snapshots"));
     assert_file(&mnt.join("disk.raw"), live, None);
