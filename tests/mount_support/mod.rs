@@ -2,6 +2,10 @@
 //! unmounting in a guard, QEMU oracles for internal snapshots, and checks of a whole mount.
 #![allow(dead_code)]
 
+mod daemon;
+#[allow(unused_imports)]
+pub use daemon::*;
+
 use super::common::*;
 use std::collections::BTreeMap;
 use std::fs::{File, OpenOptions};
