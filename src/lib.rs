@@ -11,6 +11,7 @@ pub mod expose;
 pub mod format;
 pub mod lock;
 pub mod overlay;
+pub mod partition;
 pub mod paths;
 pub mod plan;
 pub mod storage;

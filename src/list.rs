@@ -6,7 +6,9 @@ use std::fmt::Write;
 use std::path::Path;
 use std::time::{SystemTime, UNIX_EPOCH};
 use vmfs_mount::backing_policy::Decision;
+use vmfs_mount::expose::FileOptions;
 use vmfs_mount::format::{Layer, ParentRef};
+use vmfs_mount::partition::{Scheme, Table};
 use vmfs_mount::plan::Origin;
 
 struct LayerRow {
@@ -27,6 +29,9 @@ struct ViewRow {
     size: u64,
     date: i64,
     writable: bool,
+    /// The other files of the view's directory (partitions, wrappers), by path and size.
+    files: Vec<(String, u64)>,
+    table: Table,
 }
 
 fn layer_row(layer: &dyn Layer, decisions: &[Decision]) -> LayerRow {
@@ -77,18 +82,28 @@ fn decision_text(d: &Decision, main: bool) -> String {
     }
 }
 
-fn view_row(e: &Exposed, live: bool) -> ViewRow {
+fn view_row(e: &Exposed, live: bool, options: &FileOptions) -> ViewRow {
     let kind = match e.spec.origin {
         Origin::Live => "live",
         Origin::Layer { .. } => "layer",
         Origin::Snapshot { .. } => "snapshot",
     };
+    let dir = if live {
+        String::new()
+    } else {
+        format!("snapshots/{}/", e.spec.name)
+    };
+    let view_files = e.files(options, dir.trim_end_matches('/'));
+    let files = view_files
+        .current()
+        .into_iter()
+        .skip(1)
+        .map(|f| (format!("{dir}{}", f.name), f.file.size()))
+        .collect();
     ViewRow {
-        path: if live {
-            "disk.raw".into()
-        } else {
-            format!("snapshots/{}/disk.raw", e.spec.name)
-        },
+        path: format!("{dir}disk.raw"),
+        files,
+        table: view_files.table(),
         name: e.spec.name.clone(),
         kind,
         size: e.spec.size,
@@ -104,19 +119,41 @@ fn secs(t: SystemTime) -> i64 {
     }
 }
 
-fn rows(opened: &Opened) -> (Vec<LayerRow>, Vec<ViewRow>) {
+fn rows(opened: &Opened, options: &FileOptions) -> (Vec<LayerRow>, Vec<ViewRow>) {
     let layers = opened
         .layers
         .iter()
         .map(|l| layer_row(&**l, &opened.decisions))
         .collect();
-    let mut views = vec![view_row(&opened.live, true)];
-    views.extend(opened.snapshots.iter().map(|s| view_row(s, false)));
+    let mut views = vec![view_row(&opened.live, true, options)];
+    views.extend(opened.snapshots.iter().map(|s| view_row(s, false, options)));
     (layers, views)
 }
 
-pub fn text(image: &Path, opened: &Opened) -> String {
-    let (layers, views) = rows(opened);
+/// "gpt, 512-byte sectors" and the like.
+fn scheme_text(t: &Table) -> Option<String> {
+    let what = match &t.scheme {
+        Scheme::None => return None,
+        Scheme::Mbr { disk_id } => format!("MBR (disk id {disk_id:08x})"),
+        Scheme::Gpt {
+            disk_guid,
+            from_backup,
+            hybrid,
+        } => format!(
+            "GPT {disk_guid}{}{}",
+            if *from_backup {
+                ", from the backup header"
+            } else {
+                ""
+            },
+            if *hybrid { ", hybrid MBR" } else { "" }
+        ),
+    };
+    Some(format!("{what}, {}-byte sectors", t.sector_size))
+}
+
+pub fn text(image: &Path, opened: &Opened, options: &FileOptions) -> String {
+    let (layers, views) = rows(opened, options);
     let mut out = String::new();
     let _ = writeln!(
         out,
@@ -150,13 +187,13 @@ pub fn text(image: &Path, opened: &Opened) -> String {
         let _ = writeln!(out, "Not mountable: the chain is incomplete.");
         return out;
     }
-    let _ = writeln!(
-        out,
-        "Mounted tree ({} file{}):",
-        views.len(),
-        plural(views.len())
-    );
-    let width = views.iter().map(|v| v.path.len()).max().unwrap_or(0);
+    let files = views.iter().map(|v| 1 + v.files.len()).sum::<usize>();
+    let _ = writeln!(out, "Mounted tree ({files} file{}):", plural(files));
+    let width = views
+        .iter()
+        .flat_map(|v| std::iter::once(v.path.len()).chain(v.files.iter().map(|f| f.0.len())))
+        .max()
+        .unwrap_or(0);
     for v in &views {
         let access = if v.writable { "rw" } else { "ro" };
         let _ = writeln!(
@@ -167,12 +204,36 @@ pub fn text(image: &Path, opened: &Opened) -> String {
             iso8601(v.date),
             v.kind
         );
+        if let Some(scheme) = scheme_text(&v.table) {
+            let _ = writeln!(out, "    partition table: {scheme}");
+        }
+        for p in &v.table.partitions {
+            let name = if p.name.is_empty() {
+                String::new()
+            } else {
+                format!("  {:?}", p.name)
+            };
+            let _ = writeln!(
+                out,
+                "    {:<8} start {:>12}  size {:>10}  type {}{name}",
+                p.file_name(),
+                p.start,
+                human(p.size),
+                p.kind
+            );
+        }
+        for note in &v.table.notes {
+            let _ = writeln!(out, "    note: {note}");
+        }
+        for (path, size) in v.files.iter().filter(|f| !f.0.ends_with(".raw")) {
+            let _ = writeln!(out, "  {path:<width$}  {:>10}", human(*size));
+        }
     }
     out
 }
 
-pub fn json(image: &Path, opened: &Opened) -> String {
-    let (layers, views) = rows(opened);
+pub fn json(image: &Path, opened: &Opened, options: &FileOptions) -> String {
+    let (layers, views) = rows(opened, options);
     let layers: Vec<Value> = layers
         .iter()
         .map(|l| {
@@ -223,6 +284,8 @@ pub fn json(image: &Path, opened: &Opened) -> String {
                 "date": v.date,
                 "date_iso": iso8601(v.date),
                 "writable": v.writable,
+                "partition_table": table_json(&v.table),
+                "files": v.files.iter().map(|(path, size)| json!({"path": path, "size": size})).collect::<Vec<_>>(),
             })
         })
         .collect();
@@ -237,6 +300,42 @@ pub fn json(image: &Path, opened: &Opened) -> String {
         "stopped": stopped,
     });
     format!("{doc}\n")
+}
+
+fn table_json(t: &Table) -> Value {
+    let (scheme, id, from_backup, hybrid) = match &t.scheme {
+        Scheme::None => ("none", Value::Null, false, false),
+        Scheme::Mbr { disk_id } => ("mbr", json!(format!("{disk_id:08x}")), false, false),
+        Scheme::Gpt {
+            disk_guid,
+            from_backup,
+            hybrid,
+        } => ("gpt", json!(disk_guid.to_string()), *from_backup, *hybrid),
+    };
+    let partitions: Vec<Value> = t
+        .partitions
+        .iter()
+        .map(|p| {
+            json!({
+                "number": p.number,
+                "file": p.file_name(),
+                "start": p.start,
+                "size": p.size,
+                "type": p.kind.to_string(),
+                "name": p.name,
+                "guid": p.guid.map(|g| g.to_string()),
+            })
+        })
+        .collect();
+    json!({
+        "scheme": scheme,
+        "id": id,
+        "sector_size": t.sector_size,
+        "from_backup": from_backup,
+        "hybrid": hybrid,
+        "partitions": partitions,
+        "notes": t.notes,
+    })
 }
 
 fn plural(n: usize) -> &'static str {

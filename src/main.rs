@@ -60,9 +60,9 @@ fn run(s: &Settings) -> i32 {
         return match open_for_mount(&req) {
             Ok(opened) => {
                 let out = if s.json {
-                    list::json(&s.image, &opened)
+                    list::json(&s.image, &opened, &s.files)
                 } else {
-                    list::text(&s.image, &opened)
+                    list::text(&s.image, &opened, &s.files)
                 };
                 print!("{out}");
                 match &opened.stopped {

@@ -9,6 +9,7 @@ use vmfs_mount::backing_policy::{BackingPolicy, Decision};
 use vmfs_mount::cache::ByteCache;
 use vmfs_mount::clones::{CloneDir, CloneSet, OpenClone};
 use vmfs_mount::error::{Error, Kind, Result};
+use vmfs_mount::expose::{DISK_FILE_NAME, DiskFile, FileOptions, ViewFiles};
 use vmfs_mount::format::qcow2::Qcow2Layer;
 use vmfs_mount::format::qcow2::bitmap::Bits;
 use vmfs_mount::format::{Format, Layer, OpenCtx};
@@ -44,6 +45,24 @@ pub struct Exposed {
     pub spec: ViewSpec,
     pub view: Arc<View>,
     pub writable: bool,
+}
+
+impl Exposed {
+    /// The files of this view's directory, which the mount shows at `dir_path` ("" for the
+    /// root): disk.raw over the view, and what `options` and the disk's contents add.
+    pub fn files(&self, options: &FileOptions, dir_path: &str) -> ViewFiles {
+        let disk = Arc::new(DiskFile::new(
+            self.view.clone(),
+            self.writable,
+            self.spec.mtime,
+        ));
+        let label = if dir_path.is_empty() {
+            DISK_FILE_NAME.to_string()
+        } else {
+            format!("{dir_path}/{DISK_FILE_NAME}")
+        };
+        ViewFiles::new(disk, label, options, Vec::new())
+    }
 }
 
 pub struct Opened {

@@ -1,7 +1,10 @@
-//! The files of one view's directory: `disk.raw` and everything derived from it. What a
-//! directory holds is decided here, once, for the mount and for `--list` alike.
+//! The files of one view's directory: `disk.raw` and everything derived from it (partitions,
+//! hypervisor wrappers, saved VM state). What a directory holds is decided here, once, for the
+//! mount and for `--list` alike.
 
-use super::{DiskFile, ExposedFile};
+use super::{DiskFile, ExposedFile, RangeFile};
+use crate::partition::{self, Partition, Table};
+use parking_lot::Mutex;
 use std::sync::Arc;
 
 pub const DISK_FILE_NAME: &str = "disk.raw";
@@ -31,17 +34,30 @@ impl Shown {
 
 pub struct ViewFiles {
     disk: Arc<DiskFile>,
+    /// Where the disk is in the mount, for log lines (`snapshots/base/disk.raw`).
+    label: String,
+    /// The logical sector size the image declares, if it does.
+    sector_size: Option<u32>,
     /// Files that never change while mounted: disk.raw first.
     fixed: Vec<Shown>,
+    /// The last partition scan and the files made for it (kept while unchanged, so that
+    /// their identity says they did not change).
+    last: Mutex<Option<(Table, Vec<Shown>)>>,
 }
 
 impl ViewFiles {
     /// The files of a view whose disk is `disk`; `extras` are shown as they are.
     pub fn new(
         disk: Arc<DiskFile>,
+        label: String,
         _options: &FileOptions,
         extras: Vec<(String, Arc<dyn ExposedFile>)>,
     ) -> ViewFiles {
+        let sector_size = disk
+            .view()
+            .layers()
+            .iter()
+            .find_map(|l| l.logical_sector_size());
         let mut fixed = vec![Shown {
             name: DISK_FILE_NAME.to_string(),
             file: disk.clone(),
@@ -52,16 +68,90 @@ impl ViewFiles {
             file,
             disk_offset: None,
         }));
-        ViewFiles { disk, fixed }
+        ViewFiles {
+            disk,
+            label,
+            sector_size,
+            fixed,
+            last: Mutex::new(None),
+        }
     }
 
     pub fn disk(&self) -> &Arc<DiskFile> {
         &self.disk
     }
 
-    /// The directory's files as of now. Files that did not change are the same `Arc`s as in
-    /// the previous answer, so a caller can tell what changed by identity.
+    /// The directory's files as of now: the partition table is read again when the disk was
+    /// written where the last read looked (and on the first call). Files that did not change
+    /// are the same `Arc`s as in the previous answer, so a caller can tell what changed.
     pub fn current(&self) -> Vec<Shown> {
-        self.fixed.clone()
+        let mut last = self.last.lock();
+        let stale = last.is_none() || self.disk.take_touched();
+        if stale {
+            let previous = last.take().map(|(_, files)| files).unwrap_or_default();
+            let table = self.scan();
+            let files = self.partition_files(&table.partitions, &previous);
+            *last = Some((table, files));
+        }
+        let mut out = self.fixed.clone();
+        if let Some((_, parts)) = &*last {
+            out.extend(parts.iter().cloned());
+        }
+        out
+    }
+
+    /// The partition table as last read (reading it if it never was).
+    pub fn table(&self) -> Table {
+        if self.last.lock().is_none() {
+            self.current();
+        }
+        match &*self.last.lock() {
+            Some((t, _)) => t.clone(),
+            None => self.scan(),
+        }
+    }
+
+    fn scan(&self) -> Table {
+        let disk = &self.disk;
+        let size = disk.size();
+        // Until the scan says what it read, any write marks the table stale: a write racing
+        // with the scan is then never missed.
+        disk.watch(std::iter::once(0..u64::MAX).collect());
+        let read = |off: u64, buf: &mut [u8]| -> crate::error::Result<()> {
+            let n = disk.read(off, buf)?;
+            if n < buf.len() {
+                return Err(crate::error::Error::invalid(format!(
+                    "short read at {off:#x}"
+                )));
+            }
+            Ok(())
+        };
+        let table = partition::scan(&read, size, self.sector_size);
+        disk.watch(table.watched.clone());
+        for note in &table.notes {
+            log::warn!("{}: partition table: {note}", self.label);
+        }
+        table
+    }
+
+    fn partition_files(&self, parts: &[Partition], previous: &[Shown]) -> Vec<Shown> {
+        let inner: Arc<dyn ExposedFile> = self.disk.clone();
+        parts
+            .iter()
+            .map(|p| {
+                let name = p.file_name();
+                let same = previous.iter().find(|s| {
+                    s.name == name && s.disk_offset == Some(p.start) && s.file.size() == p.size
+                });
+                match same {
+                    Some(s) => s.clone(),
+                    None => Shown {
+                        name,
+                        file: Arc::new(RangeFile::new(inner.clone(), p.start, p.size, true)),
+                        disk_offset: Some(p.start),
+                    },
+                }
+            })
+            .collect()
     }
 }

@@ -207,6 +207,11 @@ pub trait Layer: std::any::Any + Send + Sync + fmt::Debug {
     fn display_name(&self) -> Option<String> {
         None
     }
+    /// The logical sector size the image declares for its disk (VHDX), if it declares one:
+    /// partition tables are read in these sectors.
+    fn logical_sector_size(&self) -> Option<u32> {
+        None
+    }
     /// In-place writing, for the top layer only.
     fn writer(&self) -> Option<&dyn crate::write::LayerWriter> {
         None

@@ -13,7 +13,7 @@ use std::sync::Arc;
 use std::time::SystemTime;
 use vmfs_mount::clones::{CloneSet, OpenClone};
 use vmfs_mount::error::{Error, Kind, Result};
-use vmfs_mount::expose::{DiskFile, FileOptions, ViewFiles};
+use vmfs_mount::expose::{DISK_FILE_NAME, DiskFile, FileOptions, ViewFiles};
 
 pub const CLONES_DIR_NAME: &str = "clones";
 
@@ -59,7 +59,8 @@ impl ClonesDir {
     /// Adds the directory of `clone` with its files.
     fn show(&self, tree: &mut Tree, dir: Ino, clone: &OpenClone, now: SystemTime) -> Result<Ino> {
         let disk = Arc::new(DiskFile::new(clone.view.clone(), true, clone.mtime));
-        let files = ViewDir::new(ViewFiles::new(disk, &self.options, Vec::new()));
+        let label = format!("{CLONES_DIR_NAME}/{}/{DISK_FILE_NAME}", clone.name);
+        let files = ViewDir::new(ViewFiles::new(disk, label, &self.options, Vec::new()));
         let ino = tree.add_dir(dir, &clone.name, Some(files.clone()), now)?;
         files.populate(tree, ino, now);
         Ok(ino)

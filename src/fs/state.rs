@@ -26,6 +26,11 @@ pub(super) const WRITABLE_TTL: Duration = Duration::from_secs(1);
 pub(super) const MAX_READ: usize = 16 << 20;
 /// File handle of an open for writing (flush/fsync then reach the disk).
 pub(super) const FH_WRITE: u64 = 1;
+/// Longest a write waits for the kernel to drop pages it made stale in other files.
+const INVALIDATION_WAIT: Duration = Duration::from_millis(200);
+
+/// One batch for the invalidation thread, and whom to tell when it was sent.
+type Batch = (Vec<Stale>, Option<Sender<()>>);
 
 /// The tree behind its lock. The lock is held only while the tree is read or changed, never
 /// across I/O: callers take what they need (an `Arc` of a file) and let go.
@@ -58,9 +63,19 @@ impl SharedTree {
         r
     }
 
-    /// Has the kernel drop cached pages or attributes (`Stale::Data`, `Stale::Inode`).
-    pub fn invalidate(&self, stale: Vec<Stale>) {
-        self.inval.send(stale);
+    /// Has the kernel drop cached pages or attributes (`Stale::Data`, `Stale::Inode`), and
+    /// waits (a bounded time) until it has: a write
+    /// through one file is then visible through the others when the write returns. The bound
+    /// breaks the one cycle this could form: two writes through files showing the same bytes,
+    /// each waiting for the other's pages.
+    pub fn invalidate_now(&self, stale: Vec<Stale>) {
+        if stale.is_empty() {
+            return;
+        }
+        let (done_tx, done_rx) = channel();
+        if self.inval.send_with(stale, Some(done_tx)) {
+            let _ = done_rx.recv_timeout(INVALIDATION_WAIT);
+        }
     }
 
     /// From now on, changes reach the kernel through `notifier` (before this they are
@@ -119,16 +134,16 @@ impl SharedTree {
 /// handler's thread could deadlock.
 #[derive(Default)]
 struct Invalidator {
-    tx: Mutex<Option<Sender<Vec<Stale>>>>,
+    tx: Mutex<Option<Sender<Batch>>>,
 }
 
 impl Invalidator {
     fn attach(&self, notifier: Notifier) {
-        let (tx, rx) = channel::<Vec<Stale>>();
+        let (tx, rx) = channel::<Batch>();
         let spawned = std::thread::Builder::new()
             .name("invalidate".into())
             .spawn(move || {
-                for batch in rx {
+                for (batch, done) in rx {
                     for s in batch {
                         let r = match &s {
                             Stale::Entry(parent, name) => {
@@ -145,6 +160,9 @@ impl Invalidator {
                             log::debug!("kernel cache invalidation {s:?}: {e}");
                         }
                     }
+                    if let Some(done) = done {
+                        let _ = done.send(());
+                    }
                 }
             });
         match spawned {
@@ -154,11 +172,16 @@ impl Invalidator {
     }
 
     fn send(&self, stale: Vec<Stale>) {
-        if stale.is_empty() {
-            return;
+        if !stale.is_empty() {
+            self.send_with(stale, None);
         }
-        if let Some(tx) = &*self.tx.lock() {
-            let _ = tx.send(stale);
+    }
+
+    /// Queues a batch; false when there is no kernel to tell (not mounted yet).
+    fn send_with(&self, stale: Vec<Stale>, done: Option<Sender<()>>) -> bool {
+        match &*self.tx.lock() {
+            Some(tx) => tx.send((stale, done)).is_ok(),
+            None => false,
         }
     }
 }

@@ -12,7 +12,7 @@ use crate::mount::{Exposed, Opened};
 use parking_lot::Mutex;
 use std::sync::Arc;
 use std::time::SystemTime;
-use vmfs_mount::expose::{DiskFile, ExposedFile, FileOptions, Shown, ViewFiles};
+use vmfs_mount::expose::{ExposedFile, FileOptions, Shown, ViewFiles};
 
 pub struct ViewDir {
     files: ViewFiles,
@@ -28,14 +28,9 @@ impl ViewDir {
         })
     }
 
-    /// The handler for the directory of `exposed`.
-    pub fn for_view(exposed: &Exposed, options: &FileOptions) -> Arc<ViewDir> {
-        let disk = Arc::new(DiskFile::new(
-            exposed.view.clone(),
-            exposed.writable,
-            exposed.spec.mtime,
-        ));
-        ViewDir::new(ViewFiles::new(disk, options, Vec::new()))
+    /// The handler for the directory of `exposed`, shown at `dir_path` ("" for the root).
+    pub fn for_view(exposed: &Exposed, options: &FileOptions, dir_path: &str) -> Arc<ViewDir> {
+        ViewDir::new(exposed.files(options, dir_path))
     }
 
     /// Adds the directory's current files to `dir` (at mount, or when a view directory is
@@ -77,7 +72,7 @@ impl DirHandler for ViewDir {
     }
 
     fn refresh(&self, tree: &SharedTree, dir: Ino) {
-        if !self.files.disk().take_touched() {
+        if !self.files.disk().touched() {
             return;
         }
         // Reading what the files are made from is I/O: done before the tree lock is taken.
@@ -119,14 +114,14 @@ impl DirHandler for ViewDir {
             }
             out
         });
-        tree.invalidate(stale);
+        tree.invalidate_now(stale);
     }
 }
 
 /// The tree of a mount: the live view's files at the root, `snapshots/<name>/` per snapshot.
 pub fn build(opened: &Opened, options: &FileOptions) -> Tree {
     let now = SystemTime::now();
-    let live = ViewDir::for_view(&opened.live, options);
+    let live = ViewDir::for_view(&opened.live, options, "");
     let mut tree = Tree::new(now, Some(live.clone()));
     live.populate(&mut tree, ROOT, now);
     let snaps = match tree.add_dir(ROOT, SNAPSHOTS_DIR_NAME, None, now) {
@@ -137,7 +132,8 @@ pub fn build(opened: &Opened, options: &FileOptions) -> Tree {
         }
     };
     for s in &opened.snapshots {
-        let handler = ViewDir::for_view(s, options);
+        let handler =
+            ViewDir::for_view(s, options, &format!("{SNAPSHOTS_DIR_NAME}/{}", s.spec.name));
         match tree.add_dir(snaps, &s.spec.name, Some(handler.clone()), now) {
             Ok(dir) => handler.populate(&mut tree, dir, now),
             Err(e) => log::error!("cannot show snapshot {}: {e}", s.spec.name),

@@ -233,6 +233,10 @@ impl Layer for VhdxLayer {
         vec![self.src.file().clone()]
     }
 
+    fn logical_sector_size(&self) -> Option<u32> {
+        u32::try_from(self.meta.logical_sector).ok()
+    }
+
     fn details(&self) -> Vec<(String, String)> {
         let m = &self.meta;
         let kind = if m.has_parent {
