@@ -1,15 +1,17 @@
 //! `--list`: the chain and the tree a mount would show, as text or JSON.
 
+use crate::fs::changesdir::{BITMAP_PREFIX, CHANGES_DIR_NAME, RAW_SUFFIX};
+use crate::fs::clonedir::CLONES_DIR_NAME;
 use crate::mount::{Exposed, Opened};
 use serde_json::{Map, Value, json};
 use std::fmt::Write;
 use std::path::Path;
 use std::time::{SystemTime, UNIX_EPOCH};
 use vmfs_mount::backing_policy::Decision;
-use vmfs_mount::expose::FileOptions;
+use vmfs_mount::expose::{DISK_FILE_NAME, FileOptions};
 use vmfs_mount::format::{Layer, ParentRef};
 use vmfs_mount::partition::{Scheme, Table};
-use vmfs_mount::plan::Origin;
+use vmfs_mount::plan::{Origin, sanitize};
 
 struct LayerRow {
     file: String,
@@ -127,7 +129,51 @@ fn rows(opened: &Opened, options: &FileOptions) -> (Vec<LayerRow>, Vec<ViewRow>)
         .collect();
     let mut views = vec![view_row(&opened.live, true, options)];
     views.extend(opened.snapshots.iter().map(|s| view_row(s, false, options)));
+    views.extend(extra_rows(opened));
     (layers, views)
+}
+
+/// The files beside the views: changes/ (per view and per dirty bitmap) and clones/.
+fn extra_rows(opened: &Opened) -> Vec<ViewRow> {
+    let live = &opened.live;
+    let row = |path: String, name: &str, kind, date, writable| ViewRow {
+        path,
+        name: name.to_string(),
+        kind,
+        size: live.spec.size,
+        date,
+        writable,
+        files: Vec::new(),
+        table: Table {
+            scheme: Scheme::None,
+            sector_size: 512,
+            partitions: Vec::new(),
+            notes: Vec::new(),
+            watched: Vec::new(),
+        },
+    };
+    let mut out = Vec::new();
+    for s in &opened.snapshots {
+        let path = format!("{CHANGES_DIR_NAME}/{}{RAW_SUFFIX}", s.spec.name);
+        let date = secs(s.spec.mtime);
+        out.push(row(path, &s.spec.name, "changes", date, false));
+    }
+    for (name, _) in &opened.bitmaps {
+        let file = format!("{BITMAP_PREFIX}{}{RAW_SUFFIX}", sanitize(name));
+        let path = format!("{CHANGES_DIR_NAME}/{file}");
+        out.push(row(path, name, "bitmap", secs(live.spec.mtime), false));
+    }
+    if let Some(c) = &opened.clones {
+        for name in &c.listed {
+            let path = format!("{CLONES_DIR_NAME}/{name}/{DISK_FILE_NAME}");
+            let date = std::fs::metadata(c.set.dir().path_of(name).unwrap_or_default())
+                .and_then(|m| m.modified())
+                .map(secs)
+                .unwrap_or(0);
+            out.push(row(path, name, "clone", date, true));
+        }
+    }
+    out
 }
 
 /// "gpt, 512-byte sectors" and the like.

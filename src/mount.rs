@@ -93,6 +93,8 @@ pub struct MountedClones {
     /// Opened at mount (so errors reach the user before the daemon forks); the tree takes
     /// them over.
     pub found: Mutex<Vec<OpenClone>>,
+    /// `--list`: the clones that would be shown (found, not opened).
+    pub listed: Vec<String>,
 }
 
 /// Opens the chain of `req.image` and builds every view the mount will show.
@@ -219,14 +221,16 @@ fn open_clones(
     let top = &live.spec.layers[0];
     let dir = CloneDir::new(dir, top.path(), top.format(), live.spec.size)?;
     let set = Arc::new(CloneSet::new(dir, live.view.clone(), ctx, clusters.clone()));
-    let found = if listing {
-        Vec::new()
+    let (found, listed) = if listing {
+        let names = set.dir().discover()?.into_iter().map(|f| f.name);
+        (Vec::new(), names.collect())
     } else {
-        set.open_existing()?
+        (set.open_existing()?, Vec::new())
     };
     Ok(MountedClones {
         set,
         found: Mutex::new(found),
+        listed,
     })
 }
 

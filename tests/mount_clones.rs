@@ -16,7 +16,7 @@ use std::path::Path;
 
 const MIB: u64 = 1 << 20;
 const KIB: u64 = 1 << 10;
-const SIZE: u64 = 32 * MIB;
+const SIZE: u64 = 16 * MIB;
 
 fn golden(d: &Scratch, rng: &mut Rng) -> std::path::PathBuf {
     let base = d.path("base.qcow2");
@@ -131,6 +131,35 @@ fn clones_are_made_written_removed_and_survive_remount() {
         same(name, &qemu_raw(&file, None, &[]), model);
     }
     assert_files_unchanged(&untouched);
+
+    // --list shows the tree a mount would: the clones and the changes files.
+    let listed: serde_json::Value = serde_json::from_str(&run(
+        BIN,
+        &[
+            "--list",
+            "--json",
+            "--clones",
+            dir.to_str().unwrap(),
+            img.to_str().unwrap(),
+        ],
+    ))
+    .unwrap();
+    let paths: Vec<&str> = listed["views"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v["path"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        paths,
+        [
+            "disk.raw",
+            "snapshots/base/disk.raw",
+            "changes/base.raw",
+            "clones/web 2/disk.raw",
+            "clones/web-1/disk.raw"
+        ]
+    );
 
     // A remount finds them again; a stranger in DIR is left out.
     let other = d.path("other.qcow2");
