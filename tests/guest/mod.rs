@@ -470,7 +470,7 @@ fn describe(lines: &[String], console: &str) -> String {
 
 impl Running {
     /// The next line of the script's output, None once QEMU has closed it.
-    fn next_line(&mut self) -> Option<String> {
+    pub fn next_line(&mut self) -> Option<String> {
         loop {
             let left = self.deadline.saturating_duration_since(Instant::now());
             if left.is_zero() {
