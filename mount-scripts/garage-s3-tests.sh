@@ -54,7 +54,7 @@ for _ in $(seq 100); do
   kill -0 "$pid" 2>/dev/null || { cat "$work/server.log" >&2; exit 1; }
   sleep 0.2
 done
-node=$(g status 2>/dev/null | awk '/^[0-9a-f]{16}/ {print $1; exit}')
+node=$(g status 2>/dev/null | grep -oE '^[0-9a-f]{16}' | head -1)
 [ -n "$node" ] || { g status >&2; exit 1; }
 g layout assign -z dc1 -c 1G "$node" > /dev/null
 g layout apply --version 1 > /dev/null
