@@ -15,6 +15,8 @@ pub mod create;
 mod discard;
 pub mod entry;
 mod inflight;
+#[allow(dead_code)] // wired in by the next step
+pub mod meta;
 mod refcount;
 
 use super::Qcow2Image;
