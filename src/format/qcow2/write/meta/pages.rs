@@ -103,6 +103,7 @@ fn runs(bits: &[u64], page: u64, len: u64) -> Vec<Range<u64>> {
 }
 
 #[cfg(test)]
+#[allow(clippy::single_range_in_vec_init)]
 mod tests {
     use super::*;
 

@@ -59,7 +59,7 @@ impl Plan {
     /// Runs stages 1-3 (the caller applies the releases afterwards).
     pub fn run(&self, host: &dyn Host) -> Result<Done> {
         let mut done = Done::default();
-        let mut write = |ws: &[Write], done: &mut Done| -> Result<()> {
+        let write = |ws: &[Write], done: &mut Done| -> Result<()> {
             for w in ws {
                 host.write(w.off, &w.bytes)?;
                 done.writes += 1;
