@@ -16,6 +16,7 @@ pub mod paths;
 pub mod plan;
 pub mod storage;
 pub mod view;
+pub mod wrap;
 pub mod write;
 
 /// The old name of `storage`, kept so branches started before the move keep compiling.
