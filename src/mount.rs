@@ -186,7 +186,7 @@ pub fn open_for_mount(req: &MountRequest) -> Result<Opened> {
     if !read_only && !opened.live.writable && opened.fell_back_to_read_only.is_none() {
         opened.not_writable = Some(format!(
             "{} ({}) cannot be written in place; use --overlay FILE to make disk.raw writable",
-            opened.layers[0].path().display(),
+            vmfs_mount::storage::show_path(opened.layers[0].path()),
             opened.layers[0].format()
         ));
     }
@@ -290,7 +290,7 @@ fn bitmaps(top: &Arc<dyn Layer>) -> Vec<(String, Arc<Bits>)> {
         if e.in_use() {
             log::info!(
                 "{}: bitmap {:?} is in use (not saved consistently); not shown",
-                img.path.display(),
+                vmfs_mount::storage::show_path(&img.path),
                 e.name
             );
             continue;
