@@ -53,12 +53,8 @@ fn assert_vm_state(mnt: &Path, tag: &str, want_size: u64) -> Vec<u8> {
     bytes
 }
 
-#[test]
-fn savevm_state_is_a_read_only_file_of_the_recorded_size() {
-    let s = Scratch::new("vmstate-bare");
-    let img = s.path("vm.qcow2");
-    qemu_img(&["create", "-q", "-f", "qcow2", img.to_str().unwrap(), "64M"]);
-    // A firmware-only VM (no guest needed) saves RAM and devices into the image's snapshot.
+/// Saves the state of a firmware-only VM (no guest needed) on `img` as snapshot `tag`.
+fn savevm(s: &Scratch, img: &Path, tag: &str) {
     let qmp = QmpListener::bind(&s.path("qmp.sock"));
     let mut qemu = Command::new("qemu-system-x86_64")
         .args([
@@ -78,10 +74,18 @@ fn savevm_state_is_a_read_only_file_of_the_recorded_size() {
         .expect("qemu-system-x86_64; run .ci/guest-deps.sh");
     let mut q = qmp.accept();
     q.execute("stop", json!({}));
-    let out = q.hmp("savevm with-state");
+    let out = q.hmp(&format!("savevm {tag}"));
     assert!(!out.to_lowercase().contains("error"), "savevm: {out}");
     q.quit();
     assert!(qemu.wait().unwrap().success());
+}
+
+#[test]
+fn savevm_state_is_a_read_only_file_of_the_recorded_size() {
+    let s = Scratch::new("vmstate-bare");
+    let img = s.path("vm.qcow2");
+    qemu_img(&["create", "-q", "-f", "qcow2", img.to_str().unwrap(), "64M"]);
+    savevm(&s, &img, "with-state");
     // A snapshot qemu-img makes has no VM state, and gets no vmstate file.
     qemu_img(&["snapshot", "-c", "disk-only", img.to_str().unwrap()]);
     let sizes = vm_state_sizes(&img);
@@ -115,6 +119,58 @@ fn savevm_state_is_a_read_only_file_of_the_recorded_size() {
         names_in(&mnt.join("snapshots/with-state")),
         ["disk.raw", "vmstate"]
     );
+}
+
+/// A snapshot table that places the state where QEMU could not have written it (past the
+/// snapshot's L1 table, or overflowing) gives no vmstate file and a log line, and the mount and
+/// the snapshot's disk still work.
+#[test]
+fn a_state_past_the_snapshot_l1_gets_no_file() {
+    let s = Scratch::new("vmstate-hostile");
+    for (i, size) in [1u64 << 40, u64::MAX].into_iter().enumerate() {
+        let img = s.path(&format!("vm{i}.qcow2"));
+        qemu_img(&["create", "-q", "-f", "qcow2", img.to_str().unwrap(), "64M"]);
+        savevm(&s, &img, "bad");
+        let disk = snapshot_oracle(&img, "qcow2", "bad");
+        // The first snapshot entry: vm_state_size_large is the first field of its extra data.
+        let f = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&img)
+            .unwrap();
+        let mut b = [0u8; 8];
+        std::os::unix::fs::FileExt::read_exact_at(&f, &mut b, 64).unwrap();
+        let entry = u64::from_be_bytes(b);
+        let mut extra_len = [0u8; 4];
+        std::os::unix::fs::FileExt::read_exact_at(&f, &mut extra_len, entry + 36).unwrap();
+        assert!(
+            u32::from_be_bytes(extra_len) >= 8,
+            "a v3 entry has vm_state_size_large"
+        );
+        std::os::unix::fs::FileExt::write_all_at(&f, &size.to_be_bytes(), entry + 40).unwrap();
+        drop(f);
+
+        let out = Command::new(BIN).arg("--list").arg(&img).output().unwrap();
+        assert!(out.status.success());
+        let (list, log) = (
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr),
+        );
+        assert!(!list.contains("bad/vmstate"), "{list}");
+        assert!(
+            log.contains("snapshots/bad: no vmstate file"),
+            "{size}: {log}"
+        );
+        let dir = s.path(&format!("m{i}"));
+        std::fs::create_dir_all(&dir).unwrap();
+        let (_guard, mnt) = mount(&img, &dir, &["-o", "ro"]);
+        assert_eq!(names_in(&mnt.join("snapshots/bad")), ["disk.raw"]);
+        assert_same(
+            "snapshot disk",
+            &std::fs::read(mnt.join("snapshots/bad/disk.raw")).unwrap(),
+            &disk,
+        );
+    }
 }
 
 /// The guest: a random token on its disk, then a counter on the console every 0.2 s.
