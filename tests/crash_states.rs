@@ -19,10 +19,12 @@ mod mount_support;
 
 use common::*;
 use crash_support::check::Bench;
+use crash_support::guest::{SECTOR, Seen, identify};
 use crash_support::layout::Layout;
 use crash_support::states::{Pick, Recording};
-use crash_support::workload::{BASE, Config, TOP, record};
+use crash_support::workload::{BASE, Config, Run, TOP, record};
 use hostfs::HostFs;
+use hostfs::Op;
 use std::path::Path;
 
 /// Today's writer writes metadata through (refcount, then L2, no flush between), so states
@@ -85,6 +87,7 @@ fn crash_states(cfg: Config) {
         std::fs::read(&top).unwrap(),
         "{name}: replaying the recording does not give the image"
     );
+    checker_catches_bad_states(&s, &rec, &run, name);
     let order = rec.order();
     eprintln!(
         "{name}: {} guest writes, {} host events: {} refcount writes, {} table writes, {} data \
@@ -200,7 +203,15 @@ fn crash_states(cfg: Config) {
         in_order.len(),
         reordered.len()
     );
-    for f in failures.iter().take(6) {
+    let mut kinds = std::collections::BTreeMap::<&str, usize>::new();
+    for f in &failures {
+        *kinds.entry(failure_kind(&f.text)).or_default() += 1;
+    }
+    if !kinds.is_empty() {
+        eprintln!("{name}: failing states by first problem: {kinds:?}");
+    }
+    let shown = env_u64("VMFS_CRASH_SHOW", 6) as usize;
+    for f in failures.iter().take(shown) {
         eprintln!("{}", f.text);
     }
     assert!(
@@ -222,6 +233,68 @@ fn crash_states(cfg: Config) {
             "{name}: {}",
             order.first.as_deref().unwrap_or("")
         );
+    }
+}
+
+/// The checks can fail: the overlay as it was before the workload loses acknowledged writes,
+/// and the final image with two live guest sectors swapped shows misplaced bytes.
+fn checker_catches_bad_states(s: &Scratch, rec: &Recording, run: &Run, name: &str) {
+    let bench = Bench::new(s.path("bench-self"), &run.base);
+    let lost = bench.check(&run.pre, &run.log, u64::MAX, None);
+    assert!(
+        !lost.is_empty(),
+        "{name}: losing every write went unnoticed"
+    );
+    let last = run.log.last();
+    let mut live = Vec::new();
+    let mut img = rec.final_image();
+    for (e, roles) in rec.events.iter().zip(&rec.roles) {
+        let Op::Write { off, data } = &e.op else {
+            continue;
+        };
+        if !roles.is_empty() || data.len() < SECTOR as usize {
+            continue;
+        }
+        let sector = &data[..SECTOR as usize];
+        let o = *off as usize;
+        let still = img.get(o..o + SECTOR as usize) == Some(sector);
+        if let (true, Seen::Misplaced { from, generation }) = (still, identify(u64::MAX, sector))
+            && last.get((from / SECTOR) as usize) == Some(&generation)
+        {
+            live.push((o, sector.to_vec()));
+        }
+    }
+    assert!(
+        live.len() >= 2,
+        "{name}: no live guest sectors found in the image"
+    );
+    let ((a, da), (b, db)) = (&live[0], &live[live.len() - 1]);
+    img[*a..*a + SECTOR as usize].copy_from_slice(db);
+    img[*b..*b + SECTOR as usize].copy_from_slice(da);
+    let swapped = bench.check(&img, &run.log, u64::MAX, None);
+    assert!(
+        swapped.iter().any(|p| p.contains("the sector of offset")),
+        "{name}: two swapped sectors went unnoticed: {swapped:?}"
+    );
+}
+
+/// A short name for what a failing state shows first (for the summary line).
+fn failure_kind(text: &str) -> &'static str {
+    let problems = text.split("problems: ").nth(1).unwrap_or("");
+    if problems.contains("refcount=0 reference=") {
+        "referenced cluster with refcount 0"
+    } else if problems.contains("refcount=1 reference=2") {
+        "shared cluster with refcount 1"
+    } else if problems.contains("qemu-img check") {
+        "other qemu-img check error"
+    } else if problems.contains("snapshot") {
+        "snapshot content changed"
+    } else if problems.contains(": zeros,") {
+        "zeros instead of acknowledged or older data"
+    } else if problems.contains("never wrote") || problems.contains("the sector of offset") {
+        "bytes the guest did not write there"
+    } else {
+        "lost or stale guest write"
     }
 }
 
