@@ -1,9 +1,12 @@
 //! `snapshots/<tag>/vmstate`: the VM state QEMU's `savevm` stored in a qcow2 snapshot, made by
 //! qemu-system-x86_64 itself (TCG). The file starts with QEMU's migration stream magic, has the
-//! size the snapshot table records (`qemu-img info`) and exists only for snapshots that saved a
-//! state.
+//! size the snapshot table records (`qemu-img info`), exists only for snapshots that saved a
+//! state; and a VM started with the same configuration that takes its state from
+//! `exec:cat .../vmstate` (QEMU's `-incoming`) resumes where the guest was saved: its counter
+//! goes on from the saved value.
 
 mod common;
+mod guest;
 mod mount_support;
 mod qmp_support;
 
@@ -112,4 +115,131 @@ fn savevm_state_is_a_read_only_file_of_the_recorded_size() {
         names_in(&mnt.join("snapshots/with-state")),
         ["disk.raw", "vmstate"]
     );
+}
+
+/// The guest: a random token on its disk, then a counter on the console every 0.2 s.
+const COUNTER: &str = r#"
+tok=$(head -c 6 /dev/urandom | od -An -tx1 | tr -d ' \n')
+printf "MARK-%s\n" "$tok" | dd of=/dev/vda bs=512 conv=sync,fsync 2>/dev/null
+i=0
+while true; do echo "TICK $tok $i"; i=$((i+1)); usleep 200000; done
+"#;
+
+/// The counter values printed with `tok`, across the output of the saved VM and of the
+/// resumed one. The save may have stopped the guest in the middle of a line: the resumed VM
+/// then prints the rest of it first, which belongs to the saved VM's last line.
+fn ticks(tok: &str, saved: &[String], resumed: &[String]) -> (Vec<u64>, usize) {
+    let mut saved = saved.to_vec();
+    let mut resumed = resumed.to_vec();
+    if let Some(first) = resumed.first()
+        && !first.starts_with("TICK ")
+        && let Some(last) = saved.last_mut()
+    {
+        last.push_str(first);
+        resumed.remove(0);
+    }
+    let parse = |l: &String| {
+        l.strip_prefix(&format!("TICK {tok} ")).map(|n| {
+            n.parse::<u64>()
+                .unwrap_or_else(|_| panic!("bad line {l:?}"))
+        })
+    };
+    let before: Vec<u64> = saved.iter().filter_map(parse).collect();
+    let after: Vec<u64> = resumed.iter().filter_map(parse).collect();
+    let n = before.len();
+    (before.into_iter().chain(after).collect(), n)
+}
+
+#[test]
+fn a_vm_resumes_from_the_mounted_vmstate() {
+    let s = Scratch::new("vmstate-guest");
+    let img = s.path("guest.qcow2");
+    qemu_img(&["create", "-q", "-f", "qcow2", img.to_str().unwrap(), "32M"]);
+    let (saved_dir, resumed_dir) = (s.path("saved"), s.path("resumed"));
+    std::fs::create_dir_all(&saved_dir).unwrap();
+    std::fs::create_dir_all(&resumed_dir).unwrap();
+
+    // Boot, let the counter run, stop the VM, savevm, quit.
+    let qmp = QmpListener::bind(&s.path("qmp1.sock"));
+    let args = qmp.qemu_args();
+    let mut vm = guest::Boot::new(&saved_dir, COUNTER)
+        .drive(&format!("file={},format=qcow2,if=virtio", img.display()))
+        .qemu_args(&args.iter().map(String::as_str).collect::<Vec<_>>())
+        .memory_mib(128)
+        .timeout(std::time::Duration::from_secs(240))
+        .spawn();
+    let mut q = qmp.accept();
+    let first = vm.wait_for("TICK ");
+    let tok = first.split(' ').nth(1).unwrap().to_string();
+    vm.wait_for(&format!("TICK {tok} 3"));
+    q.execute("stop", json!({}));
+    let out = q.hmp("savevm running");
+    assert!(!out.to_lowercase().contains("error"), "savevm: {out}");
+    q.quit();
+    let saved = vm.finish();
+
+    let size = vm_state_sizes(&img)
+        .into_iter()
+        .find(|(n, _)| n == "running")
+        .expect("savevm made no snapshot")
+        .1;
+    let (_guard, mnt) = mount(&img, &s.0, &["-o", "ro"]);
+    assert_vm_state(&mnt, "running", size);
+    let disk = mnt.join("snapshots/running/disk.raw");
+    let head = std::fs::read(&disk).unwrap();
+    assert!(
+        head.starts_with(format!("MARK-{tok}\n").as_bytes()),
+        "the snapshot's disk lacks the guest's mark"
+    );
+
+    // The same machine, its disk from the snapshot (writes to a throw-away overlay), its
+    // state from the mounted file.
+    let qmp = QmpListener::bind(&s.path("qmp2.sock"));
+    let mut args = qmp.qemu_args();
+    let state = mnt.join("snapshots/running/vmstate");
+    args.extend(["-incoming".to_string(), "defer".to_string()]);
+    let mut vm = guest::Boot::new(&resumed_dir, COUNTER)
+        .drive(&format!(
+            "file={},format=raw,if=virtio,snapshot=on",
+            disk.display()
+        ))
+        .qemu_args(&args.iter().map(String::as_str).collect::<Vec<_>>())
+        .memory_mib(128)
+        .timeout(std::time::Duration::from_secs(120))
+        .spawn();
+    let mut q = qmp.accept();
+    // `-incoming defer` then `migrate-incoming` is `-incoming URI` with migration events on,
+    // so the test can wait for the load to finish.
+    let caps = json!({"capabilities": [{"capability": "events", "state": true}]});
+    q.execute("migrate-set-capabilities", caps);
+    let uri = format!("exec:cat {}", state.display());
+    q.execute("migrate-incoming", json!({ "uri": uri }));
+    let done = q.wait_event("MIGRATION", |e| {
+        matches!(
+            e["data"]["status"].as_str(),
+            Some("completed" | "failed" | "cancelled")
+        )
+    });
+    assert_eq!(done["data"]["status"], "completed", "{done}");
+    // The VM was stopped when saved: it is loaded paused, as it was, and runs on `cont`.
+    let status = q.execute("query-status", json!({}));
+    assert_eq!(status["status"], "paused", "{status}");
+    q.execute("cont", json!({}));
+    for _ in 0..3 {
+        vm.wait_for(&format!("TICK {tok} "));
+    }
+    let status = q.execute("query-status", json!({}));
+    assert_eq!(status["status"], "running", "{status}");
+    q.quit();
+    let resumed = vm.finish();
+    let (all, before) = ticks(&tok, &saved.lines, &resumed.lines);
+    let want: Vec<u64> = (0..all.len() as u64).collect();
+    assert_eq!(
+        all,
+        want,
+        "the counter does not go on where it was saved\nsaved:\n{}\nresumed:\n{}",
+        saved.describe(),
+        resumed.describe()
+    );
+    assert!(all.len() - before >= 3, "the resumed VM printed too little");
 }

@@ -93,6 +93,22 @@ impl Qmp {
         }
     }
 
+    /// Waits for an event named `name` for which `pick` holds (including events that came
+    /// while a command ran), and returns it; panics at the deadline.
+    pub fn wait_event(&mut self, name: &str, pick: impl Fn(&Value) -> bool) -> Value {
+        let wanted = |v: &Value| v["event"] == name && pick(v);
+        if let Some(i) = self.events.iter().position(wanted) {
+            return self.events.remove(i);
+        }
+        loop {
+            let v = self.read();
+            if wanted(&v) {
+                return v;
+            }
+            self.events.push(v);
+        }
+    }
+
     /// Runs a human monitor command and returns its output.
     pub fn hmp(&mut self, line: &str) -> String {
         let r = self.execute("human-monitor-command", json!({"command-line": line}));
