@@ -298,7 +298,7 @@ fn failure_kind(text: &str) -> &'static str {
     }
 }
 
-/// qcow2 v2, 4 KiB clusters: sector writes copy-on-write inside clusters.
+/// qcow2 v2, 4 KiB clusters: sector writes copy-on-write inside clusters; two guest threads.
 #[test]
 fn v2_with_backing_and_snapshot() {
     crash_states(Config {
@@ -307,6 +307,7 @@ fn v2_with_backing_and_snapshot() {
         size: 16 << 20,
         ops: 300,
         fill: 16384,
+        threads: 2,
     });
 }
 
@@ -320,10 +321,11 @@ fn v3_refcount_table_growth() {
         size: 16 << 20,
         ops: 300,
         fill: 4096,
+        threads: 1,
     });
 }
 
-/// qcow2 v3 with extended L2 (64 KiB clusters, 2 KiB subclusters).
+/// qcow2 v3 with extended L2 (64 KiB clusters, 2 KiB subclusters); two guest threads.
 #[test]
 fn v3_extended_l2() {
     crash_states(Config {
@@ -332,5 +334,6 @@ fn v3_extended_l2() {
         size: 16 << 20,
         ops: 300,
         fill: 16384,
+        threads: 2,
     });
 }
