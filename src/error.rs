@@ -54,14 +54,17 @@ impl Error {
     pub fn corrupt(file: &Path, field: &str, offset: u64, what: impl fmt::Display) -> Self {
         Self::new(
             Kind::Corrupt,
-            format!("{}: {field} at offset {offset:#x}: {what}", file.display()),
+            format!(
+                "{}: {field} at offset {offset:#x}: {what}",
+                crate::storage::show_path(file)
+            ),
         )
     }
 
     pub fn unsupported(file: &Path, what: impl fmt::Display) -> Self {
         Self::new(
             Kind::Unsupported,
-            format!("{}: unsupported: {what}", file.display()),
+            format!("{}: unsupported: {what}", crate::storage::show_path(file)),
         )
     }
 
@@ -78,7 +81,7 @@ impl Error {
         };
         Error {
             kind,
-            msg: format!("{}: {op}: {e}", file.display()),
+            msg: format!("{}: {op}: {e}", crate::storage::show_path(file)),
             source: Some(e),
         }
     }

@@ -12,6 +12,7 @@ pub mod map;
 mod open;
 pub mod snapshot;
 pub mod tables;
+pub mod vmstate;
 pub mod write;
 
 use self::entry::Geometry;
@@ -323,6 +324,13 @@ impl Layer for Qcow2Layer {
     }
     fn open_snapshot(&self, index: usize) -> Result<Arc<dyn Layer>> {
         self.image.open_snapshot(index)
+    }
+    fn vm_state(&self) -> Option<Result<Arc<dyn Layer>>> {
+        let index = self.snapshot?;
+        let sn = self.image.snapshots.get(index)?;
+        let field = format!("snapshot {index} ({:?}) vm_state_size", sn.name);
+        let layer = vmstate::VmStateLayer::new(&self.image, sn, self.l1.clone(), &field)?;
+        Some(layer.map(|l| Arc::new(l) as Arc<dyn Layer>))
     }
     fn files(&self) -> Vec<Arc<HostFile>> {
         let mut v = vec![self.image.file.clone()];
