@@ -34,6 +34,8 @@ pub struct Snapshot {
     /// The raw id and name bytes as stored (a rewrite keeps them byte for byte).
     pub raw_id: Vec<u8>,
     pub raw_name: Vec<u8>,
+    /// The 32-bit VM state size field as stored.
+    pub raw_vm_state_size: u32,
 }
 
 impl Snapshot {
@@ -65,6 +67,7 @@ impl Snapshot {
             extra,
             raw_id: id.as_bytes().to_vec(),
             raw_name: name.as_bytes().to_vec(),
+            raw_vm_state_size: 0,
         }
     }
 
@@ -87,8 +90,7 @@ impl Snapshot {
         v.extend(self.date_sec.to_be_bytes());
         v.extend(self.date_nsec.to_be_bytes());
         v.extend(self.vm_clock_nsec.to_be_bytes());
-        // The 32-bit field holds the size when it fits (QEMU writes it that way).
-        v.extend(u32::try_from(self.vm_state_size).unwrap_or(0).to_be_bytes());
+        v.extend(self.raw_vm_state_size.to_be_bytes());
         v.extend((self.extra.len() as u32).to_be_bytes());
         v.extend(&self.extra);
         v.extend(&self.raw_id);
@@ -183,6 +185,7 @@ pub fn parse_table(
             extra: Vec::new(),
             raw_id: Vec::new(),
             raw_name: Vec::new(),
+            raw_vm_state_size: be32(h, 32),
         };
         pos += FIXED_LEN;
         let extra = take(pos, extra_len as usize, "extra data")?;
