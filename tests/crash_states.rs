@@ -10,7 +10,10 @@
 //! Environment: VMFS_CRASH_SEED (workload seed, default 1), VMFS_CRASH_POINTS (crash points
 //! per configuration, 4 states each; default 40), VMFS_CRASH_STRICT=1 (assert the gated
 //! checks, see `GATED`), VMFS_CRASH_ONLY=<state> (check one state), VMFS_CRASH_KEEP=<dir>
-//! (copy failing state files there, beside the backing file).
+//! (copy failing state files there, beside the backing file), VMFS_CRASH_SHOW=<n> (failures
+//! printed, default 6). VMFS_CRASH_POINTS=0 only records and prints the ordering counts
+//! (host writes by kind, flushes per 1000 guest writes, table writes after unflushed
+//! refcount writes): the strace-free way to look at the writer's write order.
 
 mod common;
 mod crash_support;
