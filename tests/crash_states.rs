@@ -10,7 +10,10 @@
 //! Environment: VMFS_CRASH_SEED (workload seed, default 1), VMFS_CRASH_POINTS (crash points
 //! per configuration, 4 states each; default 40), VMFS_CRASH_STRICT=1 (assert the gated
 //! checks, see `GATED`), VMFS_CRASH_ONLY=<state> (check one state), VMFS_CRASH_KEEP=<dir>
-//! (copy failing state files there, beside the backing file).
+//! (copy failing state files there, beside the backing file), VMFS_CRASH_SHOW=<n> (failures
+//! printed, default 6). VMFS_CRASH_POINTS=0 only records and prints the ordering counts
+//! (host writes by kind, flushes per 1000 guest writes, table writes after unflushed
+//! refcount writes): the strace-free way to look at the writer's write order.
 
 mod common;
 mod crash_support;
@@ -298,7 +301,7 @@ fn failure_kind(text: &str) -> &'static str {
     }
 }
 
-/// qcow2 v2, 4 KiB clusters: sector writes copy-on-write inside clusters.
+/// qcow2 v2, 4 KiB clusters: sector writes copy-on-write inside clusters; two guest threads.
 #[test]
 fn v2_with_backing_and_snapshot() {
     crash_states(Config {
@@ -307,6 +310,7 @@ fn v2_with_backing_and_snapshot() {
         size: 16 << 20,
         ops: 300,
         fill: 16384,
+        threads: 2,
     });
 }
 
@@ -320,10 +324,11 @@ fn v3_refcount_table_growth() {
         size: 16 << 20,
         ops: 300,
         fill: 4096,
+        threads: 1,
     });
 }
 
-/// qcow2 v3 with extended L2 (64 KiB clusters, 2 KiB subclusters).
+/// qcow2 v3 with extended L2 (64 KiB clusters, 2 KiB subclusters); two guest threads.
 #[test]
 fn v3_extended_l2() {
     crash_states(Config {
@@ -332,5 +337,74 @@ fn v3_extended_l2() {
         size: 16 << 20,
         ops: 300,
         fill: 16384,
+        threads: 2,
     });
+}
+
+/// The recording model itself, on hand-made events over a fresh image: roles of writes
+/// (a new L2 table takes its role from the later L1 write), which writes a flush covers, and
+/// the ordering count.
+#[test]
+fn recording_model_on_synthetic_events() {
+    use hostfs::Event;
+    let s = Scratch::new("crash-states-model");
+    let img = s.path("m.qcow2");
+    qemu_img(&["create", "-q", "-f", "qcow2", img.to_str().unwrap(), "16M"]);
+    let pre = std::fs::read(&img).unwrap();
+    let be64 = |o: usize| u64::from_be_bytes(pre[o..o + 8].try_into().unwrap());
+    let (l1, rt) = (be64(40), be64(48));
+    let rb = u64::from_be_bytes(pre[rt as usize..rt as usize + 8].try_into().unwrap());
+    let new_l2 = pre.len().div_ceil(65536) as u64 * 65536;
+    let ev = |op: Op, started: u64| Event {
+        file: "m.qcow2".into(),
+        op,
+        started,
+        completed: started + 1,
+        result: Ok(()),
+    };
+    let write = |off: u64, data: Vec<u8>, at: u64| ev(Op::Write { off, data }, at);
+    let events = vec![
+        write(rb + 2 * (new_l2 / 65536), vec![0, 1], 1), // refcount of the new L2 table
+        write(l1, (new_l2 | 1 << 63).to_be_bytes().to_vec(), 3), // L1 -> new table, unflushed
+        ev(Op::Fsync { datasync: true }, 5),
+        write(new_l2, vec![7; 4096], 7), // the table's content (after the flush)
+        write(new_l2 + 65536, vec![9; 512], 9), // data
+    ];
+    let rec = Recording::new(pre, events);
+    let roles: Vec<String> = rec.roles.iter().map(|r| format!("{r:?}")).collect();
+    assert_eq!(roles, ["{RefBlock}", "{L1}", "{}", "{L2}", "{}"]);
+    let o = rec.order();
+    assert_eq!(
+        (o.flushes, o.refcount_writes, o.table_writes, o.data_writes),
+        (1, 1, 2, 1)
+    );
+    assert_eq!(o.table_after_unflushed_refcount, 1, "{o:?}");
+    assert_eq!(
+        rec.durable_len(5),
+        0,
+        "a flush that has not completed covers nothing"
+    );
+    assert_eq!(rec.durable_len(6), 2);
+    assert_eq!(rec.pending_count(6), 0);
+    assert_eq!(
+        rec.pending_count(7),
+        1,
+        "a write in flight may have reached the disk"
+    );
+    assert_eq!(rec.pending_count(10), 2);
+    let mut base = rec.pre.clone();
+    for e in &rec.events[..2] {
+        crash_support::states::apply_event(&mut base, e);
+    }
+    let (none, _) = rec.state(&base, 10, Pick::Prefix(0));
+    assert_eq!(none, base);
+    let (all, _) = rec.state(&base, 10, Pick::Prefix(2));
+    assert_eq!(all, rec.final_image());
+    let mut seen = std::collections::BTreeSet::new();
+    for seed in 0..64 {
+        let (st, _) = rec.state(&base, 10, Pick::Pages(seed));
+        let has = |off: u64, b: u8| st.get(off as usize) == Some(&b);
+        seen.insert((has(new_l2, 7), has(new_l2 + 65536, 9)));
+    }
+    assert_eq!(seen.len(), 4, "page states miss combinations: {seen:?}");
 }
