@@ -294,8 +294,9 @@ impl Qcow2Writer {
         Error::new(
             Kind::Failed,
             format!(
-                "{}: an earlier write failed; refusing further writes",
-                self.img.path.display()
+                "{}: an earlier write failed; {}",
+                self.img.path.display(),
+                crate::error::LATCHED_HINT
             ),
         )
     }
@@ -314,8 +315,9 @@ impl Qcow2Writer {
             && !matches!(e.kind(), Kind::InvalidInput | Kind::ReadOnly)
         {
             log::error!(
-                "{}: write failed, the image now refuses writes: {e}",
-                self.img.path.display()
+                "{}: write failed, the image now refuses writes: {e}; {}",
+                self.img.path.display(),
+                crate::error::LATCHED_HINT
             );
             self.failed.store(true, Ordering::Release);
         }
