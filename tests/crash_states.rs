@@ -365,46 +365,52 @@ fn recording_model_on_synthetic_events() {
     let write = |off: u64, data: Vec<u8>, at: u64| ev(Op::Write { off, data }, at);
     let events = vec![
         write(rb + 2 * (new_l2 / 65536), vec![0, 1], 1), // refcount of the new L2 table
-        write(l1, (new_l2 | 1 << 63).to_be_bytes().to_vec(), 3), // L1 -> new table, unflushed
-        ev(Op::Fsync { datasync: true }, 5),
-        write(new_l2, vec![7; 4096], 7), // the table's content (after the flush)
-        write(new_l2 + 65536, vec![9; 512], 9), // data
+        write(new_l2, vec![7; 4096], 3), // its content, before it is linked: not counted
+        write(l1, (new_l2 | 1 << 63).to_be_bytes().to_vec(), 5), // L1 -> it, refcount unflushed
+        ev(Op::Fsync { datasync: true }, 7),
+        write(new_l2 + 65536, vec![9; 512], 9),         // data
+        write(new_l2 + 65536 + 8192, vec![5; 512], 11), // data, another page
     ];
     let rec = Recording::new(pre, events);
     let roles: Vec<String> = rec.roles.iter().map(|r| format!("{r:?}")).collect();
-    assert_eq!(roles, ["{RefBlock}", "{L1}", "{}", "{L2}", "{}"]);
+    assert_eq!(roles, ["{RefBlock}", "{L2}", "{L1}", "{}", "{}", "{}"]);
+    assert_eq!(rec.linked, [true, false, true, false, false, false]);
     let o = rec.order();
     assert_eq!(
         (o.flushes, o.refcount_writes, o.table_writes, o.data_writes),
-        (1, 1, 2, 1)
+        (1, 1, 2, 2)
     );
     assert_eq!(o.table_after_unflushed_refcount, 1, "{o:?}");
+    assert!(
+        o.first.as_deref().unwrap_or("").starts_with("event #2"),
+        "{o:?}"
+    );
     assert_eq!(
-        rec.durable_len(5),
+        rec.durable_len(7),
         0,
         "a flush that has not completed covers nothing"
     );
-    assert_eq!(rec.durable_len(6), 2);
-    assert_eq!(rec.pending_count(6), 0);
+    assert_eq!(rec.durable_len(8), 3);
+    assert_eq!(rec.pending_count(8), 0);
     assert_eq!(
-        rec.pending_count(7),
+        rec.pending_count(9),
         1,
         "a write in flight may have reached the disk"
     );
-    assert_eq!(rec.pending_count(10), 2);
+    assert_eq!(rec.pending_count(12), 2);
     let mut base = rec.pre.clone();
-    for e in &rec.events[..2] {
+    for e in &rec.events[..3] {
         crash_support::states::apply_event(&mut base, e);
     }
-    let (none, _) = rec.state(&base, 10, Pick::Prefix(0));
+    let (none, _) = rec.state(&base, 12, Pick::Prefix(0));
     assert_eq!(none, base);
-    let (all, _) = rec.state(&base, 10, Pick::Prefix(2));
+    let (all, _) = rec.state(&base, 12, Pick::Prefix(2));
     assert_eq!(all, rec.final_image());
     let mut seen = std::collections::BTreeSet::new();
     for seed in 0..64 {
-        let (st, _) = rec.state(&base, 10, Pick::Pages(seed));
+        let (st, _) = rec.state(&base, 12, Pick::Pages(seed));
         let has = |off: u64, b: u8| st.get(off as usize) == Some(&b);
-        seen.insert((has(new_l2, 7), has(new_l2 + 65536, 9)));
+        seen.insert((has(new_l2 + 65536, 9), has(new_l2 + 65536 + 8192, 5)));
     }
     assert_eq!(seen.len(), 4, "page states miss combinations: {seen:?}");
 }
