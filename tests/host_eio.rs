@@ -127,7 +127,10 @@ fn run_eio(name: &str, layout: Layout, io: Io, at: Where, seed: u64) {
     );
     drop(disk);
     d.unmount();
-    assert_check_consistent(&host_file);
+    println!(
+        "qemu-img check after the failure: {}",
+        assert_check_consistent(&host_file)
+    );
 
     let mut d = mount_foreground(&image, &s.0, &extra);
     let disk = open_disk(&d.mnt.join("disk.raw"), io);

@@ -139,7 +139,10 @@ fn run_until_full(name: &str, layout: Layout, io: Io, seed: u64) {
     assert_eq!(again, Err(libc::EIO), "the latched mount took a write");
     drop(disk);
     d.unmount();
-    assert_check_consistent(&fmt_image);
+    println!(
+        "qemu-img check after the failure: {}",
+        assert_check_consistent(&fmt_image)
+    );
 
     let mut d = mount_foreground(&image, &s.0, &extra);
     let disk = open_disk(&d.mnt.join("disk.raw"), io);
