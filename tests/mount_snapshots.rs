@@ -178,4 +178,22 @@ fn mkdir_during_direct_writes_rmdir_and_rename() {
     assert!([libc::EPERM, libc::EROFS].contains(&errno_of(&e)), "{e}");
     assert!(std::fs::create_dir(snaps.join("new")).is_err());
     drop(guard);
+
+    // A snapshot found at mount: renamed and removed with its changes/ file.
+    let (guard, mnt) = mount(&img, &d.0, &[]);
+    let (snaps, changes) = (mnt.join("snapshots"), mnt.join("changes"));
+    assert!(changes.join("before-upgrade.raw").exists());
+    std::fs::rename(snaps.join("before-upgrade"), snaps.join("x")).unwrap();
+    assert!(changes.join("x.raw").exists() && !changes.join("before-upgrade.raw").exists());
+    {
+        let _open = std::fs::File::open(changes.join("x.raw")).unwrap();
+        let e = std::fs::remove_dir(snaps.join("x")).unwrap_err();
+        assert_eq!(errno_of(&e), libc::EBUSY);
+    }
+    std::fs::remove_dir(snaps.join("x")).unwrap();
+    assert!(!changes.join("x.raw").exists() && !snaps.join("x").exists());
+    drop(guard);
+    assert!(!qemu_img(&["snapshot", "-l", img.to_str().unwrap()]).contains("before-upgrade"));
+    check_clean(&img);
+    assert_same("live at the end", &qemu_raw(&img, None, &[]), &live);
 }

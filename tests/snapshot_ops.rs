@@ -68,6 +68,10 @@ fn listed(image: &Path) -> String {
 }
 
 fn run_case(opts: &str, backing: bool, seed: u64) {
+    run_case_with(opts, backing, false, seed)
+}
+
+fn run_case_with(opts: &str, backing: bool, compressed: bool, seed: u64) {
     let d = Scratch::new(&format!("snapops-{seed}"));
     let mut rng = Rng::new(seed);
     let img = d.path("top.qcow2");
@@ -78,6 +82,16 @@ fn run_case(opts: &str, backing: bool, seed: u64) {
         let data = write_random("qcow2", &base, &mut rng, 0, SIZE as usize / 2);
         model[..data.len()].copy_from_slice(&data);
         overlay(&img, "base.qcow2", "qcow2", None, opts);
+    } else if compressed {
+        // Compressed clusters share host clusters: each holds one reference per entry.
+        let raw = d.path("src.qcow2");
+        create(&raw, "", SIZE);
+        qemu_io("qcow2", &raw, &[format!("write -P 0x5a 0 {}", 5 * MIB)]);
+        model[..5 * MIB as usize].fill(0x5a);
+        let (r, i) = (raw.to_str().unwrap(), img.to_str().unwrap());
+        qemu_img(&["convert", "-c", "-O", "qcow2", r, i]);
+        let map = qemu_img(&["map", "--output=json", i]);
+        assert!(map.contains("\"compressed\": true"), "{map}");
     } else {
         create(&img, opts, SIZE);
     }
@@ -190,4 +204,9 @@ fn snapshots_of_an_overlay_with_small_clusters_and_narrow_refcounts() {
 fn snapshots_of_v2_and_extended_l2_images() {
     run_case("compat=0.10", false, 73);
     run_case("extended_l2=on,cluster_size=65536", true, 74);
+}
+
+#[test]
+fn snapshots_of_a_compressed_image() {
+    run_case_with("", false, true, 75);
 }

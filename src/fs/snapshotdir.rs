@@ -5,8 +5,9 @@
 //! `SnapshotSet`'s; this handler only keeps the tree in step.
 
 use super::SharedTree;
+use super::changesdir::{CHANGES_DIR_NAME, RAW_SUFFIX};
 use super::handler::DirHandler;
-use super::tree::{Ino, SNAPSHOTS_DIR_NAME, Tree};
+use super::tree::{Ino, ROOT, SNAPSHOTS_DIR_NAME, Tree};
 use super::viewdir::ViewDir;
 use parking_lot::Mutex;
 use std::collections::BTreeMap;
@@ -79,6 +80,12 @@ impl SnapshotsDir {
     }
 }
 
+/// (changes/ directory, changes/<name>.raw) when shown.
+fn changes_file(t: &Tree, name: &str) -> Option<(Ino, Ino)> {
+    let cdir = t.lookup(ROOT, CHANGES_DIR_NAME)?;
+    Some((cdir, t.lookup(cdir, &format!("{name}{RAW_SUFFIX}"))?))
+}
+
 impl DirHandler for SnapshotsDir {
     fn writable(&self) -> bool {
         self.set.is_some()
@@ -109,19 +116,25 @@ impl DirHandler for SnapshotsDir {
         let set = self.set()?;
         let mut own = self.own.lock();
         let id = self.id_of(tree, dir, &own, name)?;
-        // Checked and unlinked under one tree lock, before its clusters are freed.
+        // Checked and unlinked under one tree lock, before its clusters are freed; its
+        // changes/<name>.raw reads its tables too, so it goes with it.
         tree.change(|t| {
             let ino = t
                 .lookup(dir, name)
                 .ok_or_else(|| Error::new(Kind::NotFound, format!("no snapshot {name}")))?;
+            let changes = changes_file(t, name);
             let busy = t
                 .children(ino)
-                .is_some_and(|c| c.values().any(|f| t.is_open(*f)));
+                .is_some_and(|c| c.values().any(|f| t.is_open(*f)))
+                || changes.is_some_and(|(_, f)| t.is_open(f));
             if busy {
                 return Err(Error::new(
                     Kind::Busy,
                     format!("snapshot {name} has an open file"),
                 ));
+            }
+            if let Some((cdir, _)) = changes {
+                t.remove(cdir, &format!("{name}{RAW_SUFFIX}"), SystemTime::now())?;
             }
             t.remove_all(dir, name, SystemTime::now())
         })?;
@@ -153,7 +166,18 @@ impl DirHandler for SnapshotsDir {
             return Err(Error::new(Kind::Exists, format!("{new_name} exists")));
         }
         set.rename(&id, new_name)?;
-        tree.change(|t| t.rename(dir, name, dir, new_name, SystemTime::now()))?;
+        tree.change(|t| {
+            if let Some((cdir, _)) = changes_file(t, name) {
+                let (from, to) = (
+                    format!("{name}{RAW_SUFFIX}"),
+                    format!("{new_name}{RAW_SUFFIX}"),
+                );
+                if let Err(e) = t.rename(cdir, &from, cdir, &to, SystemTime::now()) {
+                    log::warn!("{CHANGES_DIR_NAME}/{from} keeps its name: {e}");
+                }
+            }
+            t.rename(dir, name, dir, new_name, SystemTime::now())
+        })?;
         own.remove(name);
         own.insert(new_name.to_string(), id);
         Ok(())
