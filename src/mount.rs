@@ -14,6 +14,7 @@ use vmfs_mount::format::qcow2::Qcow2Layer;
 use vmfs_mount::format::qcow2::bitmap::Bits;
 use vmfs_mount::format::{Format, Layer, OpenCtx};
 use vmfs_mount::lock::{self, LockGuard};
+use vmfs_mount::manage::snapshots::SnapshotSet;
 use vmfs_mount::plan::{self, Origin, ViewSpec};
 use vmfs_mount::view::View;
 
@@ -122,6 +123,8 @@ pub struct Opened {
     pub clones: Option<MountedClones>,
     /// The image's QEMU dirty bitmaps (read-only mounts: nothing changes them), by name.
     pub bitmaps: Vec<(String, Arc<Bits>)>,
+    /// Live snapshots (`mkdir snapshots/NAME`), when the top is a writable qcow2 image.
+    pub live_snapshots: Option<Arc<SnapshotSet>>,
 }
 
 pub struct MountedClones {
@@ -226,8 +229,15 @@ pub fn expose(
             writable,
         }
     };
+    let live = make(live, true);
+    let live_snapshots = if live.writable {
+        SnapshotSet::new(&layers, clusters).map(Arc::new)
+    } else {
+        None
+    };
     Ok(Opened {
-        live: make(live, true),
+        live_snapshots,
+        live,
         snapshots: snaps.into_iter().map(|s| make(s, false)).collect(),
         layers,
         fell_back_to_read_only: None,

@@ -248,6 +248,19 @@ impl Qcow2Image {
 }
 
 impl Qcow2Layer {
+    /// A read-only layer over a snapshot the writer took while mounted (not in the table
+    /// read at open, so `snapshot` holds no index).
+    pub fn made_snapshot(image: &Arc<Qcow2Image>, made: &write::MadeSnapshot) -> Arc<dyn Layer> {
+        Arc::new(Qcow2Layer {
+            image: image.clone(),
+            l1: made.l1.clone(),
+            l1_offset: made.l1_offset,
+            size: made.size,
+            snapshot: None,
+            writer: None,
+        })
+    }
+
     /// The L1 table this layer maps through now (the writer's, for the live layer).
     pub fn current_l1(&self) -> Arc<[u64]> {
         match &self.writer {
