@@ -77,7 +77,7 @@ fn walk(
                 Kind::Unsupported,
                 format!(
                     "{}: backing chain is deeper than {MAX_DEPTH} layers",
-                    path.display()
+                    crate::storage::show_path(path)
                 ),
             ));
         }
@@ -86,8 +86,8 @@ fn walk(
                 Kind::Corrupt,
                 format!(
                     "{}: backing chain loop: its parent {} is already in the chain",
-                    child.path().display(),
-                    parent.path().display()
+                    crate::storage::show_path(child.path()),
+                    crate::storage::show_path(parent.path())
                 ),
             ));
         }
@@ -135,8 +135,8 @@ fn open_parent_path(
             Kind::NotFound,
             format!(
                 "{}: backing file {raw:?} not found (tried {})",
-                child.path().display(),
-                path.display()
+                crate::storage::show_path(child.path()),
+                crate::storage::show_path(path)
             ),
         ));
     }
@@ -146,8 +146,12 @@ fn open_parent_path(
             .policy
             .check(child.path(), parent_role(child), raw, path)?,
     };
-    let layer = format::open_detect(path, format, ctx)
-        .map_err(|e| e.context(format!("backing file of {}", child.path().display())))?;
+    let layer = format::open_detect(path, format, ctx).map_err(|e| {
+        e.context(format!(
+            "backing file of {}",
+            crate::storage::show_path(child.path())
+        ))
+    })?;
     confirm(admitted, &*layer)?;
     Ok(layer)
 }
@@ -214,8 +218,8 @@ fn search_parent(
                 Kind::Corrupt,
                 format!(
                     "{}: backing chain loop: its parent ({wanted}) is {}, already in the chain",
-                    child.path().display(),
-                    cand.display()
+                    crate::storage::show_path(child.path()),
+                    crate::storage::show_path(&cand)
                 ),
             ));
         }
@@ -224,7 +228,7 @@ fn search_parent(
         Kind::NotFound,
         format!(
             "{}: parent image not found: no image in {} has {wanted}",
-            child.path().display(),
+            crate::storage::show_path(child.path()),
             dir.display()
         ),
     ))

@@ -17,6 +17,7 @@ appears as a raw disk file:
 
   MOUNTPOINT/disk.raw                    the live disk (whole chain)
   MOUNTPOINT/snapshots/<name>/disk.raw   one per backing layer and per internal snapshot
+  MOUNTPOINT/snapshots/<tag>/vmstate     the VM state a running VM saved with a snapshot (savevm)
 
 Reading any of these files gives the bytes `qemu-img convert -O raw` gives for that view. \
 Snapshot files are read-only. The command returns once the mount answers; unmount with \

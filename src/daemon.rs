@@ -36,7 +36,10 @@ pub fn run(settings: &Settings, mountpoint: PathBuf, opened: Opened) -> i32 {
         {
             Ok(f) => Some(f),
             Err(e) => {
-                eprintln!("vmfs-mount: log file {}: {e}", path.display());
+                eprintln!(
+                    "vmfs-mount: log file {}: {e}",
+                    vmfs_mount::storage::show_path(path)
+                );
                 return 1;
             }
         },
@@ -191,7 +194,7 @@ fn serve(
     }
     log::info!(
         "mounted {} on {}",
-        opened.live.spec.layers[0].path().display(),
+        vmfs_mount::storage::show_path(opened.live.spec.layers[0].path()),
         mountpoint.display()
     );
     if let Err(e) = on_ready(mountpoint) {

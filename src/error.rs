@@ -41,6 +41,11 @@ pub struct Error {
 
 pub type Result<T> = std::result::Result<T, Error>;
 
+/// What a user must do once a writer has latched after a failed host write or flush: the
+/// in-memory state may no longer match the file, so only a fresh open is trusted.
+pub const LATCHED_HINT: &str = "writes and flushes fail with EIO until then; free space or fix \
+the host, then unmount and mount again (data flushed before the failure is intact)";
+
 impl Error {
     pub fn new(kind: Kind, msg: impl Into<String>) -> Self {
         Error {
@@ -54,14 +59,17 @@ impl Error {
     pub fn corrupt(file: &Path, field: &str, offset: u64, what: impl fmt::Display) -> Self {
         Self::new(
             Kind::Corrupt,
-            format!("{}: {field} at offset {offset:#x}: {what}", file.display()),
+            format!(
+                "{}: {field} at offset {offset:#x}: {what}",
+                crate::storage::show_path(file)
+            ),
         )
     }
 
     pub fn unsupported(file: &Path, what: impl fmt::Display) -> Self {
         Self::new(
             Kind::Unsupported,
-            format!("{}: unsupported: {what}", file.display()),
+            format!("{}: unsupported: {what}", crate::storage::show_path(file)),
         )
     }
 
@@ -78,7 +86,7 @@ impl Error {
         };
         Error {
             kind,
-            msg: format!("{}: {op}: {e}", file.display()),
+            msg: format!("{}: {op}: {e}", crate::storage::show_path(file)),
             source: Some(e),
         }
     }

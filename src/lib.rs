@@ -10,6 +10,7 @@ pub mod error;
 pub mod expose;
 pub mod format;
 pub mod lock;
+pub mod manage;
 pub mod overlay;
 pub mod partition;
 pub mod paths;

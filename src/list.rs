@@ -13,6 +13,7 @@ use vmfs_mount::format::{Layer, ParentRef};
 use vmfs_mount::partition::{Scheme, Table};
 use vmfs_mount::plan::{Origin, sanitize};
 use vmfs_mount::storage::registry;
+use vmfs_mount::storage::show_path;
 
 struct LayerRow {
     file: String,
@@ -42,14 +43,14 @@ struct ViewRow {
 fn layer_row(layer: &dyn Layer, decisions: &[Decision]) -> LayerRow {
     let backing = match layer.parent() {
         ParentRef::None => None,
-        ParentRef::Path { raw, path, .. } => Some((raw, path.display().to_string())),
-        ParentRef::Search { dir, wanted, .. } => Some((wanted, dir.display().to_string())),
+        ParentRef::Path { raw, path, .. } => Some((show_path(Path::new(&raw)), show_path(&path))),
+        ParentRef::Search { dir, wanted, .. } => Some((wanted, show_path(&dir))),
     };
     let mtime = vmfs_mount::storage::location::modified(layer.path())
         .map(secs)
         .unwrap_or(0);
     LayerRow {
-        file: layer.path().display().to_string(),
+        file: show_path(layer.path()),
         format: layer.format().name().to_string(),
         virtual_size: layer.virtual_size(),
         backing,
@@ -208,7 +209,7 @@ pub fn text(image: &Path, opened: &Opened, options: &FileOptions) -> String {
     let _ = writeln!(
         out,
         "Image {} ({} layer{}, top first):",
-        image.display(),
+        show_path(image),
         layers.len(),
         plural(layers.len())
     );
@@ -363,10 +364,10 @@ pub fn json(image: &Path, opened: &Opened, options: &FileOptions) -> String {
                 .iter()
                 .map(|d| {
                     json!({
-                        "file": d.path.display().to_string(),
+                        "file": show_path(&d.path),
                         "role": d.role.name(),
                         "stored": d.stored,
-                        "requested_by": d.requester.display().to_string(),
+                        "requested_by": show_path(&d.requester),
                         "allowed": d.allowed,
                         "reason": d.reason,
                     })
@@ -407,7 +408,7 @@ pub fn json(image: &Path, opened: &Opened, options: &FileOptions) -> String {
         None => (Value::Null, views),
     };
     let doc = json!({
-        "image": image.display().to_string(),
+        "image": show_path(image),
         "layers": layers,
         "views": views,
         "remote": remote_json(),

@@ -445,7 +445,7 @@ fn resolve_down_to(
                     Kind::Corrupt,
                     format!(
                         "{}: translation of {pos:#x} returned a bad length {}",
-                        layer.path().display(),
+                        crate::storage::show_path(layer.path()),
                         e.len
                     ),
                 ));

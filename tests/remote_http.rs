@@ -12,49 +12,9 @@ use mount_support::*;
 use remote_support::*;
 use std::fs::File;
 use std::os::unix::fs::FileExt;
-use std::path::Path;
-use std::process::{Command, Stdio};
+use std::process::Command;
 
 const M: u64 = 1 << 20;
-
-fn mount_url(url: &str, mnt: &Path, extra: &[&str]) -> (MountGuard, std::path::PathBuf) {
-    std::fs::create_dir_all(mnt).unwrap();
-    let mnt = mnt.canonicalize().unwrap();
-    let out = Command::new(BIN)
-        .args(extra)
-        .arg(url)
-        .arg(&mnt)
-        .stdin(Stdio::null())
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "mounting {url} failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    (MountGuard(mnt.clone()), mnt)
-}
-
-fn list(url: &str, extra: &[&str]) -> std::process::Output {
-    Command::new(BIN)
-        .arg("--list")
-        .args(extra)
-        .arg(url)
-        .output()
-        .unwrap()
-}
-
-fn files_of(mnt: &Path) -> Vec<(String, Vec<u8>)> {
-    let mut v = vec![(
-        "disk.raw".to_string(),
-        std::fs::read(mnt.join("disk.raw")).unwrap(),
-    )];
-    for name in names_in(&mnt.join("snapshots")) {
-        let rel = format!("snapshots/{name}/disk.raw");
-        v.push((rel.clone(), std::fs::read(mnt.join(&rel)).unwrap()));
-    }
-    v
-}
 
 #[test]
 fn chains_over_http_read_like_their_local_copies() {
@@ -118,21 +78,23 @@ fn chains_over_http_read_like_their_local_copies() {
         let (_l, lmnt) = mount_url(
             local.to_str().unwrap(),
             &scratch.path(&format!("l-{file}")),
+            &[],
             &["-r"],
         );
-        let want = files_of(&lmnt);
+        let want = views(&lmnt);
         // The space in the directory name travels percent-encoded.
         let url = server.url(&format!("vm%20images/{file}"));
-        let (_r, rmnt) = mount_url(&url, &scratch.path(&format!("r-{file}")), &["-o", &cache]);
-        let got = files_of(&rmnt);
-        assert_eq!(got.len(), want.len(), "{url}: the same views");
-        for ((gn, g), (wn, w)) in got.iter().zip(&want) {
-            assert_eq!(gn, wn);
-            assert_same(&format!("{url}: {gn}"), g, w);
-        }
+        let (_r, rmnt) = mount_url(
+            &url,
+            &scratch.path(&format!("r-{file}")),
+            &[],
+            &["-o", &cache],
+        );
+        let got = views(&rmnt);
+        assert_trees_equal(&url, &got, &want);
         assert_same(
             &format!("{url} vs qemu-img"),
-            &want[0].1,
+            &want["disk.raw"],
             &qemu_raw(&local, Some(fmt), &[]),
         );
     }
@@ -154,6 +116,7 @@ fn a_replaced_file_gives_eio() {
     let (_g, mnt) = mount_url(
         &server.url("disk.img"),
         &scratch.path("mnt"),
+        &[],
         &["-o", &cache],
     );
     let f = File::open(mnt.join("disk.raw")).unwrap();
@@ -184,7 +147,7 @@ fn servers_without_ranges_and_references_off_the_host_are_refused() {
     qemu_img(&["create", "-q", "-f", "qcow2", img.to_str().unwrap(), "4M"]);
     // max_ranges 0: nginx answers every ranged GET with the whole file.
     let plain = Nginx::start(&www, &scratch.path("nginx-plain"), "max_ranges 0;");
-    let out = list(&plain.url("disk.qcow2"), &[]);
+    let out = list(&plain.url("disk.qcow2"), &[], &[]);
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success());
     assert!(err.contains("does not support range requests"), "{err}");
@@ -199,7 +162,7 @@ fn servers_without_ranges_and_references_off_the_host_are_refused() {
     drop(plain);
     let server = Nginx::start(&www, &scratch.path("nginx"), "");
     // Missing objects name the URL.
-    let out = list(&server.url("nope.qcow2"), &[]);
+    let out = list(&server.url("nope.qcow2"), &[], &[]);
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(
         err.contains(&server.url("nope.qcow2")) && err.contains("no such object"),
@@ -227,7 +190,7 @@ fn servers_without_ranges_and_references_off_the_host_are_refused() {
             p.to_str().unwrap(),
             "4M",
         ]);
-        let out = list(&server.url(name), &[]);
+        let out = list(&server.url(name), &[], &[]);
         let err = String::from_utf8_lossy(&out.stderr);
         assert!(!out.status.success(), "{name}");
         assert!(
@@ -248,11 +211,78 @@ fn servers_without_ranges_and_references_off_the_host_are_refused() {
         "qcow2",
         ok.to_str().unwrap(),
     ]);
-    let out = list(&server.url("beside.qcow2"), &[]);
+    let out = list(&server.url("beside.qcow2"), &[], &[]);
     assert!(
         out.status.success(),
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
     assert!(String::from_utf8_lossy(&out.stdout).contains(&server.url("disk.qcow2")));
+}
+
+#[test]
+fn query_strings_are_sent_never_shown_and_key_the_cache_without_their_signature() {
+    let scratch = Scratch::new("http-query");
+    let www = scratch.path("www");
+    std::fs::create_dir_all(&www).unwrap();
+    let mut rng = Rng::new(0x479);
+    let data = rng.bytes((4 * M) as usize);
+    std::fs::write(www.join("disk.img"), &data).unwrap();
+    let server = Nginx::start(&www, &scratch.path("nginx"), "");
+    let cache = scratch.path("cache");
+    let opts = format!("cache_dir={}", cache.display());
+    let secret = "Sig0123456789secret";
+    let base = server.url("disk.img");
+    // Mounts base?QUERY, reads it all, unmounts; gives the bytes fetched.
+    let read_all = |query: &str, name: &str| -> u64 {
+        let url = format!("{base}?{query}");
+        let log = scratch.path(&format!("{name}.log"));
+        let (g, mnt) = mount_url(
+            &url,
+            &scratch.path("mnt"),
+            &[],
+            &["-v", "--log-file", log.to_str().unwrap(), "-o", &opts],
+        );
+        assert_same(name, &std::fs::read(mnt.join("disk.raw")).unwrap(), &data);
+        unmount(&mnt);
+        drop(g);
+        let text = std::fs::read_to_string(&log).unwrap();
+        assert!(
+            !text.contains(secret),
+            "{name}: the log shows the query:\n{text}"
+        );
+        fetched_from_log(&log, &format!("{base}?..."))
+    };
+    let first = read_all(&format!("versionId=1&X-Amz-Signature={secret}1"), "first");
+    assert!(first >= data.len() as u64, "fetched {first}");
+    // Signed again: the same object, read from the cache.
+    let resigned = read_all(
+        &format!("X-Amz-Date=20260101T000000Z&versionId=1&X-Amz-Signature={secret}2"),
+        "resigned",
+    );
+    assert_eq!(resigned, 0, "a re-signed URL reuses the cache");
+    // Another query may be another object: nothing is shared.
+    let other = read_all(&format!("versionId=2&X-Amz-Signature={secret}3"), "other");
+    assert!(other >= data.len() as u64, "fetched {other}");
+    let out = list(
+        &format!("{base}?versionId=1&X-Amz-Signature={secret}4"),
+        &[],
+        &["-o", &opts],
+    );
+    let text =
+        String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{text}");
+    assert!(text.contains(&format!("{base}?...")), "{text}");
+    assert!(!text.contains(secret), "--list shows the query:\n{text}");
+    // Nor does the cache keep it in the clear.
+    let out = Command::new("grep")
+        .args(["-r", "-l", secret])
+        .arg(&cache)
+        .output()
+        .unwrap();
+    assert!(
+        out.stdout.is_empty(),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
 }

@@ -14,11 +14,9 @@ mod remote_support;
 use common::*;
 use mount_support::*;
 use remote_support::*;
-use std::collections::BTreeMap;
-use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 const M: u64 = 1 << 20;
@@ -76,60 +74,6 @@ impl Store {
 
     fn local_server(&mut self) -> Option<&mut S3Server> {
         self.server.as_mut()
-    }
-}
-
-/// Mounts `url` on `dir/NAME` with the store's environment; returns the guard and the path.
-fn mount_url(
-    url: &str,
-    mnt: &Path,
-    env: &[(&'static str, String)],
-    extra: &[&str],
-) -> (MountGuard, PathBuf) {
-    std::fs::create_dir_all(mnt).unwrap();
-    let mnt = mnt.canonicalize().unwrap();
-    let out = Command::new(BIN)
-        .args(extra)
-        .arg(url)
-        .arg(&mnt)
-        .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
-        .stdin(Stdio::null())
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "mounting {url} failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    (MountGuard(mnt.clone()), mnt)
-}
-
-/// Every file of a mount, by relative path.
-fn tree(mnt: &Path) -> BTreeMap<String, Vec<u8>> {
-    let mut out = BTreeMap::new();
-    out.insert(
-        "disk.raw".into(),
-        std::fs::read(mnt.join("disk.raw")).unwrap(),
-    );
-    for name in names_in(&mnt.join("snapshots")) {
-        let rel = format!("snapshots/{name}/disk.raw");
-        out.insert(rel.clone(), std::fs::read(mnt.join(&rel)).unwrap());
-    }
-    out
-}
-
-fn assert_trees_equal(
-    what: &str,
-    got: &BTreeMap<String, Vec<u8>>,
-    want: &BTreeMap<String, Vec<u8>>,
-) {
-    assert_eq!(
-        got.keys().collect::<Vec<_>>(),
-        want.keys().collect::<Vec<_>>(),
-        "{what}: the same files"
-    );
-    for (k, v) in want {
-        assert_same(&format!("{what}: {k}"), &got[k], v);
     }
 }
 
@@ -264,7 +208,7 @@ fn chains_of_every_format_read_like_their_local_copies() {
             &[],
             &["-r"],
         );
-        let want = tree(&lmnt);
+        let want = views(&lmnt);
         let url = format!("s3://{BUCKET}/{dir}/{top}");
         let cache_arg = format!("cache_dir={}", cache.display());
         let (_rg, rmnt) = mount_url(
@@ -273,7 +217,7 @@ fn chains_of_every_format_read_like_their_local_copies() {
             &store.env(),
             &["-o", &cache_arg],
         );
-        assert_trees_equal(&url, &tree(&rmnt), &want);
+        assert_trees_equal(&url, &views(&rmnt), &want);
         let fmt = if dir == "vpc" { "vpc" } else { dir.as_str() };
         assert_same(
             &format!("{url} vs qemu-img"),
@@ -296,13 +240,6 @@ fn upload_raw(client: &S3Client, key: &str, rng: &mut Rng, size: usize) -> Vec<u
     let data = rng.bytes(size);
     client.put(key, &data);
     data
-}
-
-fn read_at(path: &Path, off: u64, len: usize) -> std::io::Result<Vec<u8>> {
-    let f = File::open(path)?;
-    let mut buf = vec![0u8; len];
-    f.read_exact_at(&mut buf, off)?;
-    Ok(buf)
 }
 
 #[test]
@@ -400,18 +337,6 @@ fn cache_usage(dir: &Path) -> u64 {
             .unwrap_or(0)
     }
     walk(dir)
-}
-
-/// The `bytes fetched` figure of the daemon's last statistics line for `url`.
-fn fetched_from_log(log: &Path, url: &str) -> u64 {
-    let text = std::fs::read_to_string(log).unwrap();
-    let line = text
-        .lines()
-        .rev()
-        .find(|l| l.contains(url) && l.contains("bytes fetched"))
-        .unwrap_or_else(|| panic!("no statistics line for {url} in:\n{text}"));
-    let before = line.split(" bytes fetched").next().unwrap();
-    before.rsplit(' ').next().unwrap().parse().unwrap()
 }
 
 #[test]

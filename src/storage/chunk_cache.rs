@@ -71,9 +71,16 @@ impl DiskCache {
         &self.root
     }
 
-    /// The cache of one object version: `identity` names the object (location, endpoint),
-    /// `validator` its version.
-    pub fn object(self: &Arc<Self>, identity: &str, size: u64, validator: &str) -> ObjectCache {
+    /// The cache of one object version: `identity` names the object (location, endpoint,
+    /// query; only its hash is kept), `shown` is what the directory's `object` file says of
+    /// it (nothing secret), `validator` names its version.
+    pub fn object(
+        self: &Arc<Self>,
+        identity: &str,
+        shown: &str,
+        size: u64,
+        validator: &str,
+    ) -> ObjectCache {
         let mut h = Sha256::new();
         h.update(format!("{identity}\n{size}\n{validator}\n").as_bytes());
         let hex: String = h.finalize()[..16]
@@ -83,7 +90,7 @@ impl DiskCache {
         ObjectCache {
             disk: self.clone(),
             dir: self.root.join(hex),
-            about: format!("{identity}\n{size}\n{validator}\n"),
+            about: format!("{shown}\n{size}\n{validator}\n"),
             chunks: Mutex::new(HashMap::new()),
             open: Mutex::new(lru::LruCache::new(
                 std::num::NonZeroUsize::new(OPEN_ENTRIES).unwrap_or(std::num::NonZeroUsize::MIN),
@@ -583,14 +590,16 @@ mod tests {
     fn entries_persist_and_are_found_by_another_process_view() {
         let d = tmpdir("persist");
         let disk = DiskCache::open(&d, 64 << 20).unwrap();
-        let obj = disk.object("s3://b/k", 8 << 20, "etag \"1\"");
+        let obj = disk.object("s3://b/k", "s3://b/k", 8 << 20, "etag \"1\"");
         let bytes = data(1, 3 * CHUNK as usize / 2);
         obj.store(CHUNK / 2, &bytes);
         // Another daemon's view of the same object: found by listing.
-        let other =
-            DiskCache::open(&d, 64 << 20)
-                .unwrap()
-                .object("s3://b/k", 8 << 20, "etag \"1\"");
+        let other = DiskCache::open(&d, 64 << 20).unwrap().object(
+            "s3://b/k",
+            "s3://b/k",
+            8 << 20,
+            "etag \"1\"",
+        );
         let pieces = other.lookup(0, 3 * CHUNK);
         assert_eq!(
             pieces,
@@ -620,7 +629,7 @@ mod tests {
         let at = (CHUNK + 100 - CHUNK / 2) as usize;
         assert_eq!(buf, bytes[at..at + 4096]);
         // Another version of the object shares nothing.
-        let v2 = disk.object("s3://b/k", 8 << 20, "etag \"2\"");
+        let v2 = disk.object("s3://b/k", "s3://b/k", 8 << 20, "etag \"2\"");
         assert_eq!(
             v2.lookup(CHUNK, CHUNK + 1),
             vec![Piece::Missing {
@@ -633,13 +642,29 @@ mod tests {
     }
 
     #[test]
+    fn the_identity_is_only_kept_hashed() {
+        let d = tmpdir("identity");
+        let disk = DiskCache::open(&d, 64 << 20).unwrap();
+        let obj = disk.object("https://h/x?token=sekrit", "https://h/x?...", 1 << 20, "v");
+        obj.store(0, &data(4, 4096));
+        let about = fs::read_to_string(obj.dir.join("object")).unwrap();
+        assert!(about.starts_with("https://h/x?...\n"), "{about}");
+        let other = disk.object("https://h/x?token=other", "https://h/x?...", 1 << 20, "v");
+        assert_ne!(obj.dir, other.dir, "another query is another object");
+        for e in fs::read_dir(disk.root()).unwrap() {
+            assert!(!e.unwrap().file_name().to_string_lossy().contains("sekrit"));
+        }
+        fs::remove_dir_all(&d).unwrap();
+    }
+
+    #[test]
     fn damaged_or_vanished_entries_read_as_missing() {
         let d = tmpdir("damaged");
         let disk = DiskCache::open(&d, 64 << 20).unwrap();
-        let obj = disk.object("x", 1 << 20, "v");
+        let obj = disk.object("x", "x", 1 << 20, "v");
         obj.store(0, &data(2, 8192));
         obj.store(65536, &data(3, 4096));
-        let fresh = disk.object("x", 1 << 20, "v");
+        let fresh = disk.object("x", "x", 1 << 20, "v");
         let path = fresh.entry_path(0, 8192);
         let mut raw = fs::read(&path).unwrap();
         raw[100] ^= 1;
@@ -661,7 +686,7 @@ mod tests {
     fn eviction_keeps_the_cache_under_its_limit_dropping_the_oldest() {
         let d = tmpdir("evict");
         let disk = DiskCache::open(&d, 4 * CHUNK).unwrap();
-        let obj = disk.object("y", 64 << 20, "v");
+        let obj = disk.object("y", "y", 64 << 20, "v");
         let old = SystemTime::now() - Duration::from_secs(3600);
         for i in 0..8u64 {
             obj.store(i * CHUNK, &data(i, CHUNK as usize));

@@ -475,6 +475,133 @@ mod tests {
         assert!(check_same_object(&newer, &by_date).is_err());
     }
 
+    /// An HTTP server on 127.0.0.1 answering one request per connection with the next
+    /// canned reply; gives its URL and the requests it saw (head only).
+    fn canned(replies: Vec<Vec<u8>>) -> (String, std::sync::mpsc::Receiver<String>) {
+        use std::io::Write;
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let url = format!("http://{}/obj", l.local_addr().unwrap());
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for reply in replies {
+                let (mut c, _) = l.accept().unwrap();
+                let mut head = Vec::new();
+                let mut b = [0u8; 1];
+                while !head.ends_with(b"\r\n\r\n") && c.read(&mut b).unwrap_or(0) == 1 {
+                    head.push(b[0]);
+                }
+                let _ = tx.send(String::from_utf8_lossy(&head).to_ascii_lowercase());
+                let _ = c.write_all(&reply);
+            }
+        });
+        (url, rx)
+    }
+
+    fn reply(status: &str, headers: &[&str], body: &[u8]) -> Vec<u8> {
+        let mut r = format!(
+            "HTTP/1.1 {status}\r\nConnection: close\r\nContent-Length: {}\r\n",
+            body.len()
+        );
+        for h in headers {
+            r.push_str(h);
+            r.push_str("\r\n");
+        }
+        r.push_str("\r\n");
+        let mut r = r.into_bytes();
+        r.extend_from_slice(body);
+        r
+    }
+
+    fn pinned_abc() -> Pinned {
+        Pinned {
+            size: 10,
+            etag: Some("\"abc\"".into()),
+            last_modified: None,
+        }
+    }
+
+    fn next(rx: &std::sync::mpsc::Receiver<String>) -> String {
+        rx.recv_timeout(Duration::from_secs(10)).unwrap()
+    }
+
+    #[test]
+    fn a_server_that_ignores_if_match_is_caught_by_its_etag() {
+        let (url, rx) = canned(vec![reply(
+            "206 Partial Content",
+            &["ETag: \"new\"", "Content-Range: bytes 2-5/10"],
+            b"WXYZ",
+        )]);
+        let c = Client::new(Duration::from_secs(5), 3);
+        let mut buf = [0u8; 4];
+        let r = c.get_range(&|| url.clone(), &pinned_abc(), 2, &mut buf);
+        assert!(
+            matches!(&r, Err(Failure::Changed(m)) if m.contains("\"new\"")),
+            "{r:?}"
+        );
+        let req = next(&rx);
+        assert!(req.contains("if-match: \"abc\""), "{req}");
+        assert!(req.contains("range: bytes=2-5"), "{req}");
+        assert_eq!(buf, [0; 4], "no bytes of another version");
+    }
+
+    #[test]
+    fn throttling_and_5xx_are_retried_then_served() {
+        let ok = reply(
+            "206 Partial Content",
+            &["ETag: \"abc\"", "Content-Range: bytes 0-3/10"],
+            b"abcd",
+        );
+        let slow = reply(
+            "503 Service Unavailable",
+            &[],
+            b"<Error><Code>SlowDown</Code></Error>",
+        );
+        let (url, rx) = canned(vec![slow, reply("429 Too Many Requests", &[], b""), ok]);
+        let c = Client::new(Duration::from_secs(5), 3);
+        let mut buf = [0u8; 4];
+        c.get_range(&|| url.clone(), &pinned_abc(), 0, &mut buf)
+            .unwrap();
+        assert_eq!(&buf, b"abcd");
+        for _ in 0..3 {
+            next(&rx);
+        }
+        // With no retries left, the same failures are final.
+        let (url, _rx) = canned(vec![reply("500 Internal Server Error", &[], b"")]);
+        let c = Client::new(Duration::from_secs(5), 0);
+        let r = c.get_range(&|| url.clone(), &pinned_abc(), 0, &mut buf);
+        assert!(matches!(r, Err(Failure::Transient(m)) if m.contains("500")));
+    }
+
+    #[test]
+    fn replies_of_another_size_or_without_ranges_are_refused() {
+        let (url, _rx) = canned(vec![
+            reply(
+                "206 Partial Content",
+                &["ETag: \"abc\"", "Content-Range: bytes 0-3/11"],
+                b"abcd",
+            ),
+            reply("200 OK", &["ETag: \"abc\""], b"0123456789"),
+            reply("200 OK", &["ETag: \"abc\""], b"0123456789"),
+        ]);
+        let c = Client::new(Duration::from_secs(5), 0);
+        let mut buf = [0u8; 4];
+        let r = c.get_range(&|| url.clone(), &pinned_abc(), 0, &mut buf);
+        assert!(
+            matches!(&r, Err(Failure::Changed(m)) if m.contains("11 bytes")),
+            "{r:?}"
+        );
+        let r = c.get_range(&|| url.clone(), &pinned_abc(), 0, &mut buf);
+        assert!(
+            matches!(&r, Err(Failure::Changed(m)) if m.contains("whole object")),
+            "{r:?}"
+        );
+        let r = c.probe(&|| url.clone());
+        assert!(
+            matches!(&r, Err(Failure::Fatal(m)) if m.contains("does not support range requests")),
+            "{r:?}"
+        );
+    }
+
     #[test]
     fn retries_are_bounded() {
         let c = Client::new(Duration::from_secs(1), 2);

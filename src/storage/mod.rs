@@ -28,7 +28,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 pub use local::LocalFile;
 pub use remote::{RemoteObject, RemoteStats};
-pub use url::{RemoteUrl, is_remote};
+pub use url::{RemoteUrl, is_remote, show_path};
 
 static NEXT_ID: AtomicU64 = AtomicU64::new(1);
 

@@ -66,19 +66,24 @@ impl State {
 /// Opens (or finds) the remote object at `url`, pinning its size and validator.
 pub fn open(url: &RemoteUrl) -> Result<RemoteObject> {
     let st = state()?;
-    let key = url.to_string();
+    let (request_url, identity) = request_builder(st, url)?;
+    // By identity, not by the shown URL: two query strings may name two objects.
+    let key = identity.clone();
     if let Some(o) = st.objects.lock().get(&key) {
         return Ok(o.clone());
     }
-    let (request_url, identity) = request_builder(st, url)?;
     let pinned = st
         .client
         .probe(&*request_url)
         .map_err(|f| open_error(url, f))?;
-    let cache = st
-        .cache
-        .as_ref()
-        .map(|c| c.object(&identity, pinned.size, &pinned.validator()));
+    let cache = st.cache.as_ref().map(|c| {
+        c.object(
+            &identity,
+            &url.to_string(),
+            pinned.size,
+            &pinned.validator(),
+        )
+    });
     if pinned.etag.is_none() {
         log::warn!(
             "{url}: the server sends no ETag; changes to the object are detected by {}",
@@ -112,7 +117,7 @@ fn request_builder(st: &State, url: &RemoteUrl) -> Result<(UrlFn, String)> {
     match url.scheme {
         Scheme::Http | Scheme::Https => {
             let u = url.request_url();
-            Ok((Box::new(move || u.clone()), url.to_string()))
+            Ok((Box::new(move || u.clone()), url.cache_identity()))
         }
         Scheme::S3 => {
             let (bucket, creds) = s3_bucket(st, url)?;

@@ -148,6 +148,27 @@ impl RemoteUrl {
         s
     }
 
+    /// What the chunk cache keys this object by (hashed, never shown): the URL with its
+    /// query string, since a query may select the object (`?versionId=`, `download?id=`),
+    /// but without the parameters that only sign or date a pre-signed URL, which change each
+    /// time it is signed again while the object does not (its ETag and size are in the key
+    /// too, so a re-signed URL for another version still shares nothing).
+    pub fn cache_identity(&self) -> String {
+        let mut s = self.request_url();
+        if let Some(q) = &self.query {
+            s.truncate(s.len() - q.len() - 1);
+            let kept: Vec<&str> = q
+                .split('&')
+                .filter(|p| !p.is_empty() && !is_signing_param(p.split('=').next().unwrap_or("")))
+                .collect();
+            if !kept.is_empty() {
+                s.push('?');
+                s.push_str(&kept.join("&"));
+            }
+        }
+        s
+    }
+
     /// The same scheme and host or bucket: what a remote image may refer to (an https
     /// image may not send us to plain http).
     pub fn same_origin(&self, other: &RemoteUrl) -> bool {
@@ -217,6 +238,19 @@ impl RemoteUrl {
     }
 }
 
+/// Query parameters of pre-signed URLs (AWS SigV2/V4, Google Cloud Storage, Azure SAS) that
+/// authenticate the request without choosing what it reads.
+fn is_signing_param(name: &str) -> bool {
+    let n = name.to_ascii_lowercase();
+    (n.starts_with("x-amz-")
+        && !matches!(n.as_str(), "x-amz-request-payer" | "x-amz-checksum-mode"))
+        || n.starts_with("x-goog-")
+        || matches!(
+            n.as_str(),
+            "awsaccesskeyid" | "signature" | "expires" | "sig" | "se" | "st" | "sv" | "sp" | "spr"
+        )
+}
+
 fn push_segment(segments: &mut Vec<String>, seg: &str) -> std::result::Result<(), ()> {
     match seg {
         "" | "." => {}
@@ -252,10 +286,21 @@ fn valid_authority(a: &str) -> bool {
         && port.is_none_or(|p| p.parse::<u16>().is_ok())
 }
 
-/// A location as it may be shown: without a query string (it may carry a signature) or
-/// user information (a password).
+/// A file name as it may be shown in logs, errors and `--list`: local paths as they are,
+/// URLs through `shown`.
+pub fn show_path(p: &Path) -> String {
+    match p.to_str() {
+        Some(s) if scheme_of(s).is_some() => shown(s),
+        _ => p.display().to_string(),
+    }
+}
+
+/// A location as it may be shown: without a query string (it may carry a signature; `?...`
+/// says there was one) or user information (a password).
 pub fn shown(s: &str) -> String {
+    let had_query = s.split('#').next().unwrap_or_default().contains('?');
     let s = s.split(['?', '#']).next().unwrap_or_default();
+    let q = if had_query { "?..." } else { "" };
     match s.split_once("://") {
         Some((scheme, rest)) => {
             let (authority, path) = rest.split_once('/').unwrap_or((rest, ""));
@@ -265,9 +310,9 @@ pub fn shown(s: &str) -> String {
             } else {
                 ""
             };
-            format!("{scheme}://{hidden}{host}/{path}")
+            format!("{scheme}://{hidden}{host}/{path}{q}")
         }
-        None => s.to_string(),
+        None => format!("{s}{q}"),
     }
 }
 
@@ -313,9 +358,38 @@ mod tests {
             "https://example.com:8443/x/disk one.vmdk?..."
         );
         assert!(!h.to_string().contains("secret"));
+        assert_eq!(
+            show_path(Path::new("http://h/d.img?sig=secret")),
+            "http://h/d.img?..."
+        );
+        assert_eq!(show_path(Path::new("/srv/a?b")), "/srv/a?b");
         assert!(is_remote(Path::new("http://h/x")));
         assert!(!is_remote(Path::new("/srv/s3://x")));
         assert!(!is_remote(Path::new("file.qcow2")));
+    }
+
+    #[test]
+    fn cache_identities_keep_the_query_but_not_its_signature() {
+        let a = url("https://h/x/d.img?versionId=7&X-Amz-Signature=aaa&X-Amz-Date=1&Expires=5");
+        let b = url("https://h/x/d.img?X-Amz-Date=2&versionId=7&X-Amz-Signature=bbb");
+        let c = url("https://h/x/d.img?versionId=8&X-Amz-Signature=aaa");
+        assert_eq!(a.cache_identity(), "https://h/x/d.img?versionId=7");
+        assert_eq!(
+            a.cache_identity(),
+            b.cache_identity(),
+            "re-signed: the same object"
+        );
+        assert_ne!(a.cache_identity(), c.cache_identity(), "another version");
+        assert_eq!(
+            url("http://h/get?id=5&sig=s").cache_identity(),
+            "http://h/get?id=5"
+        );
+        assert_ne!(
+            url("http://h/get?id=5").cache_identity(),
+            url("http://h/get?id=6").cache_identity()
+        );
+        assert_eq!(url("http://h/a%20b").cache_identity(), "http://h/a%20b");
+        assert_eq!(url("http://h/a?Signature=x").cache_identity(), "http://h/a");
     }
 
     #[test]

@@ -29,7 +29,7 @@ pub(super) struct State {
     nodes: Mutex<Nodes>,
     handles: Mutex<HashMap<u64, std::sync::Arc<Handle>>>,
     next_fh: AtomicU64,
-    seq: AtomicU64,
+    pub(super) seq: AtomicU64,
     pub(super) log: Mutex<Log>,
     /// Injected rules in order; `None` never (kept as Option so ids stay stable).
     pub(super) faults: Mutex<Vec<Option<Rule>>>,

@@ -287,6 +287,15 @@ impl HostFs {
         self.backing.join(name)
     }
 
+    /// A fresh number from the counter that orders events (`started`/`completed`): taken
+    /// before and after an operation of the caller, it places that operation among the host
+    /// operations (e.g. a guest fsync that returned before a given host write started).
+    pub fn mark(&self) -> u64 {
+        self.state
+            .seq
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst)
+    }
+
     /// Starts a fresh recording (dropping any earlier one).
     pub fn start_recording(&self) {
         self.state.log.lock().unwrap().events = Some(Vec::new());

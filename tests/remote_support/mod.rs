@@ -3,6 +3,9 @@
 //! Objects are uploaded with signed PUTs, so the S3 server records their ETags as AWS would.
 #![allow(dead_code)]
 
+mod mounting;
+pub use mounting::*;
+
 use rusty_s3::{Bucket, Credentials, S3Action, UrlStyle};
 use std::net::{TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
@@ -166,7 +169,19 @@ impl S3Client {
         let url = bucket
             .create_bucket(&self.creds())
             .sign(Duration::from_secs(600));
-        let resp = Self::agent().put(url.as_str()).send(&[][..]).unwrap();
+        // The first request may race the server's start under load: try a few times.
+        let mut tries = 0;
+        let resp = loop {
+            match Self::agent().put(url.as_str()).send(&[][..]) {
+                Ok(r) => break r,
+                Err(e) if tries < 20 => {
+                    tries += 1;
+                    eprintln!("create bucket: {e}; trying again");
+                    std::thread::sleep(Duration::from_millis(100));
+                }
+                Err(e) => panic!("create bucket: {e}"),
+            }
+        };
         assert!(
             resp.status().is_success() || resp.status().as_u16() == 409,
             "create bucket: {}",
