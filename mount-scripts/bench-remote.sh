@@ -15,6 +15,7 @@ VMFS=$(realpath "${VMFS:-target/release/vmfs-mount}")
 W=${1:-$(mktemp -d /tmp/vmfs-bench-remote.XXXXXX)}
 mkdir -p "$W"; W=$(realpath "$W")
 AK=benchaccess; SK=bench-secret-key-0123
+S3H="x-amz-content-sha256: UNSIGNED-PAYLOAD"  # s3s-fs insists on the header
 pids=()
 cleanup() {
   for m in "$W"/mnt-*; do mountpoint -q "$m" 2>/dev/null && umount "$m" 2>/dev/null; done
@@ -58,16 +59,25 @@ sp=$(port); mkdir -p "$W/s3"
 "${S3S_FS:-s3s-fs}" --host 127.0.0.1 --port "$sp" --access-key $AK --secret-key $SK "$W/s3" > "$W/s3s.log" 2>&1 & pids+=($!)
 wait_port "$sp"
 S3=http://127.0.0.1:$sp
-curl -sf --aws-sigv4 "aws:amz:us-east-1:s3" --user "$AK:$SK" -X PUT "$S3/bench" > /dev/null || true
+curl -sf --aws-sigv4 "aws:amz:us-east-1:s3" --user "$AK:$SK" -H "$S3H" -X PUT "$S3/bench" > /dev/null || true
 for f in base.qcow2 top.qcow2; do
-  curl -sf --aws-sigv4 "aws:amz:us-east-1:s3" --user "$AK:$SK" -T "$W/www/vm/$f" "$S3/bench/vm/$f" > /dev/null
+  curl -sf --aws-sigv4 "aws:amz:us-east-1:s3" --user "$AK:$SK" -H "$S3H" -T "$W/www/vm/$f" "$S3/bench/vm/$f" > /dev/null
 done
 export AWS_ACCESS_KEY_ID=$AK AWS_SECRET_ACCESS_KEY=$SK AWS_ENDPOINT_URL=$S3 AWS_REGION=us-east-1
 HTTP_URL=http://127.0.0.1:$hp/vm/top.qcow2
 S3_URL=s3://bench/vm/top.qcow2
 
-fetched() { # LOG: total "bytes fetched" of the last statistics lines
-  grep "bytes fetched" "$1" | awk '{for(i=1;i<=NF;i++) if($i=="fetched" && $(i-1)=="bytes") s[$0]=$(i-2)} END {t=0; for(k in s) t+=s[k]; print t}'; }
+fetched() { # LOG: bytes fetched, summed over the objects' last statistics lines
+  python3 - "$1" <<'PY'
+import re, sys
+last = {}
+for line in open(sys.argv[1], errors="replace"):
+    m = re.search(r"(\S+): \d+ reads, .* (\d+) bytes fetched in", line)
+    if m:
+        last[m.group(1)] = int(m.group(2))
+print(sum(last.values()))
+PY
+}
 vmount() { # URL MNT LOG CACHE [extra]: mounts read-only
   mkdir -p "$2"; "$VMFS" -r -v --log-file "$3" --cache-dir "$4" "${@:5}" "$1" "$2"; }
 seqread() { # FILE -> MiB/s (1 MiB reads, O_DIRECT, queue depth 4)
@@ -89,7 +99,7 @@ for kind in http s3; do
   # curl of the base object (1 GiB), the network's own speed.
   t0=$(now)
   if [ $kind = http ]; then curl -sf -o /dev/null "http://127.0.0.1:$hp/vm/base.qcow2"
-  else curl -sf --aws-sigv4 "aws:amz:us-east-1:s3" --user "$AK:$SK" -o /dev/null "$S3/bench/vm/base.qcow2"; fi
+  else curl -sf --aws-sigv4 "aws:amz:us-east-1:s3" --user "$AK:$SK" -H "$S3H" -o /dev/null "$S3/bench/vm/base.qcow2"; fi
   t1=$(now); bsize=$(stat -c %s "$W/www/vm/base.qcow2")
   curl_mib=$(mib_s "$bsize" "$(echo "$t1 - $t0" | bc)")
   say "$kind curl_base $curl_mib MiB/s"
@@ -119,9 +129,10 @@ done
 # --- anchor: qemu-storage-daemon's curl-based HTTP driver, FUSE export ---
 if [ -e /usr/lib/x86_64-linux-gnu/qemu/block-curl.so ]; then
   q=$W/qsd-http.raw; touch "$q"
-  qemu-storage-daemon --blockdev "driver=qcow2,node-name=n,file.driver=http,file.url=$HTTP_URL,file.readahead=1048576" \
+  qemu-storage-daemon --blockdev "driver=qcow2,node-name=n,read-only=on,file.driver=http,file.url=$HTTP_URL,file.readahead=1048576" \
       --export type=fuse,id=e,node-name=n,mountpoint="$q",writable=off > "$W/qsd.log" 2>&1 & qpid=$!; pids+=($qpid)
-  for _ in $(seq 200); do grep -q " $q " /proc/mounts && break; sleep 0.05; done
+  for _ in $(seq 200); do grep -q " $q " /proc/mounts && break; kill -0 $qpid 2>/dev/null || break; sleep 0.05; done
+  grep -q " $q " /proc/mounts || { cat "$W/qsd.log"; exit 1; }
   t0=$(now); dd if="$q" of=/dev/null bs=1M iflag=direct status=none; t1=$(now)
   qsd_seq=$(mib_s $SIZE "$(echo "$t1 - $t0" | bc)")
   qsd_rand=$(randiops "$q")

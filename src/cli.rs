@@ -17,6 +17,7 @@ appears as a raw disk file:
 
   MOUNTPOINT/disk.raw                    the live disk (whole chain)
   MOUNTPOINT/snapshots/<name>/disk.raw   one per backing layer and per internal snapshot
+  MOUNTPOINT/snapshots/<tag>/vmstate     the VM state a running VM saved with a snapshot (savevm)
 
 Reading any of these files gives the bytes `qemu-img convert -O raw` gives for that view. \
 Snapshot files are read-only. The command returns once the mount answers; unmount with \
@@ -32,6 +33,10 @@ Mount options (-o, comma-separated, repeatable):
   overlay=FILE            write changes to FILE instead of the image (created if missing)
   clones=DIR              add clones/: writable clones of the image (mounted read-only), one
                           qcow2 overlay DIR/NAME.qcow2 each (mkdir clones/NAME makes one)
+  vmdk                    add disk.vmdk beside every disk.raw: a VMDK descriptor whose one
+                          FLAT extent is disk.raw (VirtualBox, VMware)
+  vhd                     add disk.vhd beside every disk.raw: disk.raw's bytes plus a fixed-VHD
+                          footer (Hyper-V, Azure tools); writes go to disk.raw, footer read-only
   force_share             with ro: share the image with a QEMU that is writing it (qemu-img -U)
   format=FMT              force the top image's format (qcow2, raw, vmdk, vpc, vhdx, vdi)
   cache_size=SIZE         metadata cache size, e.g. 256M (default 256M)
@@ -331,6 +336,8 @@ impl Settings {
             ("nopassthrough", None) => self.passthrough = false,
             ("force_share", None) => self.force_share = true,
             ("trust_backing", None) => self.trust_backing = true,
+            ("vmdk", None) => self.files.wrappers.vmdk = true,
+            ("vhd", None) => self.files.wrappers.vhd = true,
             ("backing_dirs", v) => {
                 let list = need(v)?;
                 self.backing_dirs
@@ -514,6 +521,15 @@ mod tests {
         .unwrap();
         assert_eq!(s.kernel_flags, vec!["nodev", "nosuid", "noexec", "noatime"]);
         assert_eq!(s.fsname.as_deref(), Some("vm"));
+    }
+
+    #[test]
+    fn wrappers_are_opt_in() {
+        let s = settings(&["img", "mnt"]).unwrap();
+        assert!(!s.files.wrappers.vmdk && !s.files.wrappers.vhd);
+        let s = settings(&["-o", "vmdk", "-o", "ro,vhd", "img", "mnt"]).unwrap();
+        assert!(s.files.wrappers.vmdk && s.files.wrappers.vhd);
+        assert!(settings(&["-o", "vhd=1", "img", "mnt"]).is_err());
     }
 
     #[test]

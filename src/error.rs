@@ -41,6 +41,11 @@ pub struct Error {
 
 pub type Result<T> = std::result::Result<T, Error>;
 
+/// What a user must do once a writer has latched after a failed host write or flush: the
+/// in-memory state may no longer match the file, so only a fresh open is trusted.
+pub const LATCHED_HINT: &str = "writes and flushes fail with EIO until then; free space or fix \
+the host, then unmount and mount again (data flushed before the failure is intact)";
+
 impl Error {
     pub fn new(kind: Kind, msg: impl Into<String>) -> Self {
         Error {

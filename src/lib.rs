@@ -10,12 +10,14 @@ pub mod error;
 pub mod expose;
 pub mod format;
 pub mod lock;
+pub mod manage;
 pub mod overlay;
 pub mod partition;
 pub mod paths;
 pub mod plan;
 pub mod storage;
 pub mod view;
+pub mod wrap;
 pub mod write;
 
 /// The old name of `storage`, kept so branches started before the move keep compiling.

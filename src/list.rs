@@ -35,6 +35,8 @@ struct ViewRow {
     writable: bool,
     /// The other files of the view's directory (partitions, wrappers), by path and size.
     files: Vec<(String, u64)>,
+    /// Why files asked for are missing (a disk no VHD can hold).
+    notes: Vec<String>,
     table: Table,
 }
 
@@ -106,6 +108,7 @@ fn view_row(e: &Exposed, live: bool, options: &FileOptions) -> ViewRow {
     ViewRow {
         path: format!("{dir}disk.raw"),
         files,
+        notes: view_files.notes().to_vec(),
         table: view_files.table(),
         name: e.spec.name.clone(),
         kind,
@@ -145,6 +148,7 @@ fn extra_rows(opened: &Opened) -> Vec<ViewRow> {
         date,
         writable,
         files: Vec::new(),
+        notes: Vec::new(),
         table: Table {
             scheme: Scheme::None,
             sector_size: 512,
@@ -275,6 +279,9 @@ pub fn text(image: &Path, opened: &Opened, options: &FileOptions) -> String {
         for (path, size) in v.files.iter().filter(|f| !f.0.ends_with(".raw")) {
             let _ = writeln!(out, "  {path:<width$}  {:>10}", human(*size));
         }
+        for note in &v.notes {
+            let _ = writeln!(out, "  note: {note}");
+        }
     }
     remote_text(&mut out);
     out
@@ -392,6 +399,7 @@ pub fn json(image: &Path, opened: &Opened, options: &FileOptions) -> String {
                 "writable": v.writable,
                 "partition_table": table_json(&v.table),
                 "files": v.files.iter().map(|(path, size)| json!({"path": path, "size": size})).collect::<Vec<_>>(),
+                "notes": v.notes,
             })
         })
         .collect();

@@ -9,12 +9,13 @@ use vmfs_mount::backing_policy::{BackingPolicy, Decision};
 use vmfs_mount::cache::ByteCache;
 use vmfs_mount::clones::{CloneDir, CloneSet, OpenClone};
 use vmfs_mount::error::{Error, Kind, Result};
-use vmfs_mount::expose::{DISK_FILE_NAME, DiskFile, FileOptions, ViewFiles};
+use vmfs_mount::expose::{DISK_FILE_NAME, DiskFile, ExposedFile, FileOptions, ViewFiles};
 use vmfs_mount::format::qcow2::Qcow2Layer;
 use vmfs_mount::format::qcow2::bitmap::Bits;
 use vmfs_mount::format::{Format, Layer, OpenCtx};
 use vmfs_mount::lock::{self, LockGuard};
-use vmfs_mount::plan::{self, ViewSpec};
+use vmfs_mount::manage::snapshots::SnapshotSet;
+use vmfs_mount::plan::{self, Origin, ViewSpec};
 use vmfs_mount::view::View;
 
 /// Resolved-extent cache entries per view (64 KiB each): 4 GiB of a disk stays resolved.
@@ -40,11 +41,18 @@ pub struct MountRequest {
     pub clones: Option<PathBuf>,
 }
 
+/// Resolved-extent cache entries of a saved VM state (64 KiB each): it is read once, in order.
+const VM_STATE_CHUNK_ENTRIES: usize = 256;
+/// The file of a snapshot directory holding the VM state `savevm` saved with the snapshot.
+pub const VM_STATE_FILE_NAME: &str = "vmstate";
+
 /// One exposed file: what it shows and whether writes reach it.
 pub struct Exposed {
     pub spec: ViewSpec,
     pub view: Arc<View>,
     pub writable: bool,
+    /// The saved VM state of a snapshot taken by a running VM (`savevm`), if it has one.
+    pub vm_state: Option<Arc<View>>,
 }
 
 impl Exposed {
@@ -61,7 +69,36 @@ impl Exposed {
         } else {
             format!("{dir_path}/{DISK_FILE_NAME}")
         };
-        ViewFiles::new(disk, label, options, Vec::new())
+        let mut extras: Vec<(String, Arc<dyn ExposedFile>)> = Vec::new();
+        if let Some(state) = &self.vm_state {
+            // Read-only, dated like the snapshot: the bytes QEMU saved, nothing else.
+            let file = DiskFile::new(state.clone(), false, self.spec.mtime);
+            extras.push((VM_STATE_FILE_NAME.to_string(), Arc::new(file)));
+        }
+        ViewFiles::new(disk, label, options, extras)
+    }
+}
+
+/// The saved VM state of a snapshot view, if its top layer has one. A state the image
+/// describes but that cannot be read is left out with a log line, never a failed mount.
+fn vm_state_view(spec: &ViewSpec, clusters: &Arc<ByteCache>) -> Option<Arc<View>> {
+    if !matches!(spec.origin, Origin::Snapshot { .. }) {
+        return None;
+    }
+    match spec.layers.first()?.vm_state()? {
+        Ok(layer) => {
+            let size = layer.virtual_size();
+            Some(Arc::new(View::new(
+                vec![layer],
+                size,
+                clusters.clone(),
+                VM_STATE_CHUNK_ENTRIES,
+            )))
+        }
+        Err(e) => {
+            log::warn!("snapshots/{}: no {VM_STATE_FILE_NAME} file: {e}", spec.name);
+            None
+        }
     }
 }
 
@@ -86,6 +123,8 @@ pub struct Opened {
     pub clones: Option<MountedClones>,
     /// The image's QEMU dirty bitmaps (read-only mounts: nothing changes them), by name.
     pub bitmaps: Vec<(String, Arc<Bits>)>,
+    /// Live snapshots (`mkdir snapshots/NAME`), when the top is a writable qcow2 image.
+    pub live_snapshots: Option<Arc<SnapshotSet>>,
 }
 
 pub struct MountedClones {
@@ -184,13 +223,21 @@ pub fn expose(
         ));
         let writable = live && !read_only && view.is_writable();
         Exposed {
+            vm_state: vm_state_view(&spec, clusters),
             spec,
             view,
             writable,
         }
     };
+    let live = make(live, true);
+    let live_snapshots = if live.writable {
+        SnapshotSet::new(&layers, clusters).map(Arc::new)
+    } else {
+        None
+    };
     Ok(Opened {
-        live: make(live, true),
+        live_snapshots,
+        live,
         snapshots: snaps.into_iter().map(|s| make(s, false)).collect(),
         layers,
         fell_back_to_read_only: None,

@@ -4,6 +4,7 @@
 
 use super::{DiskFile, ExposedFile, RangeFile};
 use crate::partition::{self, Partition, Table};
+use crate::wrap::{self, Wrappers};
 use parking_lot::Mutex;
 use std::sync::Arc;
 
@@ -11,7 +12,10 @@ pub const DISK_FILE_NAME: &str = "disk.raw";
 
 /// Which optional files a view's directory gets.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct FileOptions {}
+pub struct FileOptions {
+    /// `-o vmdk`, `-o vhd`: hypervisor wrappers beside `disk.raw`.
+    pub wrappers: Wrappers,
+}
 
 /// One file of a view's directory.
 #[derive(Clone)]
@@ -40,6 +44,8 @@ pub struct ViewFiles {
     sector_size: Option<u32>,
     /// Files that never change while mounted: disk.raw first.
     fixed: Vec<Shown>,
+    /// Why optional files asked for are missing (a disk no VHD can hold), for `--list`.
+    notes: Vec<String>,
     /// The last partition scan and the files made for it (kept while unchanged, so that
     /// their identity says they did not change).
     last: Mutex<Option<(Table, Vec<Shown>)>>,
@@ -50,7 +56,7 @@ impl ViewFiles {
     pub fn new(
         disk: Arc<DiskFile>,
         label: String,
-        _options: &FileOptions,
+        options: &FileOptions,
         extras: Vec<(String, Arc<dyn ExposedFile>)>,
     ) -> ViewFiles {
         let sector_size = disk
@@ -63,6 +69,21 @@ impl ViewFiles {
             file: disk.clone(),
             disk_offset: Some(0),
         }];
+        let (wrapped, notes) = wrap::wrappers(
+            &(disk.clone() as Arc<dyn ExposedFile>),
+            DISK_FILE_NAME,
+            &wrap_identity(&disk, &label),
+            options.wrappers,
+            disk.mtime(),
+        );
+        for note in &notes {
+            log::info!("{label}: {note}");
+        }
+        fixed.extend(wrapped.into_iter().map(|w| Shown {
+            name: w.name.to_string(),
+            file: w.file,
+            disk_offset: w.shows_disk.then_some(0),
+        }));
         fixed.extend(extras.into_iter().map(|(name, file)| Shown {
             name,
             file,
@@ -73,8 +94,14 @@ impl ViewFiles {
             label,
             sector_size,
             fixed,
+            notes,
             last: Mutex::new(None),
         }
+    }
+
+    /// Why optional files asked for are missing.
+    pub fn notes(&self) -> &[String] {
+        &self.notes
     }
 
     pub fn disk(&self) -> &Arc<DiskFile> {
@@ -154,4 +181,22 @@ impl ViewFiles {
             })
             .collect()
     }
+}
+
+/// What names a view's disk across mounts: the top image's path (canonical when it exists,
+/// so that `./a.qcow2` and `/img/a.qcow2` agree) and where the disk is in the mount.
+fn wrap_identity(disk: &DiskFile, label: &str) -> String {
+    let top = disk
+        .view()
+        .layers()
+        .first()
+        .map(|l| {
+            let p = l.path();
+            p.canonicalize()
+                .unwrap_or_else(|_| p.to_path_buf())
+                .display()
+                .to_string()
+        })
+        .unwrap_or_default();
+    format!("{top}\0{label}")
 }

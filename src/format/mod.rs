@@ -196,6 +196,11 @@ pub trait Layer: std::any::Any + Send + Sync + fmt::Debug {
     fn open_snapshot(&self, index: usize) -> Result<Arc<dyn Layer>> {
         Err(Error::unsupported(self.path(), format!("snapshot {index}")))
     }
+    /// The VM state saved with this snapshot layer (qcow2 `savevm`) as a layer of its own,
+    /// if it saved one; an error when the image describes a state that cannot be read.
+    fn vm_state(&self) -> Option<Result<Arc<dyn Layer>>> {
+        None
+    }
     /// Every host file this layer reads (for locking and fsync).
     fn files(&self) -> Vec<Arc<HostFile>>;
     /// Extra facts for `--list` (cluster size, subformat, ...).

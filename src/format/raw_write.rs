@@ -26,8 +26,9 @@ impl RawWriter {
             return Err(Error::new(
                 Kind::Failed,
                 format!(
-                    "{}: an earlier write failed; refusing further writes",
-                    self.file.path().display()
+                    "{}: an earlier write failed; {}",
+                    self.file.path().display(),
+                    crate::error::LATCHED_HINT
                 ),
             ));
         }
@@ -35,7 +36,12 @@ impl RawWriter {
     }
 
     fn latch<T>(&self, r: Result<T>) -> Result<T> {
-        if r.is_err() {
+        if let Err(e) = &r {
+            log::error!(
+                "{}: write failed, the image now refuses writes: {e}; {}",
+                self.file.path().display(),
+                crate::error::LATCHED_HINT
+            );
             self.failed.store(true, Ordering::Release);
         }
         r

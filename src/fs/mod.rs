@@ -17,6 +17,7 @@ pub mod attr;
 pub mod changesdir;
 pub mod clonedir;
 pub mod handler;
+pub mod snapshotdir;
 mod state;
 #[cfg(test)]
 mod tests;

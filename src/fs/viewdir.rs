@@ -7,12 +7,14 @@
 
 use super::SharedTree;
 use super::handler::DirHandler;
+use super::snapshotdir::SnapshotsDir;
 use super::tree::{Ino, ROOT, SNAPSHOTS_DIR_NAME, Stale, Tree};
 use crate::mount::{Exposed, Opened};
 use parking_lot::Mutex;
 use std::sync::Arc;
 use std::time::SystemTime;
 use vmfs_mount::expose::{ExposedFile, FileOptions, Shown, ViewFiles};
+use vmfs_mount::plan::Origin;
 
 pub struct ViewDir {
     files: ViewFiles,
@@ -124,7 +126,23 @@ pub fn build(opened: &Opened, options: &FileOptions) -> Tree {
     let live = ViewDir::for_view(&opened.live, options, "");
     let mut tree = Tree::new(now, Some(live.clone()));
     live.populate(&mut tree, ROOT, now);
-    let snaps = match tree.add_dir(ROOT, SNAPSHOTS_DIR_NAME, None, now) {
+    let infos = opened.layers[0].snapshots();
+    let own = opened
+        .snapshots
+        .iter()
+        .filter_map(|s| match s.spec.origin {
+            Origin::Snapshot {
+                layer: 0,
+                info_index,
+            } => infos
+                .iter()
+                .find(|i| i.index == info_index)
+                .map(|i| (s.spec.name.clone(), i.id.clone())),
+            _ => None,
+        })
+        .collect();
+    let handler = SnapshotsDir::new(opened.live_snapshots.clone(), options, own);
+    let snaps = match tree.add_dir(ROOT, SNAPSHOTS_DIR_NAME, Some(handler), now) {
         Ok(ino) => ino,
         Err(e) => {
             log::error!("cannot make {SNAPSHOTS_DIR_NAME}/: {e}");

@@ -32,6 +32,9 @@ const PREFETCH_THREADS: usize = 6;
 const PREFETCH_QUEUE: usize = 64;
 /// Sequential streams tracked per object.
 const STREAMS: usize = 8;
+/// How far out of order a read may come and still continue a sequential stream (a 1 MiB
+/// read arrives as up to eight 128 KiB requests, several reads in flight).
+const SEQ_SLACK: u64 = 4 << 20;
 /// Cached bytes between two misses that are fetched again rather than split the GET.
 const MERGE_GAP: u64 = 64 << 10;
 
@@ -230,8 +233,13 @@ impl Inner {
         *clock += 1;
         let now = *clock;
         let end = off + len;
-        if let Some(s) = streams.iter_mut().find(|s| s.run > 0 && s.next == off) {
-            s.next = end;
+        // The kernel splits a large read into several requests that worker threads serve in
+        // any order, so a read near where a stream is continues it.
+        if let Some(s) = streams
+            .iter_mut()
+            .find(|s| s.run > 0 && continues(s.next, off, end))
+        {
+            s.next = s.next.max(end);
             s.run = s.run.saturating_add(1);
             s.bytes = s.bytes.saturating_add(len);
             s.last_use = now;
@@ -417,9 +425,14 @@ impl Inner {
         let size = self.pinned.size;
         let (from, to) = {
             let mut guard = self.streams.lock();
-            let Some(s) = guard.1.iter_mut().find(|s| s.next == pos) else {
+            let Some(s) = guard
+                .1
+                .iter_mut()
+                .find(|s| s.run > 0 && continues(s.next, pos, pos))
+            else {
                 return;
             };
+            let pos = s.next;
             // Like the kernel's read-ahead: twice what the stream read so far, up to a limit.
             let window = s
                 .bytes
@@ -468,6 +481,12 @@ impl Inner {
             prefetcher().submit(self.clone(), f);
         }
     }
+}
+
+/// Whether a read of [off, end) continues a stream whose next read would start at `next`:
+/// it starts at most `SEQ_SLACK` before or after it.
+fn continues(next: u64, off: u64, end: u64) -> bool {
+    off <= next.saturating_add(SEQ_SLACK) && end.saturating_add(SEQ_SLACK) >= next
 }
 
 /// Where the next claimed range after `pos` starts.
@@ -585,6 +604,18 @@ mod tests {
             merge(vec![(0, 4096), (8192, 12288), (1 << 30, (1 << 30) + 1)]),
             vec![(0, 12288), (1 << 30, (1 << 30) + 1)]
         );
+    }
+
+    #[test]
+    fn reads_out_of_order_near_a_stream_continue_it() {
+        assert!(continues(1 << 20, 1 << 20, 2 << 20));
+        assert!(continues(8 << 20, 9 << 20, 10 << 20), "a little ahead");
+        assert!(
+            continues(8 << 20, 7 << 20, 7 << 20 | 4096),
+            "a little behind"
+        );
+        assert!(!continues(8 << 20, 100 << 20, 101 << 20));
+        assert!(!continues(100 << 20, 0, 4096));
     }
 
     #[test]

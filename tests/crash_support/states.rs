@@ -28,6 +28,9 @@ pub struct Recording {
     pub events: Vec<Event>,
     /// The metadata role of each write event's bytes (empty: data).
     pub roles: Vec<BTreeSet<Role>>,
+    /// Whether the metadata an event writes was already reachable when it was written
+    /// (false: a fresh table or block, written before anything points to it).
+    pub linked: Vec<bool>,
     /// Metadata maps as the file went: (first event index they hold after, layout).
     pub layouts: Vec<(usize, Layout)>,
 }
@@ -85,28 +88,32 @@ impl Recording {
         }
         // A fresh table or block is written before anything points to it: a range no map
         // knows yet takes the role a later map gives it.
-        let roles = events
+        let (roles, linked) = events
             .iter()
             .enumerate()
             .map(|(i, e)| {
                 let Some((off, d)) = as_bytes(e) else {
-                    return BTreeSet::new();
+                    return (BTreeSet::new(), false);
                 };
-                let from = layouts
-                    .iter()
-                    .rposition(|(at, _)| *at <= i + 1)
-                    .unwrap_or(0);
-                layouts[from..]
+                // The map before this event: a table it links itself is not linked yet.
+                let from = layouts.iter().rposition(|(at, _)| *at <= i).unwrap_or(0);
+                let now = layouts[from].1.roles_of(off, d.len() as u64);
+                if !now.is_empty() {
+                    return (now, true);
+                }
+                let later = layouts[from..]
                     .iter()
                     .map(|(_, l)| l.roles_of(off, d.len() as u64))
                     .find(|r| !r.is_empty())
-                    .unwrap_or_default()
+                    .unwrap_or_default();
+                (later, false)
             })
-            .collect();
+            .unzip();
         Recording {
             pre,
             events,
             roles,
+            linked,
             layouts,
         }
     }
@@ -260,6 +267,10 @@ impl Recording {
                 continue;
             }
             o.table_writes += 1;
+            // The content of a fresh table nothing points to yet cannot expose anything.
+            if !self.linked[i] {
+                continue;
+            }
             // The start of the last flush that had completed when this write began.
             let barrier = flushes
                 .iter()
@@ -292,7 +303,8 @@ pub struct Order {
     pub refcount_writes: usize,
     pub table_writes: usize,
     pub data_writes: usize,
-    /// L1/L2/header/snapshot-table writes begun while a refcount write was not yet flushed.
+    /// Writes to reachable L1/L2/header/snapshot tables begun while a refcount write was not
+    /// yet flushed (fresh tables, written before they are linked, do not count).
     pub table_after_unflushed_refcount: usize,
     pub first: Option<String>,
 }

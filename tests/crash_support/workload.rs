@@ -25,6 +25,8 @@ pub struct Config {
     pub ops: usize,
     /// Bytes the setup writes per 64 KiB of a prefilled region.
     pub fill: u64,
+    /// Guest threads writing at once (each its own slice of the disk).
+    pub threads: usize,
 }
 
 /// What a run leaves: the overlay before the daemon opened it, every host event on the
@@ -140,61 +142,27 @@ pub fn record(s: &Scratch, fs: &HostFs, cfg: &Config, seed: u64) -> Run {
         .custom_flags(libc::O_DIRECT)
         .open(mnt.join("disk.raw"))
         .unwrap();
-    for i in 0..cfg.ops {
-        let generation = 10 + i as u64;
-        let r = rng.below(100);
-        if r < 10 {
-            let start = fs.mark();
-            if r < 8 {
-                disk.sync_data().unwrap();
-            } else {
-                disk.sync_all().unwrap();
-            }
-            log.fsyncs.push((start, fs.mark()));
-            continue;
-        }
-        let quarter = rng.below(4);
-        let aligned = rng.below(10) < 6;
-        let len = match rng.below(20) {
-            0..=11 => 4096,
-            12..=16 => (1 + rng.below(8)) * SECTOR,
-            _ => (2 + rng.below(31)) * 4096,
-        };
-        let unit = if aligned { 4096 } else { SECTOR };
-        let span = q.saturating_sub(len) / unit;
-        let off = (quarter * q + rng.below(span + 1) * unit).min(size - len);
-        let start = fs.mark();
-        if r < 18 {
-            // SAFETY: fallocate on an open descriptor with plain integer arguments.
-            let rc = unsafe {
-                libc::fallocate(
-                    disk.as_raw_fd(),
-                    libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
-                    off as i64,
-                    len as i64,
-                )
-            };
-            assert_eq!(rc, 0, "discard: {}", std::io::Error::last_os_error());
-            let end = fs.mark();
-            log.push(GuestOp {
-                off,
-                len,
-                generation: 0,
-                start,
-                end,
-            });
-        } else {
-            let buf = Aligned::new(&tagged_range(off, len, generation));
-            disk.write_all_at(buf.bytes(), off).unwrap();
-            let end = fs.mark();
-            log.push(GuestOp {
-                off,
-                len,
-                generation,
-                start,
-                end,
-            });
-        }
+    // Guest threads write disjoint slices of every quarter (so each sector's versions come
+    // from one thread, in order) while sharing the L2 tables and refcount blocks.
+    let threads = cfg.threads.max(1);
+    let results: Vec<Share> = std::thread::scope(|scope| {
+        let handles: Vec<_> = (0..threads)
+            .map(|t| {
+                let (disk, fs) = (&disk, fs);
+                let mut rng = Rng::new(rng.next_u64() ^ t as u64);
+                scope.spawn(move || guest_thread(cfg, t, threads, &mut rng, disk, fs))
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    let mut ops: Vec<GuestOp> = Vec::new();
+    for (o, f) in results {
+        ops.extend(o);
+        log.fsyncs.extend(f);
+    }
+    ops.sort_by_key(|o| o.start);
+    for op in ops {
+        log.push(op);
     }
     let start = fs.mark();
     disk.sync_all().unwrap();
@@ -210,4 +178,80 @@ pub fn record(s: &Scratch, fs: &HostFs, cfg: &Config, seed: u64) -> Run {
         log,
         snapshot,
     }
+}
+
+/// A guest thread's operations and the (start, end) marks of its fsyncs.
+type Share = (Vec<GuestOp>, Vec<(u64, u64)>);
+
+/// One guest thread's share of the workload: its operations and fsyncs, placed by marks.
+fn guest_thread(
+    cfg: &Config,
+    t: usize,
+    threads: usize,
+    rng: &mut Rng,
+    disk: &std::fs::File,
+    fs: &HostFs,
+) -> Share {
+    let q = cfg.size / 4;
+    let mut ops = Vec::new();
+    let mut fsyncs = Vec::new();
+    for i in 0..cfg.ops / threads {
+        let generation = 10 + (i * threads + t) as u64;
+        let r = rng.below(100);
+        if r < 10 {
+            let start = fs.mark();
+            if r < 8 {
+                disk.sync_data().unwrap();
+            } else {
+                disk.sync_all().unwrap();
+            }
+            fsyncs.push((start, fs.mark()));
+            continue;
+        }
+        let quarter = rng.below(4);
+        let aligned = rng.below(10) < 6;
+        let len = match rng.below(20) {
+            0..=11 => 4096,
+            12..=16 => (1 + rng.below(8)) * SECTOR,
+            _ => (2 + rng.below(31)) * 4096,
+        };
+        let unit = if aligned { 4096 } else { SECTOR };
+        let slice = q / threads as u64;
+        let from = quarter * q + t as u64 * slice;
+        let span = slice.saturating_sub(len) / unit;
+        let off = (from + rng.below(span + 1) * unit).min(from + slice - len);
+        let start = fs.mark();
+        if r < 18 {
+            // SAFETY: fallocate on an open descriptor with plain integer arguments.
+            let rc = unsafe {
+                libc::fallocate(
+                    disk.as_raw_fd(),
+                    libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+                    off as i64,
+                    len as i64,
+                )
+            };
+            assert_eq!(rc, 0, "discard: {}", std::io::Error::last_os_error());
+            let end = fs.mark();
+            ops.push(GuestOp {
+                off,
+                len,
+                generation: 0,
+                start,
+                end,
+            });
+        } else {
+            let buf = Aligned::new(&tagged_range(off, len, generation));
+            disk.write_all_at(buf.bytes(), off).unwrap();
+            let end = fs.mark();
+            ops.push(GuestOp {
+                off,
+                len,
+                generation,
+                start,
+                end,
+            });
+        }
+    }
+    (ops, fsyncs)
 }

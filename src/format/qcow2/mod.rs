@@ -12,6 +12,7 @@ pub mod map;
 mod open;
 pub mod snapshot;
 pub mod tables;
+pub mod vmstate;
 pub mod write;
 
 use self::entry::Geometry;
@@ -247,6 +248,19 @@ impl Qcow2Image {
 }
 
 impl Qcow2Layer {
+    /// A read-only layer over a snapshot the writer took while mounted (not in the table
+    /// read at open, so `snapshot` holds no index).
+    pub fn made_snapshot(image: &Arc<Qcow2Image>, made: &write::MadeSnapshot) -> Arc<dyn Layer> {
+        Arc::new(Qcow2Layer {
+            image: image.clone(),
+            l1: made.l1.clone(),
+            l1_offset: made.l1_offset,
+            size: made.size,
+            snapshot: None,
+            writer: None,
+        })
+    }
+
     /// The L1 table this layer maps through now (the writer's, for the live layer).
     pub fn current_l1(&self) -> Arc<[u64]> {
         match &self.writer {
@@ -310,6 +324,13 @@ impl Layer for Qcow2Layer {
     }
     fn open_snapshot(&self, index: usize) -> Result<Arc<dyn Layer>> {
         self.image.open_snapshot(index)
+    }
+    fn vm_state(&self) -> Option<Result<Arc<dyn Layer>>> {
+        let index = self.snapshot?;
+        let sn = self.image.snapshots.get(index)?;
+        let field = format!("snapshot {index} ({:?}) vm_state_size", sn.name);
+        let layer = vmstate::VmStateLayer::new(&self.image, sn, self.l1.clone(), &field)?;
+        Some(layer.map(|l| Arc::new(l) as Arc<dyn Layer>))
     }
     fn files(&self) -> Vec<Arc<HostFile>> {
         let mut v = vec![self.image.file.clone()];

@@ -31,6 +31,95 @@ pub struct Snapshot {
     pub icount: Option<u64>,
     /// The raw extra data (unknown trailing fields must survive a rewrite).
     pub extra: Vec<u8>,
+    /// The raw id and name bytes as stored (a rewrite keeps them byte for byte).
+    pub raw_id: Vec<u8>,
+    pub raw_name: Vec<u8>,
+    /// The 32-bit VM state size field as stored.
+    pub raw_vm_state_size: u32,
+}
+
+impl Snapshot {
+    /// A new entry as `qemu-img snapshot -c` writes it: no VM state, 24 bytes of extra data
+    /// (64-bit VM state size 0, the disk size, icount -1).
+    pub fn new_entry(
+        id: &str,
+        name: &str,
+        l1_table_offset: u64,
+        l1_size: u32,
+        disk_size: u64,
+        date: std::time::Duration,
+    ) -> Snapshot {
+        let mut extra = 0u64.to_be_bytes().to_vec();
+        extra.extend(disk_size.to_be_bytes());
+        extra.extend(u64::MAX.to_be_bytes());
+        Snapshot {
+            entry_offset: 0,
+            l1_table_offset,
+            l1_size,
+            id: id.to_string(),
+            name: name.to_string(),
+            date_sec: u32::try_from(date.as_secs()).unwrap_or(u32::MAX),
+            date_nsec: date.subsec_nanos(),
+            vm_clock_nsec: 0,
+            vm_state_size: 0,
+            disk_size: Some(disk_size),
+            icount: None,
+            extra,
+            raw_id: id.as_bytes().to_vec(),
+            raw_name: name.as_bytes().to_vec(),
+            raw_vm_state_size: 0,
+        }
+    }
+
+    /// The same entry under another name.
+    pub fn renamed(&self, name: &str) -> Snapshot {
+        Snapshot {
+            name: name.to_string(),
+            raw_name: name.as_bytes().to_vec(),
+            ..self.clone()
+        }
+    }
+
+    /// The entry's bytes in the table, padded to 8 bytes (QEMU `qcow2_write_snapshots`).
+    pub fn encode(&self) -> Vec<u8> {
+        let mut v = Vec::with_capacity(FIXED_LEN + self.extra.len() + 64);
+        v.extend(self.l1_table_offset.to_be_bytes());
+        v.extend(self.l1_size.to_be_bytes());
+        v.extend((self.raw_id.len() as u16).to_be_bytes());
+        v.extend((self.raw_name.len() as u16).to_be_bytes());
+        v.extend(self.date_sec.to_be_bytes());
+        v.extend(self.date_nsec.to_be_bytes());
+        v.extend(self.vm_clock_nsec.to_be_bytes());
+        v.extend(self.raw_vm_state_size.to_be_bytes());
+        v.extend((self.extra.len() as u32).to_be_bytes());
+        v.extend(&self.extra);
+        v.extend(&self.raw_id);
+        v.extend(&self.raw_name);
+        v.resize(v.len().next_multiple_of(8), 0);
+        v
+    }
+}
+
+/// The whole table: entries back to back, each 8-byte aligned.
+pub fn encode_table(entries: &[Snapshot]) -> Vec<u8> {
+    entries.iter().flat_map(Snapshot::encode).collect()
+}
+
+/// Bytes the parsed table occupies in the file (from its first entry to the end of the last).
+pub fn table_len(entries: &[Snapshot], table_off: u64) -> u64 {
+    entries.last().map_or(0, |s| {
+        (s.entry_offset - table_off) + s.encode().len() as u64
+    })
+}
+
+/// The id QEMU gives a new snapshot: one more than the largest numeric id.
+pub fn next_id(entries: &[Snapshot]) -> String {
+    let max = entries
+        .iter()
+        .filter_map(|s| s.id.parse::<u64>().ok())
+        .max()
+        .unwrap_or(0);
+    (max + 1).to_string()
 }
 
 /// Parses `count` entries from `buf`, the file's bytes from `table_off` (at most
@@ -94,6 +183,9 @@ pub fn parse_table(
             disk_size: None,
             icount: None,
             extra: Vec::new(),
+            raw_id: Vec::new(),
+            raw_name: Vec::new(),
+            raw_vm_state_size: be32(h, 32),
         };
         pos += FIXED_LEN;
         let extra = take(pos, extra_len as usize, "extra data")?;
@@ -118,9 +210,11 @@ pub fn parse_table(
         sn.extra = extra.to_vec();
         pos += extra.len();
         // Ids and names are not NUL-terminated; a NUL inside ends them as in QEMU's C strings.
-        sn.id = c_string(take(pos, id_len, "id")?);
+        sn.raw_id = take(pos, id_len, "id")?.to_vec();
+        sn.id = c_string(&sn.raw_id);
         pos += id_len;
-        sn.name = c_string(take(pos, name_len, "name")?);
+        sn.raw_name = take(pos, name_len, "name")?.to_vec();
+        sn.name = c_string(&sn.raw_name);
         pos += name_len;
         out.push(sn);
     }
@@ -182,6 +276,33 @@ mod tests {
             s[1].entry_offset,
             0x10000 + (40 + 24 + 1 + 14usize).next_multiple_of(8) as u64
         );
+    }
+
+    #[test]
+    fn entries_encode_back_to_what_was_parsed() {
+        let mut t = entry(0x50000, 8, "1", "before upgrade", &extra(0, 64 << 20));
+        t.extend(entry(0x60000, 2, "12", "s\0x", &[]));
+        let p = Path::new("s.qcow2");
+        let s = parse_table(&t, 0x10000, 2, true, p).unwrap();
+        assert_eq!(encode_table(&s), t);
+        assert_eq!(table_len(&s, 0x10000), t.len() as u64);
+        assert_eq!(s[1].name, "s");
+        assert_eq!(next_id(&s), "13");
+        let n = Snapshot::new_entry(
+            "13",
+            "new",
+            0x70000,
+            8,
+            1 << 30,
+            std::time::Duration::new(5, 6),
+        );
+        let mut all = s.clone();
+        all.push(n.renamed("other"));
+        let back = parse_table(&encode_table(&all), 0, 3, true, p).unwrap();
+        assert_eq!(back[2].name, "other");
+        assert_eq!((back[2].date_sec, back[2].date_nsec), (5, 6));
+        assert_eq!((back[2].disk_size, back[2].icount), (Some(1 << 30), None));
+        assert_eq!((back[2].l1_table_offset, back[2].l1_size), (0x70000, 8));
     }
 
     #[test]

@@ -18,6 +18,9 @@ mod inflight;
 #[allow(dead_code)] // wired in by the next step
 pub mod meta;
 mod refcount;
+mod snapshot_ops;
+
+pub use snapshot_ops::MadeSnapshot;
 
 use super::Qcow2Image;
 use super::header::{AUTOCLEAR_DATA_FILE_RAW, Compression};
@@ -47,6 +50,11 @@ pub struct Qcow2Writer {
     /// Guest clusters whose entry a writer is changing (copy-on-write data I/O runs unlocked).
     inflight: InFlight,
     failed: AtomicBool,
+    /// Held shared by every write and discard for its whole request, exclusively by snapshot
+    /// changes: a request is then wholly before or wholly after a snapshot.
+    gate: RwLock<()>,
+    /// The snapshot table as it is in the file now (snapshot_ops.rs changes it).
+    snaps: parking_lot::Mutex<snapshot_ops::SnapTable>,
 }
 
 impl fmt::Debug for Qcow2Writer {
@@ -90,7 +98,8 @@ impl Qcow2Writer {
         let mut table =
             |off: u64, bytes: u64| rc.metadata.extend((off / cs)..(off + bytes).div_ceil(cs));
         table(h.l1_table_offset, u64::from(h.l1_size) * 8);
-        table(h.snapshots_offset, u64::from(h.nb_snapshots) * 40);
+        let snap_table_len = super::snapshot::table_len(&img.snapshots, h.snapshots_offset);
+        table(h.snapshots_offset, snap_table_len);
         for s in &img.snapshots {
             table(s.l1_table_offset, u64::from(s.l1_size) * 8);
         }
@@ -115,6 +124,12 @@ impl Qcow2Writer {
             meta: RwLock::new(rc),
             inflight: InFlight::default(),
             failed: AtomicBool::new(false),
+            gate: RwLock::new(()),
+            snaps: parking_lot::Mutex::new(snapshot_ops::SnapTable {
+                entries: img.snapshots.clone(),
+                offset: h.snapshots_offset,
+                len: snap_table_len,
+            }),
         };
         w.clear_unknown_autoclear()?;
         Ok(Some(w))
@@ -281,8 +296,9 @@ impl Qcow2Writer {
         Error::new(
             Kind::Failed,
             format!(
-                "{}: an earlier write failed; refusing further writes",
-                self.img.path.display()
+                "{}: an earlier write failed; {}",
+                self.img.path.display(),
+                crate::error::LATCHED_HINT
             ),
         )
     }
@@ -301,8 +317,9 @@ impl Qcow2Writer {
             && !matches!(e.kind(), Kind::InvalidInput | Kind::ReadOnly)
         {
             log::error!(
-                "{}: write failed, the image now refuses writes: {e}",
-                self.img.path.display()
+                "{}: write failed, the image now refuses writes: {e}; {}",
+                self.img.path.display(),
+                crate::error::LATCHED_HINT
             );
             self.failed.store(true, Ordering::Release);
         }
@@ -346,12 +363,14 @@ fn snapshot_l2_tables(img: &Qcow2Image) -> Result<HashSet<u64>> {
 impl LayerWriter for Qcow2Writer {
     fn write(&self, off: u64, data: &[u8], below: BelowReader<'_>) -> Result<()> {
         self.check_writable()?;
+        let _gate = self.gate.read();
         let r = self.write_range(off, data, below);
         self.latch(r)
     }
 
     fn discard(&self, off: u64, len: u64, below: BelowReader<'_>) -> Result<()> {
         self.check_writable()?;
+        let _gate = self.gate.read();
         let r = self.discard_range(off, len, below);
         self.latch(r)
     }

@@ -4,7 +4,7 @@
 //! cluster, so the image on disk never references a cluster whose refcount is 0.
 
 use super::super::MAX_REFTABLE_BYTES;
-use super::entry::{get_refcount, set_refcount};
+use super::entry::{get_refcount, max_refcount, set_refcount};
 use crate::error::{Error, Kind, Result};
 use crate::storage::HostFile;
 use std::collections::{HashMap, HashSet};
@@ -136,6 +136,28 @@ impl Refcounts {
             .ok_or_else(|| Error::invalid("internal: refcount block not loaded"))?;
         let r = set_refcount(b, order, i, v);
         file.write_all_at(&b[r.clone()], off + r.start as u64)
+    }
+
+    /// Adds one reference to host cluster `c`, which must be in use already (an internal
+    /// snapshot taking a second reference to what the active tables hold).
+    pub fn increment(&mut self, file: &HostFile, c: u64) -> Result<()> {
+        let v = self.get(file, c)?;
+        if v == 0 || v >= max_refcount(self.order) {
+            return Err(Error::corrupt(
+                file.path(),
+                "refcount",
+                c << self.cluster_bits,
+                if v == 0 {
+                    "a referenced cluster has refcount 0".to_string()
+                } else {
+                    format!(
+                        "refcount {v} cannot grow (refcount_bits {})",
+                        1u32 << self.order
+                    )
+                },
+            ));
+        }
+        self.set(file, c, v + 1)
     }
 
     /// Drops one reference to host cluster `c`; call only after the last on-disk reference

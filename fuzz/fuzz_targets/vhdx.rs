@@ -1,0 +1,15 @@
+//! Opens the input as a vhdx image (with the parents and sidecars it carries) and reads it.
+#![no_main]
+
+#[path = "../../tests/fuzz_support/mod.rs"]
+mod harness;
+
+use libfuzzer_sys::fuzz_target;
+use std::sync::OnceLock;
+
+static SCRATCH: OnceLock<harness::Scratch> = OnceLock::new();
+
+fuzz_target!(|data: &[u8]| {
+    let scratch = SCRATCH.get_or_init(|| harness::Scratch::new("vhdx"));
+    harness::run(&harness::VHDX, scratch, data);
+});
