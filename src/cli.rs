@@ -56,6 +56,9 @@ AWS_SESSION_TOKEN or the shared credentials file, never from the command line):
                           /var/cache/vmfs-mount as root), shared by every mount on the host
   cache_max=SIZE          chunk cache limit, least recently used evicted (--cache-max;
                           default 4G; 0: no persistent cache)
+  cache_direct            write chunk cache entries with O_DIRECT: faster cold streaming
+                          where page-cache writes are the bottleneck; later reads of them
+                          come from the disk, not the page cache
   aws_profile=NAME        profile in the shared credentials/config files (AWS_PROFILE)
   aws_shared_credentials_file=FILE   (AWS_SHARED_CREDENTIALS_FILE; default ~/.aws/credentials)
   aws_region=REGION       (AWS_REGION; default us-east-1)

@@ -48,7 +48,10 @@ fn init_logging(verbose: u8) {
 }
 
 fn run(s: &Settings) -> i32 {
-    if let Err(e) = vmfs_mount::storage::registry::configure(&s.remote) {
+    // The daemon works from `/`: a relative cache directory must be resolved here.
+    let mut remote = s.remote.clone();
+    remote.cache_dir = remote.cache_dir.as_deref().map(absolute);
+    if let Err(e) = vmfs_mount::storage::registry::configure(&remote) {
         return fail(&e.to_string());
     }
     let mut req = MountRequest {

@@ -29,6 +29,10 @@ pub fn apply(o: &mut RemoteOptions, key: &str, value: Option<&str>) -> Result<bo
         "aws_region" => o.s3_region = Some(need()?),
         "aws_endpoint_url" => o.s3_endpoint = Some(need()?),
         "aws_shared_credentials_file" => o.s3_credentials_file = Some(PathBuf::from(need()?)),
+        "cache_direct" => {
+            flag()?;
+            o.cache_direct = Some(true);
+        }
         "s3_path_style" => {
             flag()?;
             o.s3_path_style = Some(true);

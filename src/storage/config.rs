@@ -19,6 +19,8 @@ pub const DEFAULT_CACHE_MAX: u64 = 4 << 30;
 pub struct RemoteOptions {
     pub cache_dir: Option<PathBuf>,
     pub cache_max: Option<u64>,
+    /// Write cache entries with O_DIRECT.
+    pub cache_direct: Option<bool>,
     /// Per connect/read stall, before a retry.
     pub timeout: Option<Duration>,
     /// Retries of a failed request (timeouts, 5xx, throttling) before EIO.
@@ -53,6 +55,7 @@ pub struct RemoteConfig {
     /// `None`: no persistent cache (`--cache-max 0`).
     pub cache_dir: Option<PathBuf>,
     pub cache_max: u64,
+    pub cache_direct: bool,
     pub timeout: Duration,
     pub retries: u32,
     pub s3: S3Config,
@@ -99,6 +102,7 @@ impl RemoteConfig {
         Ok(RemoteConfig {
             cache_dir,
             cache_max,
+            cache_direct: opts.cache_direct.unwrap_or(false),
             timeout: opts.timeout.unwrap_or(Duration::from_secs(20)),
             retries: opts.retries.unwrap_or(5),
             s3: S3Config::resolve(opts, env)?,

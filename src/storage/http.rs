@@ -58,6 +58,22 @@ impl Failure {
     }
 }
 
+/// A buffer a GET reads a piece of the body into.
+pub trait PieceBuf {
+    fn zeroed(len: usize) -> Self;
+    fn bytes_mut(&mut self) -> &mut [u8];
+}
+
+impl PieceBuf for Vec<u8> {
+    fn zeroed(len: usize) -> Self {
+        vec![0; len]
+    }
+
+    fn bytes_mut(&mut self) -> &mut [u8] {
+        self
+    }
+}
+
 pub struct Client {
     agent: Agent,
     retries: u32,
@@ -168,67 +184,113 @@ impl Client {
         off: u64,
         buf: &mut [u8],
     ) -> Result<(), Failure> {
-        let len = buf.len() as u64;
-        if len == 0 {
+        let end = off.saturating_add(buf.len() as u64);
+        self.get_range_pieces(url, pinned, off, end, MAX_GET, &mut |at, piece: Vec<u8>| {
+            let from = (at - off) as usize;
+            buf[from..from + piece.len()].copy_from_slice(&piece);
+        })
+    }
+
+    /// Streams bytes [off, end) of the pinned object to `on_piece` as they arrive, in order,
+    /// in pieces that end at multiples of `piece` (or at `end`), so readers can use the
+    /// start of a large GET before its end has arrived. A reply that breaks off is retried
+    /// from where it broke, so every byte is delivered exactly once.
+    pub fn get_range_pieces<P: PieceBuf>(
+        &self,
+        url: &dyn Fn() -> String,
+        pinned: &Pinned,
+        off: u64,
+        end: u64,
+        piece: u64,
+        on_piece: &mut dyn FnMut(u64, P),
+    ) -> Result<(), Failure> {
+        if end <= off {
             return Ok(());
         }
-        let end = off
-            .checked_add(len)
-            .filter(|&e| e <= pinned.size && len <= MAX_GET)
-            .ok_or_else(|| Failure::Fatal(format!("bad range {off}+{len}")))?;
+        if end > pinned.size || end - off > MAX_GET || piece == 0 {
+            return Err(Failure::Fatal(format!("bad range {off}-{end}")));
+        }
+        let mut pos = off;
         self.with_retries(|| {
             let started = Instant::now();
-            let mut req = self
-                .agent
-                .get(url())
-                .header("Range", format!("bytes={off}-{}", end - 1));
-            // If-Match needs a strong ETag; weak ones are still compared below.
-            if let Some(e) = pinned.etag.as_deref().filter(|e| !e.starts_with("W/")) {
-                req = req.header("If-Match", e);
-            } else if let Some(m) = &pinned.last_modified {
-                req = req.header("If-Unmodified-Since", m);
+            let resp = self.ranged_get(url, pinned, pos, end)?;
+            let mut body = resp.into_body();
+            let mut reader = body.with_config().limit(end - pos + 1).reader();
+            while pos < end {
+                let stop = ((pos / piece).saturating_add(1).saturating_mul(piece)).min(end);
+                let mut data = P::zeroed((stop - pos) as usize);
+                read_exact_body(&mut reader, data.bytes_mut())?;
+                on_piece(pos, data);
+                pos = stop;
             }
-            let resp = req.call().map_err(transport)?;
-            let status = resp.status();
-            match status.as_u16() {
-                206 => {}
-                412 => {
-                    return Err(Failure::Changed(format!(
-                        "the object changed since it was opened (the server refused {}: \
-                         412 Precondition Failed)",
-                        pinned.validator()
-                    )));
-                }
-                416 => {
-                    return Err(Failure::Changed(
-                        "the object shrank since it was opened (416 Range Not Satisfiable)".into(),
-                    ));
-                }
-                200 => {
-                    return Err(Failure::Changed(
-                        "the server sent the whole object instead of the asked range".into(),
-                    ));
-                }
-                _ => return Err(status_failure(status, resp)),
-            }
-            check_same_object(resp.headers(), pinned)?;
-            let (start, last, total) = content_range(resp.headers())?;
-            if total != pinned.size {
-                return Err(Failure::Changed(format!(
-                    "the object is now {total} bytes, it was {} when opened",
-                    pinned.size
-                )));
-            }
-            if start != off || last != end - 1 {
-                return Err(Failure::Fatal(format!(
-                    "asked for bytes {off}-{}, the server sent {start}-{last}",
-                    end - 1
-                )));
-            }
-            read_body(resp, buf)?;
-            log::trace!("GET {len} bytes at {off:#x} in {:?}", started.elapsed());
+            expect_body_end(&mut reader)?;
+            log::trace!("GET to {end:#x} done in {:?}", started.elapsed());
             Ok(())
         })
+    }
+
+    /// Sends a ranged GET for [off, end) and checks that the reply is that range of the
+    /// pinned object; gives the response, whose body is still to be read.
+    fn ranged_get(
+        &self,
+        url: &dyn Fn() -> String,
+        pinned: &Pinned,
+        off: u64,
+        end: u64,
+    ) -> Result<Response<ureq::Body>, Failure> {
+        let mut req = self
+            .agent
+            .get(url())
+            .header("Range", format!("bytes={off}-{}", end - 1));
+        // If-Match needs a strong ETag; weak ones are still compared below.
+        if let Some(e) = pinned.etag.as_deref().filter(|e| !e.starts_with("W/")) {
+            req = req.header("If-Match", e);
+        } else if let Some(m) = &pinned.last_modified {
+            req = req.header("If-Unmodified-Since", m);
+        }
+        let resp = req.call().map_err(transport)?;
+        let status = resp.status();
+        match status.as_u16() {
+            206 => {}
+            412 => {
+                return Err(Failure::Changed(format!(
+                    "the object changed since it was opened (the server refused {}: \
+                     412 Precondition Failed)",
+                    pinned.validator()
+                )));
+            }
+            416 => {
+                return Err(Failure::Changed(
+                    "the object shrank since it was opened (416 Range Not Satisfiable)".into(),
+                ));
+            }
+            200 => {
+                return Err(Failure::Changed(
+                    "the server sent the whole object instead of the asked range".into(),
+                ));
+            }
+            _ => return Err(status_failure(status, resp)),
+        }
+        check_same_object(resp.headers(), pinned)?;
+        let (start, last, total) = content_range(resp.headers())?;
+        if total != pinned.size {
+            return Err(Failure::Changed(format!(
+                "the object is now {total} bytes, it was {} when opened",
+                pinned.size
+            )));
+        }
+        if start != off || last != end - 1 {
+            return Err(Failure::Fatal(format!(
+                "asked for bytes {off}-{}, the server sent {start}-{last}",
+                end - 1
+            )));
+        }
+        if let Some(enc) = header(resp.headers(), "content-encoding").filter(|e| e != "identity") {
+            return Err(Failure::Fatal(format!(
+                "the server sent a {enc}-encoded body for a byte range"
+            )));
+        }
+        Ok(resp)
     }
 
     /// A small GET of a whole document (S3 listings), bounded by `limit` bytes.
@@ -276,21 +338,15 @@ fn check_same_object(headers: &HeaderMap, pinned: &Pinned) -> Result<(), Failure
     Ok(())
 }
 
-fn read_body(resp: Response<ureq::Body>, buf: &mut [u8]) -> Result<(), Failure> {
-    if let Some(enc) = header(resp.headers(), "content-encoding").filter(|e| e != "identity") {
-        return Err(Failure::Fatal(format!(
-            "the server sent a {enc}-encoded body for a byte range"
-        )));
-    }
-    let mut body = resp.into_body();
-    let mut reader = body.with_config().limit(buf.len() as u64 + 1).reader();
+/// Fills `buf` from the body; a reply that ends early is worth retrying.
+fn read_exact_body(reader: &mut impl Read, buf: &mut [u8]) -> Result<(), Failure> {
     let mut done = 0;
     while done < buf.len() {
         match reader.read(&mut buf[done..]) {
             Ok(0) => {
                 return Err(Failure::Transient(format!(
-                    "the reply ended after {done} of {} bytes",
-                    buf.len()
+                    "the reply ended {} bytes short",
+                    buf.len() - done
                 )));
             }
             Ok(n) => done += n,
@@ -303,14 +359,16 @@ fn read_body(resp: Response<ureq::Body>, buf: &mut [u8]) -> Result<(), Failure> 
             }
         }
     }
+    Ok(())
+}
+
+/// The body must end here (which also hands the connection back for reuse).
+fn expect_body_end(reader: &mut impl Read) -> Result<(), Failure> {
     let mut extra = [0u8; 1];
     match reader.read(&mut extra) {
         Ok(0) => Ok(()),
-        Ok(_) => Err(Failure::Fatal(
-            "the reply is longer than the asked range".into(),
-        )),
-        // The limit tripped: also too long.
-        Err(_) => Err(Failure::Fatal(
+        // Err: the limit (one byte past the range) tripped, also too long.
+        Ok(_) | Err(_) => Err(Failure::Fatal(
             "the reply is longer than the asked range".into(),
         )),
     }
@@ -600,6 +658,41 @@ mod tests {
             matches!(&r, Err(Failure::Fatal(m)) if m.contains("does not support range requests")),
             "{r:?}"
         );
+    }
+
+    #[test]
+    fn a_broken_reply_is_resumed_where_it_broke_and_pieces_end_on_boundaries() {
+        // Promises ten bytes, sends five, hangs up.
+        let broken = b"HTTP/1.1 206 Partial Content\r\nConnection: close\r\nContent-Length: 10\r\n\
+                       ETag: \"abc\"\r\nContent-Range: bytes 0-9/10\r\n\r\n01234"
+            .to_vec();
+        let (url, rx) = canned(vec![
+            broken,
+            reply(
+                "206 Partial Content",
+                &["ETag: \"abc\"", "Content-Range: bytes 4-9/10"],
+                b"456789",
+            ),
+        ]);
+        let c = Client::new(Duration::from_secs(5), 2);
+        let mut got = Vec::new();
+        c.get_range_pieces(&|| url.clone(), &pinned_abc(), 0, 10, 4, &mut |at,
+                                                                           p: Vec<
+            u8,
+        >| {
+            got.push((at, p))
+        })
+        .unwrap();
+        assert_eq!(
+            got,
+            vec![
+                (0, b"0123".to_vec()),
+                (4, b"4567".to_vec()),
+                (8, b"89".to_vec())
+            ]
+        );
+        assert!(next(&rx).contains("range: bytes=0-9"));
+        assert!(next(&rx).contains("range: bytes=4-9"));
     }
 
     #[test]

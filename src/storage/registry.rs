@@ -46,6 +46,7 @@ impl State {
     fn new(config: RemoteConfig) -> State {
         let cache = config.cache_dir.as_ref().and_then(|dir| {
             DiskCache::open(dir, config.cache_max)
+                .inspect(|c| c.write_direct(config.cache_direct))
                 .map_err(|e| {
                     log::warn!(
                         "chunk cache {}: {e}; remote layers are read without a persistent cache",

@@ -9,7 +9,7 @@
 //! their own. The object's size and validator are pinned when it is opened: a reply for any
 //! other version fails the reads that needed it with EIO and a log line naming the URL.
 
-use super::chunk_cache::{BLOCK, CHUNK, ObjectCache, Piece};
+use super::chunk_cache::{BLOCK, CHUNK, EntryImage, ObjectCache, Piece};
 use super::http::{Client, Failure, MAX_GET, Pinned};
 use super::url::RemoteUrl;
 use super::{Backend, FileKey};
@@ -35,6 +35,9 @@ const STREAMS: usize = 8;
 /// How far out of order a read may come and still continue a sequential stream (a 1 MiB
 /// read arrives as up to eight 128 KiB requests, several reads in flight).
 const SEQ_SLACK: u64 = 4 << 20;
+/// Bytes of completed fetches kept in memory per object (a little more than read-ahead's
+/// window, so its reader finds them there).
+const RECENT_BYTES: u64 = MAX_READAHEAD_CHUNKS * CHUNK + 2 * PREFETCH_GET;
 /// Cached bytes between two misses that are fetched again rather than split the GET.
 const MERGE_GAP: u64 = 64 << 10;
 
@@ -54,26 +57,66 @@ pub struct RemoteStats {
     pub cached_bytes: Option<u64>,
 }
 
-/// A claimed range being fetched; its result is kept for the readers waiting on it.
+/// A claimed range being fetched. Its bytes are published piece by piece (a chunk at a time)
+/// as they arrive, so readers waiting on the start of a large GET need not wait for its end.
 struct Fetch {
     start: u64,
     end: u64,
-    result: Mutex<Option<Result<Arc<Vec<u8>>, String>>>,
+    state: Mutex<FetchState>,
     ready: Condvar,
 }
 
+/// Bytes of the object from an offset.
+type Arrived = (u64, Arc<EntryImage>);
+
+struct FetchState {
+    /// The pieces that arrived, in order from `start`.
+    pieces: Vec<Arrived>,
+    /// Bytes up to here have arrived.
+    filled: u64,
+    /// Set when the GET ended: why it failed, if it did.
+    done: Option<Result<(), String>>,
+}
+
 impl Fetch {
-    fn wait(&self) -> Result<Arc<Vec<u8>>, String> {
-        let mut r = self.result.lock();
-        while r.is_none() {
-            self.ready.wait(&mut r);
+    /// Waits until the bytes [a, b) of this fetch arrived and gives the pieces holding them.
+    fn wait_for(&self, a: u64, b: u64) -> Result<Vec<Arrived>, String> {
+        let mut st = self.state.lock();
+        loop {
+            if st.filled >= b {
+                return Ok(st
+                    .pieces
+                    .iter()
+                    .filter(|(at, p)| *at < b && at + p.data().len() as u64 > a)
+                    .cloned()
+                    .collect());
+            }
+            match &st.done {
+                Some(Err(e)) => return Err(e.clone()),
+                Some(Ok(())) => return Err("the fetch ended before the bytes arrived".into()),
+                None => self.ready.wait(&mut st),
+            }
         }
-        r.clone().unwrap_or_else(|| Err("fetch vanished".into()))
+    }
+
+    /// Copies what this fetch holds of [off, off + buf.len()) into `buf`, waiting for it.
+    fn copy_into(&self, buf: &mut [u8], off: u64) -> Result<(), String> {
+        let a = off.max(self.start);
+        let b = (off + buf.len() as u64).min(self.end);
+        if a >= b {
+            return Ok(());
+        }
+        for (at, piece) in self.wait_for(a, b)? {
+            copy_overlap(buf, off, piece.data(), at);
+        }
+        Ok(())
     }
 }
 
 #[derive(Clone, Copy, Default)]
 struct Stream {
+    /// Where the stream started.
+    first: u64,
     /// Where the next sequential read would start.
     next: u64,
     /// Sequential reads in a row.
@@ -92,6 +135,10 @@ struct Inner {
     pinned: Pinned,
     cache: Option<ObjectCache>,
     inflight: Mutex<Vec<Arc<Fetch>>>,
+    /// The last fetches that completed, kept in memory (bounded by `RECENT_BYTES`): read-ahead
+    /// runs ahead of its reader, and reading its bytes back from the cache would cost more
+    /// than fetching them did.
+    recent: Mutex<VecDeque<Arc<Fetch>>>,
     streams: Mutex<(u64, [Stream; STREAMS])>,
     reads: AtomicU64,
     bytes_read: AtomicU64,
@@ -134,6 +181,7 @@ impl RemoteObject {
                 pinned,
                 cache,
                 inflight: Mutex::new(Vec::new()),
+                recent: Mutex::new(VecDeque::new()),
                 streams: Mutex::new((0, [Stream::default(); STREAMS])),
                 reads: AtomicU64::new(0),
                 bytes_read: AtomicU64::new(0),
@@ -225,6 +273,14 @@ fn read_only() -> io::Error {
     )
 }
 
+impl Stream {
+    /// Two reads or more that read most of the span they cover: random reads that happen to
+    /// land near each other (within `SEQ_SLACK`) cover a span far larger than what they read.
+    fn sequential(&self) -> bool {
+        self.run >= 2 && self.bytes.saturating_mul(2) >= self.next.saturating_sub(self.first)
+    }
+}
+
 impl Inner {
     /// Records a read in the stream table; true when it continues a sequential stream.
     fn note_read(&self, off: u64, len: u64) -> bool {
@@ -243,13 +299,14 @@ impl Inner {
             s.run = s.run.saturating_add(1);
             s.bytes = s.bytes.saturating_add(len);
             s.last_use = now;
-            return s.run >= 2;
+            return s.sequential();
         }
         let oldest = streams
             .iter_mut()
             .min_by_key(|s| s.last_use)
             .expect("STREAMS > 0");
         *oldest = Stream {
+            first: off,
             next: end,
             run: 1,
             bytes: len,
@@ -271,10 +328,13 @@ impl Inner {
                     "the chunk cache keeps changing under this read",
                 ));
             }
-            let pieces = match &self.cache {
-                Some(c) => c.lookup(a, b),
-                None => vec![Piece::Missing { start: a, end: b }],
-            };
+            let mut pieces = Vec::new();
+            for (a, b) in self.copy_recent(buf, off, a, b) {
+                match &self.cache {
+                    Some(c) => pieces.extend(c.lookup(a, b)),
+                    None => pieces.push(Piece::Missing { start: a, end: b }),
+                }
+            }
             let mut missing = Vec::new();
             for p in pieces {
                 match p {
@@ -300,6 +360,36 @@ impl Inner {
             }
         }
         Ok(())
+    }
+
+    /// Copies what recent fetches hold of [a, b) into `buf` (which starts at `off`); gives the
+    /// parts of [a, b) they do not hold.
+    fn copy_recent(&self, buf: &mut [u8], off: u64, a: u64, b: u64) -> Vec<(u64, u64)> {
+        let recent = self.recent.lock();
+        let mut held: Vec<(u64, u64)> = Vec::new();
+        for f in recent.iter().filter(|f| f.start < b && f.end > a) {
+            // Recent fetches completed: nothing to wait for.
+            if f.copy_into(buf, off).is_ok() {
+                held.push((f.start.max(a), f.end.min(b)));
+            }
+        }
+        drop(recent);
+        let from_memory: u64 = held.iter().map(|(x, y)| y - x).sum();
+        self.bytes_from_cache
+            .fetch_add(from_memory, Ordering::Relaxed);
+        held.sort_unstable();
+        let mut rest = Vec::new();
+        let mut pos = a;
+        for (x, y) in held {
+            if x > pos {
+                rest.push((pos, x));
+            }
+            pos = pos.max(y);
+        }
+        if pos < b {
+            rest.push((pos, b));
+        }
+        rest
     }
 
     /// Fetches the `missing` ranges of `buf` (which starts at `off`): ranges someone else is
@@ -341,13 +431,10 @@ impl Inner {
             }
         }
         for f in mine.iter().chain(&theirs) {
-            match f.wait() {
-                Ok(data) => copy_overlap(buf, off, &data, f.start),
-                Err(e) => {
-                    if first_err.is_none() {
-                        first_err = Some(e);
-                    }
-                }
+            if let Err(e) = f.copy_into(buf, off)
+                && first_err.is_none()
+            {
+                first_err = Some(e);
             }
         }
         match first_err {
@@ -368,29 +455,50 @@ impl Inner {
         (start, end.min(size))
     }
 
-    /// Fetches a claimed range, publishes it to its waiters, stores it in the cache and
-    /// releases the claim.
+    /// Fetches a claimed range, publishing each chunk's piece to the waiters and storing it
+    /// in the cache as it arrives, and releases the claim.
     fn run_fetch(&self, f: &Arc<Fetch>) -> Result<(), String> {
-        let len = (f.end - f.start) as usize;
-        let mut data = vec![0u8; len];
         self.gets.fetch_add(1, Ordering::Relaxed);
-        let got = self
-            .client
-            .get_range(&*self.request_url, &self.pinned, f.start, &mut data);
-        let result = match got {
-            Ok(()) => {
-                self.bytes_fetched.fetch_add(len as u64, Ordering::Relaxed);
-                Ok(Arc::new(data))
+        let mut arrived = |at: u64, mut data: EntryImage| {
+            let len = data.data().len() as u64;
+            if self.cache.is_some() {
+                data.seal();
             }
-            Err(fail) => Err(self.failed(fail, f.start, len)),
+            let data = Arc::new(data);
+            {
+                let mut st = f.state.lock();
+                st.pieces.push((at, data.clone()));
+                st.filled = at + len;
+            }
+            f.ready.notify_all();
+            self.bytes_fetched.fetch_add(len, Ordering::Relaxed);
+            if let Some(cache) = &self.cache {
+                cache.store_image(at, &data);
+            }
         };
-        *f.result.lock() = Some(result.clone());
+        let got = self.client.get_range_pieces(
+            &*self.request_url,
+            &self.pinned,
+            f.start,
+            f.end,
+            CHUNK,
+            &mut arrived,
+        );
+        let result = got.map_err(|fail| self.failed(fail, f.start, (f.end - f.start) as usize));
+        f.state.lock().done = Some(result.clone());
         f.ready.notify_all();
-        if let (Ok(data), Some(cache)) = (&result, &self.cache) {
-            cache.store(f.start, data);
+        if result.is_ok() {
+            let mut recent = self.recent.lock();
+            recent.push_back(f.clone());
+            let mut kept: u64 = recent.iter().map(|f| f.end - f.start).sum();
+            while kept > RECENT_BYTES
+                && let Some(old) = recent.pop_front()
+            {
+                kept -= old.end - old.start;
+            }
         }
         self.inflight.lock().retain(|x| !Arc::ptr_eq(x, f));
-        result.map(|_| ())
+        result
     }
 
     /// Logs a failed GET (once per distinct error a few seconds) and says what the reads
@@ -503,7 +611,11 @@ fn claim(inflight: &mut Vec<Arc<Fetch>>, start: u64, end: u64) -> Arc<Fetch> {
     let f = Arc::new(Fetch {
         start,
         end,
-        result: Mutex::new(None),
+        state: Mutex::new(FetchState {
+            pieces: Vec::new(),
+            filled: start,
+            done: None,
+        }),
         ready: Condvar::new(),
     });
     inflight.push(f.clone());
@@ -616,6 +728,39 @@ mod tests {
         );
         assert!(!continues(8 << 20, 100 << 20, 101 << 20));
         assert!(!continues(100 << 20, 0, 4096));
+    }
+
+    #[test]
+    fn random_reads_near_each_other_are_not_a_stream_but_shuffled_sequential_ones_are() {
+        let mut s = Stream {
+            first: 0,
+            next: 4096,
+            run: 1,
+            bytes: 4096,
+            ..Default::default()
+        };
+        for off in [3 << 20, 6 << 20, 9 << 20] {
+            assert!(continues(s.next, off, off + 4096));
+            s.next = s.next.max(off + 4096);
+            s.run += 1;
+            s.bytes += 4096;
+            assert!(!s.sequential(), "4 KiB reads megabytes apart at {off}");
+        }
+        let mut s = Stream {
+            first: 1 << 20,
+            next: (1 << 20) + (128 << 10),
+            run: 1,
+            bytes: 128 << 10,
+            ..Default::default()
+        };
+        // The other 128 KiB requests of a 1 MiB read, served out of order.
+        for i in [3u64, 2, 7, 4, 1, 6, 5] {
+            let off = (1 << 20) + i * (128 << 10);
+            s.next = s.next.max(off + (128 << 10));
+            s.run += 1;
+            s.bytes += 128 << 10;
+            assert!(s.sequential());
+        }
     }
 
     #[test]
