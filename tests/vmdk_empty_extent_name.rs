@@ -15,6 +15,9 @@ use vmfs_mount::error::Kind;
 
 const MIB: u64 = 1 << 20;
 
+/// Turns the embedded descriptor's text into the one to test.
+type DescriptorEdit = fn(&str) -> String;
+
 fn le64_at(path: &Path, off: u64) -> u64 {
     let mut b = [0u8; 8];
     std::fs::File::open(path)
@@ -112,7 +115,7 @@ fn list(img: &Path, json: bool) -> String {
 #[test]
 fn an_empty_extent_name_in_the_embedded_descriptor_reads_as_qemu_reads_it() {
     let s = Scratch::new("vmdk-empty-name");
-    let cases: [(&str, fn(&str) -> String); 2] = [
+    let cases: [(&str, DescriptorEdit); 2] = [
         ("patched", empty_the_extent_name),
         ("mkimg", |_| mkimg_descriptor(8 * MIB / 512)),
     ];
