@@ -88,7 +88,8 @@ pub struct Args {
     #[arg(required_unless_present_any = ["list", "changes"])]
     pub mountpoint: Option<PathBuf>,
 
-    /// Stay in the foreground and log to stderr
+    /// Stay in the foreground and log to stderr; with $NOTIFY_SOCKET (systemd Type=notify)
+    /// send READY=1 once the mount answers and STOPPING=1 on unmount
     #[arg(short = 'f', long)]
     pub foreground: bool,
 
