@@ -68,6 +68,13 @@ pub fn run(settings: &Settings, mountpoint: PathBuf, opened: Opened) -> i32 {
             }
         };
     }
+    if std::env::var_os("NOTIFY_SOCKET").is_some_and(|v| !v.is_empty()) {
+        // The parent we are would exit and the readiness would come from another process.
+        eprintln!(
+            "vmfs-mount: warning: NOTIFY_SOCKET is set but -f is not: systemd Type=notify \
+             services must run vmfs-mount -f to be told when the mount is ready"
+        );
+    }
     let (read_end, write_end) = match pipe() {
         Ok(p) => p,
         Err(e) => {
@@ -239,6 +246,8 @@ fn serve(
                 return Ok(());
             }
             Ok(Event::Ended(None)) | Err(_) => {
+                // The session is over, so no write is in flight or can start.
+                tree.close_all();
                 stopping("unmounted");
                 vmfs_mount::storage::registry::log_stats();
                 log::info!("{} unmounted", mountpoint.display());

@@ -92,8 +92,77 @@ fn mkimg_descriptor(sectors: u64) -> String {
          createType=\"monolithicSparse\"\n# Extent description\nRW {sectors} SPARSE \"\"\n\
          # The Disk Data Base\n#DDB\nddb.adapterType = \"ide\"\n\
          ddb.geometry.cylinders = \"16\"\nddb.geometry.heads = \"16\"\n\
-         ddb.geometry.sectors = \"63\"\nddb.virtualHWVersion = \"4\"\n"
+         ddb.geometry.sectors = \"63\"\n"
     )
+}
+
+const SECTOR: usize = 512;
+const GTES: usize = 512;
+
+/// A monolithicSparse file laid out as mkimg lays it out: header, descriptor from sector 1,
+/// GD, every GT, redundant GD, a second copy of every GT, zeros up to the first grain
+/// boundary, then the grains that hold data, in disk order.
+fn mkimg_sparse(disk: &[u8], grain_sectors: usize) -> Vec<u8> {
+    let grain = grain_sectors * SECTOR;
+    assert_eq!(disk.len() % grain, 0);
+    let capacity = disk.len() / SECTOR;
+    let ngrains = disk.len() / grain;
+    let ngts = ngrains.div_ceil(GTES);
+    let round = |n: usize| n.div_ceil(SECTOR) * SECTOR;
+    let mut desc = mkimg_descriptor(capacity as u64).into_bytes();
+    desc.resize(round(desc.len()), 0);
+    let gd_size = round(ngts * 4);
+    let gt_sectors = GTES * 4 / SECTOR;
+    let mut sec = 1 + desc.len() / SECTOR;
+    let gd_offset = sec;
+    sec += gd_size / SECTOR;
+    let gd: Vec<usize> = (0..ngts).map(|n| sec + n * gt_sectors).collect();
+    sec += ngts * gt_sectors;
+    let rgd_offset = sec;
+    sec += gd_size / SECTOR;
+    let rgd: Vec<usize> = (0..ngts).map(|n| sec + n * gt_sectors).collect();
+    sec += ngts * gt_sectors;
+    let overhead = sec.div_ceil(grain_sectors) * grain_sectors;
+
+    let mut gt = vec![0u32; ngts * GTES];
+    let mut grains = Vec::new();
+    let mut next = overhead;
+    for (n, g) in disk.chunks(grain).enumerate() {
+        if g.iter().any(|&b| b != 0) {
+            gt[n] = next as u32;
+            next += grain_sectors;
+            grains.extend_from_slice(g);
+        }
+    }
+    let mut h = vec![0u8; SECTOR];
+    let mut put = |off: usize, b: &[u8]| h[off..off + b.len()].copy_from_slice(b);
+    put(0, b"KDMV");
+    put(4, &1u32.to_le_bytes());
+    put(8, &3u32.to_le_bytes()); // newline test, redundant grain tables
+    put(12, &(capacity as u64).to_le_bytes());
+    put(20, &(grain_sectors as u64).to_le_bytes());
+    put(28, &1u64.to_le_bytes());
+    put(36, &((desc.len() / SECTOR) as u64).to_le_bytes());
+    put(44, &(GTES as u32).to_le_bytes());
+    put(48, &(rgd_offset as u64).to_le_bytes());
+    put(56, &(gd_offset as u64).to_le_bytes());
+    put(64, &(overhead as u64).to_le_bytes());
+    put(73, b"\n \r\n");
+    let le = |v: &[usize]| -> Vec<u8> {
+        let mut b: Vec<u8> = v.iter().flat_map(|&x| (x as u32).to_le_bytes()).collect();
+        b.resize(gd_size, 0);
+        b
+    };
+    let gt_bytes: Vec<u8> = gt.iter().flat_map(|x| x.to_le_bytes()).collect();
+    let mut out = h;
+    out.extend_from_slice(&desc);
+    out.extend_from_slice(&le(&gd));
+    out.extend_from_slice(&gt_bytes);
+    out.extend_from_slice(&le(&rgd));
+    out.extend_from_slice(&gt_bytes);
+    out.resize(overhead * SECTOR, 0);
+    out.extend_from_slice(&grains);
+    out
 }
 
 fn list(img: &Path, json: bool) -> String {
@@ -144,6 +213,72 @@ fn an_empty_extent_name_in_the_embedded_descriptor_reads_as_qemu_reads_it() {
         let note = details["extent name"].as_str().unwrap_or_default();
         assert!(note.contains("empty"), "{name}: {details}");
     }
+}
+
+#[test]
+fn files_laid_out_as_mkimg_writes_them_read_as_qemu_reads_them() {
+    let s = Scratch::new("vmdk-mkimg-layout");
+    let mut rng = Rng::new(44);
+    // 2.5 GT's worth of 64 KiB grains (mkimg's smallest) and of 4 KiB ones; data in some.
+    for (i, grain_sectors) in [128usize, 8].into_iter().enumerate() {
+        let grain = grain_sectors * SECTOR;
+        let mut disk = vec![0u8; grain * (GTES * 2 + GTES / 2)];
+        for g in [
+            0,
+            1,
+            7,
+            GTES - 1,
+            GTES,
+            GTES * 2 + 3,
+            GTES * 2 + GTES / 2 - 1,
+        ] {
+            let data = rng.bytes(grain - 100 * i);
+            disk[g * grain..g * grain + data.len()].copy_from_slice(&data);
+        }
+        let dir = s.path(&format!("g{grain_sectors}"));
+        std::fs::create_dir_all(&dir).unwrap();
+        let img = dir.join("freebsd.vmdk");
+        std::fs::write(&img, mkimg_sparse(&disk, grain_sectors)).unwrap();
+        assert_same(
+            "qemu-img convert",
+            &qemu_raw(&img, Some("vmdk"), &[]),
+            &disk,
+        );
+        let (_guard, mnt) = mount(&img, &dir, &[]);
+        assert_same(
+            "disk.raw",
+            &std::fs::read(mnt.join("disk.raw")).unwrap(),
+            &disk,
+        );
+    }
+}
+
+#[test]
+fn an_empty_extent_name_in_a_stream_optimized_file_reads_too() {
+    let s = Scratch::new("vmdk-empty-name-stream");
+    let raw = s.path("disk.raw");
+    let mut data = vec![0u8; 4 * MIB as usize];
+    data[..300_000].copy_from_slice(&Rng::new(45).bytes(300_000));
+    std::fs::write(&raw, &data).unwrap();
+    let img = s.path("stream.vmdk");
+    qemu_img(&[
+        "convert",
+        "-q",
+        "-O",
+        "vmdk",
+        "-o",
+        "subformat=streamOptimized",
+        raw.to_str().unwrap(),
+        img.to_str().unwrap(),
+    ]);
+    rewrite_descriptor(&img, empty_the_extent_name);
+    assert_same(
+        "qemu-img convert",
+        &qemu_raw(&img, Some("vmdk"), &[]),
+        &data,
+    );
+    assert_same("library", &read_all(&open_view(&img).unwrap()), &data);
+    assert!(list(&img, false).contains("empty in the embedded descriptor"));
 }
 
 #[test]
