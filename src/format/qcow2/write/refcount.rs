@@ -366,7 +366,8 @@ impl Refcounts {
                 });
             }
         }
-        let table_bytes = || -> Vec<u8> { self.table.iter().flat_map(|e| e.to_be_bytes()).collect() };
+        let table_bytes =
+            || -> Vec<u8> { self.table.iter().flat_map(|e| e.to_be_bytes()).collect() };
         if let Some((off, clusters)) = self.dirty.header_reftable.take() {
             plan.refcounts.push(Write {
                 off,
