@@ -89,6 +89,9 @@ pub struct Args {
     pub mountpoint: Option<PathBuf>,
 
     /// Stay in the foreground and log to stderr
+    ///
+    /// With $NOTIFY_SOCKET (systemd Type=notify), send READY=1 once the mount answers and
+    /// STOPPING=1 on unmount.
     #[arg(short = 'f', long)]
     pub foreground: bool,
 
