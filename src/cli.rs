@@ -34,7 +34,8 @@ Mount options (-o, comma-separated, repeatable):
   clones=DIR              add clones/: writable clones of the image (mounted read-only), one
                           qcow2 overlay DIR/NAME.qcow2 each (mkdir clones/NAME makes one)
   vmdk                    add disk.vmdk beside every disk.raw: a VMDK descriptor whose one
-                          FLAT extent is disk.raw (VirtualBox, VMware)
+                          FLAT extent is disk.raw (VirtualBox, VMware); writable with its
+                          disk.raw, rewrites (a new CID) kept in memory until unmount
   vhd                     add disk.vhd beside every disk.raw: disk.raw's bytes plus a fixed-VHD
                           footer (Hyper-V, Azure tools); writes go to disk.raw, footer read-only
   force_share             with ro: share the image with a QEMU that is writing it (qemu-img -U)
@@ -89,6 +90,9 @@ pub struct Args {
     pub mountpoint: Option<PathBuf>,
 
     /// Stay in the foreground and log to stderr
+    ///
+    /// With $NOTIFY_SOCKET (systemd Type=notify), send READY=1 once the mount answers and
+    /// STOPPING=1 on unmount.
     #[arg(short = 'f', long)]
     pub foreground: bool,
 

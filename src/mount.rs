@@ -231,7 +231,7 @@ pub fn expose(
     };
     let live = make(live, true);
     let live_snapshots = if live.writable {
-        SnapshotSet::new(&layers, clusters).map(Arc::new)
+        SnapshotSet::new(&layers, &live.view, clusters).map(Arc::new)
     } else {
         None
     };

@@ -5,7 +5,7 @@
 //! `SnapshotSet`'s; this handler only keeps the tree in step.
 
 use super::SharedTree;
-use super::changesdir::{CHANGES_DIR_NAME, RAW_SUFFIX};
+use super::changesdir::{self, CHANGES_DIR_NAME, RAW_SUFFIX};
 use super::handler::DirHandler;
 use super::tree::{Ino, ROOT, SNAPSHOTS_DIR_NAME, Tree};
 use super::viewdir::ViewDir;
@@ -74,8 +74,16 @@ impl SnapshotsDir {
         let disk = Arc::new(DiskFile::new(s.view.clone(), false, s.mtime));
         let label = format!("{SNAPSHOTS_DIR_NAME}/{}/{DISK_FILE_NAME}", s.name);
         let files = ViewDir::new(ViewFiles::new(disk, label, &self.options, Vec::new()));
-        let ino = tree.add_dir(dir, &s.name, Some(files.clone()), SystemTime::now())?;
-        files.populate(tree, ino, SystemTime::now());
+        let now = SystemTime::now();
+        let ino = tree.add_dir(dir, &s.name, Some(files.clone()), now)?;
+        files.populate(tree, ino, now);
+        // Only a name clash (with a bitmap's file) can refuse it: the snapshot stands.
+        if let Err(e) = changesdir::add(tree, &s.name, s.changes.clone(), now) {
+            log::warn!(
+                "{CHANGES_DIR_NAME}/{}{RAW_SUFFIX} is not shown: {e}",
+                s.name
+            );
+        }
         Ok(ino)
     }
 }
