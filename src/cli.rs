@@ -18,10 +18,14 @@ appears as a raw disk file:
   MOUNTPOINT/disk.raw                    the live disk (whole chain)
   MOUNTPOINT/snapshots/<name>/disk.raw   one per backing layer and per internal snapshot
   MOUNTPOINT/snapshots/<tag>/vmstate     the VM state a running VM saved with a snapshot (savevm)
+  MOUNTPOINT/changes/<view>.raw          the live bytes where they may differ from a view;
+  MOUNTPOINT/changes/bitmap-<name>.raw   ... where a QEMU dirty bitmap has bits set
 
 Reading any of these files gives the bytes `qemu-img convert -O raw` gives for that view. \
-Snapshot files are read-only. The command returns once the mount answers; unmount with \
-`umount MOUNTPOINT` or `fusermount3 -u MOUNTPOINT` (or send SIGTERM to the daemon).";
+Snapshot files are read-only. Writes through a writable disk.raw keep the image's enabled QEMU \
+dirty bitmaps up to date (in use while mounted, consistent again after a clean unmount). The \
+command returns once the mount answers; unmount with `umount MOUNTPOINT` or \
+`fusermount3 -u MOUNTPOINT` (or send SIGTERM to the daemon).";
 
 const AFTER_HELP: &str = "\
 Mount options (-o, comma-separated, repeatable):

@@ -246,6 +246,8 @@ fn serve(
                 return Ok(());
             }
             Ok(Event::Ended(None)) | Err(_) => {
+                // The session is over, so no write is in flight or can start.
+                tree.close_all();
                 stopping("unmounted");
                 vmfs_mount::storage::registry::log_stats();
                 log::info!("{} unmounted", mountpoint.display());

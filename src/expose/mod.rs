@@ -71,6 +71,12 @@ pub trait ExposedFile: Send + Sync {
         Ok(())
     }
 
+    /// A clean unmount: flushes and marks what the layer keeps only for clean closes (QEMU
+    /// dirty bitmaps) consistent.
+    fn close(&self) -> Result<()> {
+        self.flush()
+    }
+
     /// The first offset >= `off` holding data, if any (SEEK_DATA). Default: all data.
     fn next_data(&self, off: u64) -> Result<Option<u64>> {
         Ok((off < self.size()).then_some(off))

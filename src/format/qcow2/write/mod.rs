@@ -10,6 +10,7 @@
 //! Reads go through the read driver (`map.rs`) with the writer's current L1; the L2 tables
 //! both use are in `tables.rs`.
 
+mod bitmaps;
 mod cow;
 pub mod create;
 mod discard;
@@ -23,7 +24,7 @@ mod snapshot_ops;
 pub use snapshot_ops::MadeSnapshot;
 
 use super::Qcow2Image;
-use super::header::{AUTOCLEAR_DATA_FILE_RAW, Compression};
+use super::header::{AUTOCLEAR_BITMAPS, AUTOCLEAR_DATA_FILE_RAW, Compression};
 use super::tables::{L2Ref, TAG_L2, l2_table};
 use crate::cache::Key;
 use crate::endian::be64;
@@ -55,6 +56,9 @@ pub struct Qcow2Writer {
     gate: RwLock<()>,
     /// The snapshot table as it is in the file now (snapshot_ops.rs changes it).
     snaps: parking_lot::Mutex<snapshot_ops::SnapTable>,
+    /// QEMU dirty bitmaps kept up to date (bitmaps.rs); None when the image has none or
+    /// they cannot be kept (the autoclear bit is then cleared).
+    bitmaps: Option<bitmaps::Tracker>,
 }
 
 impl fmt::Debug for Qcow2Writer {
@@ -118,7 +122,18 @@ impl Qcow2Writer {
                 rc.metadata.insert(off / cs);
             }
         }
+        let bitmaps = match bitmaps::Tracker::load(img, &mut rc) {
+            Ok(t) => t,
+            Err(e) => {
+                log::warn!(
+                    "{e}; the image's dirty bitmaps cannot be kept up to date: writing clears \
+                     the bitmaps autoclear bit, so QEMU drops them"
+                );
+                None
+            }
+        };
         let w = Qcow2Writer {
+            bitmaps,
             img: img.clone(),
             l1: RwLock::new(img.l1.clone()),
             meta: RwLock::new(rc),
@@ -206,10 +221,16 @@ impl Qcow2Writer {
         !matches!(self.img.parent, ParentRef::None)
     }
 
-    /// Autoclear bits we do not maintain (bitmaps) must be cleared before we write.
+    /// Autoclear bits we do not maintain must be cleared before we write (the bitmaps bit
+    /// stays when bitmaps.rs keeps them).
     fn clear_unknown_autoclear(&self) -> Result<()> {
         let h = &self.img.header;
-        let keep = h.autoclear_features & AUTOCLEAR_DATA_FILE_RAW;
+        let kept = if self.bitmaps.is_some() {
+            AUTOCLEAR_DATA_FILE_RAW | AUTOCLEAR_BITMAPS
+        } else {
+            AUTOCLEAR_DATA_FILE_RAW
+        };
+        let keep = h.autoclear_features & kept;
         if h.version == 3 && h.autoclear_features != keep {
             self.file().write_all_at(&keep.to_be_bytes(), 88)?;
         }
@@ -364,27 +385,55 @@ impl LayerWriter for Qcow2Writer {
     fn write(&self, off: u64, data: &[u8], below: BelowReader<'_>) -> Result<()> {
         self.check_writable()?;
         let _gate = self.gate.read();
-        let r = self.write_range(off, data, below);
+        let r = self
+            .bitmaps_record(off, data.len() as u64)
+            .and_then(|_| self.write_range(off, data, below));
         self.latch(r)
     }
 
     fn discard(&self, off: u64, len: u64, below: BelowReader<'_>) -> Result<()> {
         self.check_writable()?;
         let _gate = self.gate.read();
-        let r = self.discard_range(off, len, below);
+        let r = self
+            .bitmaps_record(off, len)
+            .and_then(|_| self.discard_range(off, len, below));
         self.latch(r)
     }
 
     fn flush(&self) -> Result<()> {
         self.check_writable()?;
-        // Metadata is written through in dependency order; only durability is left.
+        let r = self.flush_with_bitmaps();
+        self.latch(r)
+    }
+
+    fn close(&self) -> Result<()> {
+        self.check_writable()?;
+        // No write in flight, none starting: the bitmaps written back are complete.
+        let _gate = self.gate.write();
         let r = self
-            .file()
+            .flush_with_bitmaps()
+            .and_then(|_| self.sync_files())
+            .and_then(|_| self.bitmaps_mark_clean());
+        self.latch(r)
+    }
+}
+
+impl Qcow2Writer {
+    /// A flush, with the dirty bitmaps' changed clusters written back around its sync.
+    fn flush_with_bitmaps(&self) -> Result<()> {
+        let _serial = self.bitmaps_write_back_lock();
+        let staged = self.bitmaps_stage()?;
+        self.sync_files()?;
+        self.bitmaps_link(staged)
+    }
+
+    /// Metadata is written through in dependency order; only durability is left.
+    fn sync_files(&self) -> Result<()> {
+        self.file()
             .sync_data()
             .and_then(|_| match &self.img.data_file {
                 Some(d) => d.sync_data(),
                 None => Ok(()),
-            });
-        self.latch(r)
+            })
     }
 }
