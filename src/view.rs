@@ -390,6 +390,14 @@ impl View {
         }
     }
 
+    /// A clean unmount (see `LayerWriter::close`).
+    pub fn close(&self) -> Result<()> {
+        match self.layers.first().and_then(|l| l.writer()) {
+            Some(w) => w.close(),
+            None => Ok(()),
+        }
+    }
+
     fn invalidate(&self, off: u64, len: u64) {
         self.generation.fetch_add(1, Ordering::AcqRel);
         self.dirty_alloc.store(true, Ordering::Relaxed);

@@ -116,6 +116,16 @@ impl SharedTree {
         })
     }
 
+    /// Closes every writable file cleanly (the session has ended: no request comes any
+    /// more); failures are logged.
+    pub fn close_all(&self) {
+        for f in self.writable_files() {
+            if let Err(e) = f.close() {
+                log::error!("closing: {e}");
+            }
+        }
+    }
+
     /// Flushes every writable file; false if one failed (each failure is logged).
     pub fn flush_all(&self) -> bool {
         let mut ok = true;
