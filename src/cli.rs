@@ -18,10 +18,14 @@ appears as a raw disk file:
   MOUNTPOINT/disk.raw                    the live disk (whole chain)
   MOUNTPOINT/snapshots/<name>/disk.raw   one per backing layer and per internal snapshot
   MOUNTPOINT/snapshots/<tag>/vmstate     the VM state a running VM saved with a snapshot (savevm)
+  MOUNTPOINT/changes/<view>.raw          the live bytes where they may differ from a view;
+  MOUNTPOINT/changes/bitmap-<name>.raw   ... where a QEMU dirty bitmap has bits set
 
 Reading any of these files gives the bytes `qemu-img convert -O raw` gives for that view. \
-Snapshot files are read-only. The command returns once the mount answers; unmount with \
-`umount MOUNTPOINT` or `fusermount3 -u MOUNTPOINT` (or send SIGTERM to the daemon).";
+Snapshot files are read-only. Writes through a writable disk.raw keep the image's enabled QEMU \
+dirty bitmaps up to date (in use while mounted, consistent again after a clean unmount). The \
+command returns once the mount answers; unmount with `umount MOUNTPOINT` or \
+`fusermount3 -u MOUNTPOINT` (or send SIGTERM to the daemon).";
 
 const AFTER_HELP: &str = "\
 Mount options (-o, comma-separated, repeatable):
@@ -34,7 +38,8 @@ Mount options (-o, comma-separated, repeatable):
   clones=DIR              add clones/: writable clones of the image (mounted read-only), one
                           qcow2 overlay DIR/NAME.qcow2 each (mkdir clones/NAME makes one)
   vmdk                    add disk.vmdk beside every disk.raw: a VMDK descriptor whose one
-                          FLAT extent is disk.raw (VirtualBox, VMware)
+                          FLAT extent is disk.raw (VirtualBox, VMware); writable with its
+                          disk.raw, rewrites (a new CID) kept in memory until unmount
   vhd                     add disk.vhd beside every disk.raw: disk.raw's bytes plus a fixed-VHD
                           footer (Hyper-V, Azure tools); writes go to disk.raw, footer read-only
   force_share             with ro: share the image with a QEMU that is writing it (qemu-img -U)
@@ -92,6 +97,9 @@ pub struct Args {
     pub mountpoint: Option<PathBuf>,
 
     /// Stay in the foreground and log to stderr
+    ///
+    /// With $NOTIFY_SOCKET (systemd Type=notify), send READY=1 once the mount answers and
+    /// STOPPING=1 on unmount.
     #[arg(short = 'f', long)]
     pub foreground: bool,
 

@@ -8,6 +8,7 @@
 use crate::cli::Settings;
 use crate::fs::DiskFs;
 use crate::mount::Opened;
+use crate::sd_notify::Notifier;
 use fuser::{Config, MountOption, Session, SessionACL, SessionUnmounter};
 use std::ffi::CString;
 use std::fs::File;
@@ -50,13 +51,29 @@ pub fn run(settings: &Settings, mountpoint: PathBuf, opened: Opened) -> i32 {
         if let Some(f) = &log {
             redirect_output(f);
         }
-        return match serve(&mountpoint, &opened, &config, settings, |_| Ok(())) {
+        // Under systemd (Type=notify) the foreground process is the service's main process.
+        let notifier = Notifier::from_env();
+        return match serve(
+            &mountpoint,
+            &opened,
+            &config,
+            settings,
+            notifier,
+            |_| Ok(()),
+        ) {
             Ok(()) => 0,
             Err(e) => {
                 eprintln!("vmfs-mount: {e}");
                 1
             }
         };
+    }
+    if std::env::var_os("NOTIFY_SOCKET").is_some_and(|v| !v.is_empty()) {
+        // The parent we are would exit and the readiness would come from another process.
+        eprintln!(
+            "vmfs-mount: warning: NOTIFY_SOCKET is set but -f is not: systemd Type=notify \
+             services must run vmfs-mount -f to be told when the mount is ready"
+        );
     }
     let (read_end, write_end) = match pipe() {
         Ok(p) => p,
@@ -123,7 +140,7 @@ fn daemon_child(
         libc::chdir(c"/".as_ptr());
     }
     let mut ready = Some(ready);
-    let result = serve(mountpoint, opened, config, settings, |_| {
+    let result = serve(mountpoint, opened, config, settings, None, |_| {
         // Detach from the caller's terminal and pipes before saying we are ready, so that a
         // caller reading our output to EOF returns as soon as the parent exits.
         match &log {
@@ -156,13 +173,14 @@ fn daemon_child(
     }
 }
 
-/// Mounts, starts the workers, checks the mount answers, calls `on_ready`, then waits for a
-/// signal or an unmount. Errors are one-line messages.
+/// Mounts, starts the workers, checks the mount answers, calls `on_ready` (and tells systemd
+/// through `notifier`), then waits for a signal or an unmount. Errors are one-line messages.
 fn serve(
     mountpoint: &Path,
     opened: &Opened,
     config: &Config,
     settings: &Settings,
+    mut notifier: Option<Notifier>,
     on_ready: impl FnOnce(&Path) -> Result<(), String>,
 ) -> Result<(), String> {
     let (tx, rx) = channel();
@@ -192,15 +210,20 @@ fn serve(
             mountpoint.display()
         ));
     }
-    log::info!(
-        "mounted {} on {}",
-        vmfs_mount::storage::show_path(opened.live.spec.layers[0].path()),
-        mountpoint.display()
-    );
+    let image = vmfs_mount::storage::show_path(opened.live.spec.layers[0].path());
+    log::info!("mounted {image} on {}", mountpoint.display());
     if let Err(e) = on_ready(mountpoint) {
         unmount(&mut unmounter, mountpoint);
         return Err(e);
     }
+    if let Some(n) = &notifier {
+        n.ready(&format!("serving {image} on {}", mountpoint.display()));
+    }
+    let mut stopping = |why: &str| {
+        if let Some(n) = &mut notifier {
+            n.stopping(&format!("{why}: {}", mountpoint.display()));
+        }
+    };
     let mut signalled = false;
     loop {
         match rx.recv() {
@@ -209,6 +232,7 @@ fn serve(
                     "signal {sig}: flushing and unmounting {}",
                     mountpoint.display()
                 );
+                stopping("signal received, flushing and unmounting");
                 signalled = true;
                 tree.flush_all();
                 unmount(&mut unmounter, mountpoint);
@@ -222,11 +246,17 @@ fn serve(
                 return Ok(());
             }
             Ok(Event::Ended(None)) | Err(_) => {
+                // The session is over, so no write is in flight or can start.
+                tree.close_all();
+                stopping("unmounted");
                 vmfs_mount::storage::registry::log_stats();
                 log::info!("{} unmounted", mountpoint.display());
                 return Ok(());
             }
-            Ok(Event::Ended(Some(e))) => return Err(format!("FUSE session failed: {e}")),
+            Ok(Event::Ended(Some(e))) => {
+                stopping("FUSE session failed");
+                return Err(format!("FUSE session failed: {e}"));
+            }
         }
     }
 }

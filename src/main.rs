@@ -8,6 +8,7 @@ mod list;
 mod mount;
 mod mountpoint;
 mod remote_opts;
+mod sd_notify;
 
 use clap::Parser;
 use cli::{Access, Settings, UsageError};

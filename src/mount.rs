@@ -121,7 +121,8 @@ pub struct Opened {
     pub stopped: Option<Error>,
     /// `--clones DIR`: how to make clones, and those found in DIR at mount.
     pub clones: Option<MountedClones>,
-    /// The image's QEMU dirty bitmaps (read-only mounts: nothing changes them), by name.
+    /// The image's consistent QEMU dirty bitmaps by name (on a writable mount the enabled
+    /// ones follow every write).
     pub bitmaps: Vec<(String, Arc<Bits>)>,
     /// Live snapshots (`mkdir snapshots/NAME`), when the top is a writable qcow2 image.
     pub live_snapshots: Option<Arc<SnapshotSet>>,
@@ -196,9 +197,7 @@ pub fn open_for_mount(req: &MountRequest) -> Result<Opened> {
     if !req.listing {
         opened.locks = Some(lock_chain(&opened, req.force_share)?);
     }
-    if !opened.live.writable {
-        opened.bitmaps = bitmaps(&opened.layers[0]);
-    }
+    opened.bitmaps = bitmaps(&opened.layers[0], opened.live.writable);
     if let Some(dir) = &req.clones {
         let ctx = OpenCtx::new(tables.clone(), false).with_policy(policy.clone());
         opened.clones = Some(open_clones(dir, &opened, ctx, &clusters, req.listing)?);
@@ -231,7 +230,7 @@ pub fn expose(
     };
     let live = make(live, true);
     let live_snapshots = if live.writable {
-        SnapshotSet::new(&layers, clusters).map(Arc::new)
+        SnapshotSet::new(&layers, &live.view, clusters).map(Arc::new)
     } else {
         None
     };
@@ -281,11 +280,18 @@ fn open_clones(
     })
 }
 
-/// The dirty bitmaps of a qcow2 top layer that hold a consistent record (not in use).
-fn bitmaps(top: &Arc<dyn Layer>) -> Vec<(String, Arc<Bits>)> {
+/// The dirty bitmaps of a qcow2 top layer that hold a consistent record (not in use). When
+/// disk.raw is writable, the writer's: it keeps them up to date.
+fn bitmaps(top: &Arc<dyn Layer>, writable: bool) -> Vec<(String, Arc<Bits>)> {
     let Some(q) = (&**top as &dyn std::any::Any).downcast_ref::<Qcow2Layer>() else {
         return Vec::new();
     };
+    if writable {
+        return q
+            .writer
+            .as_ref()
+            .map_or_else(Vec::new, |w| w.dirty_bitmaps());
+    }
     let img = &q.image;
     let found = match img.bitmaps() {
         Ok(Some(b)) => b.entries,

@@ -13,4 +13,10 @@ pub trait LayerWriter: Send + Sync {
     fn discard(&self, off: u64, len: u64, below: BelowReader<'_>) -> Result<()>;
     /// Makes every acknowledged write durable (metadata in dependency order, then fdatasync).
     fn flush(&self) -> Result<()>;
+    /// A clean unmount, after the last write: flushes and marks state that is kept
+    /// consistent only when closed cleanly (QEMU dirty bitmaps) as consistent again. A
+    /// later write starts over (marks it in use again).
+    fn close(&self) -> Result<()> {
+        self.flush()
+    }
 }

@@ -222,3 +222,171 @@ fn bitmap_files_show_what_qemu_recorded() {
         }
     }
 }
+
+/// Polls `cond` (the kernel drops dentries of renamed or removed files asynchronously).
+fn eventually(what: &str, mut cond: impl FnMut() -> bool) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while !cond() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "timed out waiting for: {what}"
+        );
+        std::thread::yield_now();
+    }
+}
+
+/// Guest writes and discards to `disk` (and the model `live`); returns the clusters touched.
+fn write_and_discard(
+    disk: &File,
+    rng: &mut Rng,
+    live: &mut [u8],
+    count: usize,
+    cluster: u64,
+) -> std::collections::BTreeSet<u64> {
+    let mut touched = std::collections::BTreeSet::new();
+    for i in 0..count {
+        let mut len = 1 + rng.below(150 * KIB) as usize;
+        let mut off = rng.below(live.len() as u64 - len as u64) as usize;
+        if i % 7 == 6 {
+            (off, len) = (off / 4096 * 4096, len.div_ceil(4096) * 4096);
+            // SAFETY: disk is open; fallocate touches no memory.
+            let r = unsafe {
+                libc::fallocate(
+                    std::os::fd::AsRawFd::as_raw_fd(disk),
+                    libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+                    off as i64,
+                    len as i64,
+                )
+            };
+            assert_eq!(r, 0);
+            live[off..off + len].fill(0);
+        } else {
+            let data = rng.bytes(len);
+            disk.write_all_at(&data, off as u64).unwrap();
+            live[off..off + len].copy_from_slice(&data);
+        }
+        touched.extend(off as u64 / cluster..((off + len) as u64).div_ceil(cluster));
+    }
+    disk.sync_all().unwrap();
+    touched
+}
+
+/// Asserts every reported extent is made of whole clusters the guest touched since the view
+/// was taken: extra bytes only at cluster granularity.
+fn assert_only_touched(
+    what: &str,
+    extents: &[Range<u64>],
+    touched: &std::collections::BTreeSet<u64>,
+    cluster: u64,
+) {
+    for r in extents {
+        assert!(
+            r.start % cluster == 0 && r.end % cluster == 0,
+            "{what}: extent {r:x?} is not whole clusters"
+        );
+        for c in r.start / cluster..r.end / cluster {
+            assert!(
+                touched.contains(&c),
+                "{what}: cluster {c} is reported but was not written since"
+            );
+        }
+    }
+}
+
+#[test]
+fn changes_files_of_snapshots_taken_while_mounted() {
+    if !is_root() {
+        return;
+    }
+    const CLUSTER: u64 = 64 * KIB;
+    let d = Scratch::new("mchanges-live");
+    let mut rng = Rng::new(53);
+    // No backing file and no snapshot: changes/ appears with the first mkdir.
+    let img = d.path("vm.qcow2");
+    create(&img, "", SIZE);
+    apply_random(&img, &mut rng, SIZE, 20, 300 * KIB);
+    let mut live = qemu_raw(&img, None, &[]);
+    let (guard, mnt) = mount(&img, &d.0, &[]);
+    assert!(!mnt.join("changes").exists());
+    let disk = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(mnt.join("disk.raw"))
+        .unwrap();
+    write_and_discard(&disk, &mut rng, &mut live, 10, CLUSTER);
+
+    std::fs::create_dir(mnt.join("snapshots/a")).unwrap();
+    let at_a = live.clone();
+    let a_changes = mnt.join("changes/a.raw");
+    assert_eq!(names_in(&mnt.join("changes")), ["a.raw"]);
+    let extents = check_changes_file("a at once", &a_changes, &at_a, &live);
+    assert!(extents.is_empty(), "nothing changed yet: {extents:x?}");
+    // Held open across the writes: what it shows must follow them.
+    let held = File::open(&a_changes).unwrap();
+    let after_a = write_and_discard(&disk, &mut rng, &mut live, 30, CLUSTER);
+
+    std::fs::create_dir(mnt.join("snapshots/b")).unwrap();
+    let at_b = live.clone();
+    let after_b = write_and_discard(&disk, &mut rng, &mut live, 30, CLUSTER);
+    let since_a: std::collections::BTreeSet<u64> = after_a.union(&after_b).copied().collect();
+
+    assert_eq!(names_in(&mnt.join("changes")), ["a.raw", "b.raw"]);
+    for (name, old, touched) in [("a", &at_a, &since_a), ("b", &at_b, &after_b)] {
+        let path = mnt.join(format!("changes/{name}.raw"));
+        let extents = check_changes_file(name, &path, old, &live);
+        assert!(!extents.is_empty(), "{name}: writes since it are shown");
+        assert_only_touched(name, &extents, touched, CLUSTER);
+        if name == "b" {
+            // First asked now (a's count was taken at mkdir and is reused for a while).
+            let blocks = std::fs::metadata(&path).unwrap().blocks() * 512;
+            let changed: u64 = extents.iter().map(|r| r.end - r.start).sum();
+            assert_eq!(
+                blocks, changed,
+                "{name}: st_blocks counts the changed bytes"
+            );
+        }
+        restore_from_backup(&d, &path, old, &live);
+        assert_same(
+            &format!("snapshots/{name}/disk.raw"),
+            &std::fs::read(mnt.join(format!("snapshots/{name}/disk.raw"))).unwrap(),
+            old,
+        );
+    }
+    assert_eq!(
+        data_extents(&held, SIZE),
+        data_extents(&File::open(&a_changes).unwrap(), SIZE)
+    );
+    drop(held);
+    assert_refuses_writes(&a_changes, &std::fs::read(&a_changes).unwrap());
+
+    // The file follows the snapshot through mv and rmdir.
+    std::fs::rename(mnt.join("snapshots/a"), mnt.join("snapshots/c")).unwrap();
+    eventually("changes/a.raw renamed to c.raw", || {
+        !mnt.join("changes/a.raw").exists() && mnt.join("changes/c.raw").exists()
+    });
+    check_changes_file("c", &mnt.join("changes/c.raw"), &at_a, &live);
+    std::fs::remove_dir(mnt.join("snapshots/b")).unwrap();
+    eventually("changes/b.raw removed", || {
+        !mnt.join("changes/b.raw").exists()
+    });
+    assert_eq!(names_in(&mnt.join("changes")), ["c.raw"]);
+    drop(disk);
+    drop(guard);
+
+    // After unmount: QEMU agrees, and the snapshot taken while mounted is back with its file.
+    let listed = qemu_img(&["snapshot", "-l", img.to_str().unwrap()]);
+    let tags: Vec<&str> = listed
+        .lines()
+        .skip(2)
+        .filter_map(|l| l.split_whitespace().nth(1))
+        .collect();
+    assert_eq!(tags, ["c"], "{listed}");
+    same("live (qemu)", &qemu_raw(&img, None, &[]), &live);
+    same(
+        "c (qemu)",
+        &mount_support::snapshot_oracle(&img, "qcow2", "c"),
+        &at_a,
+    );
+    let (_guard, mnt) = mount(&img, &d.0, &["-r"]);
+    check_changes_file("c after remount", &mnt.join("changes/c.raw"), &at_a, &live);
+}

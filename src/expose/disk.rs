@@ -112,6 +112,14 @@ impl ExposedFile for DiskFile {
         }
     }
 
+    fn close(&self) -> Result<()> {
+        if self.writable {
+            self.view.close()
+        } else {
+            Ok(())
+        }
+    }
+
     fn next_data(&self, off: u64) -> Result<Option<u64>> {
         self.view.next_data(off)
     }

@@ -2,7 +2,8 @@
 //!
 //! Every file of a mount is a small `ExposedFile`: a disk (`DiskFile`, a `View` with an mtime
 //! and a write watch), a byte range of another file (`RangeFile`: partitions), fixed bytes
-//! (`BytesFile`: a VMDK descriptor, a VHD footer), a concatenation (`ConcatFile`: a fixed VHD
+//! (`BytesFile`: a VMDK descriptor, a VHD footer), bytes in memory that may be rewritten
+//! (`MemoryFile`: the VMDK descriptor of a writable disk), a concatenation (`ConcatFile`: a fixed VHD
 //! is the disk followed by its footer), and whatever comes later. The FUSE layer knows only
 //! this trait: it never asks what kind of file it serves. Errors are library errors; they
 //! become errno at the FUSE boundary.
@@ -10,12 +11,14 @@
 mod bytes;
 mod concat;
 mod disk;
+mod memory;
 mod range;
 mod viewfiles;
 
 pub use bytes::BytesFile;
 pub use concat::ConcatFile;
 pub use disk::DiskFile;
+pub use memory::MemoryFile;
 pub use range::RangeFile;
 pub use viewfiles::{DISK_FILE_NAME, FileOptions, Shown, ViewFiles};
 
@@ -66,6 +69,12 @@ pub trait ExposedFile: Send + Sync {
     /// Makes everything written so far durable.
     fn flush(&self) -> Result<()> {
         Ok(())
+    }
+
+    /// A clean unmount: flushes and marks what the layer keeps only for clean closes (QEMU
+    /// dirty bitmaps) consistent.
+    fn close(&self) -> Result<()> {
+        self.flush()
     }
 
     /// The first offset >= `off` holding data, if any (SEEK_DATA). Default: all data.

@@ -243,3 +243,25 @@ fn bytes_files_read_what_they_hold() {
     assert!(!f.writable() && !f.mutable());
     assert_eq!(f.write(0, b"x").unwrap_err().kind(), Kind::ReadOnly);
 }
+
+#[test]
+fn memory_files_take_writes_in_place_and_keep_their_size() {
+    let f = MemoryFile::new(b"0123456789".to_vec(), UNIX_EPOCH);
+    assert!(f.writable() && f.mutable());
+    f.write(2, b"ab").unwrap();
+    let mut b = [0; 12];
+    assert_eq!(f.read(0, &mut b).unwrap(), 10);
+    assert_eq!(&b[..10], b"01ab456789");
+    assert!(f.mtime() > UNIX_EPOCH);
+    // Nothing past the end: the size never changes.
+    assert_eq!(f.write(8, b"xyz").unwrap_err().kind(), Kind::InvalidInput);
+    assert_eq!(
+        f.write(u64::MAX, b"x").unwrap_err().kind(),
+        Kind::InvalidInput
+    );
+    f.discard(0, 2).unwrap();
+    assert_eq!(f.read(0, &mut b).unwrap(), 10);
+    assert_eq!(&b[..10], b"\0\0ab456789");
+    assert_eq!(f.size(), 10);
+    assert_eq!(f.read(10, &mut b).unwrap(), 0);
+}

@@ -2,12 +2,13 @@
 //! they may differ from that view and holes elsewhere; for every QEMU dirty bitmap of the
 //! image, `bitmap-<NAME>.raw`, the live bytes where the bitmap has bits set.
 
-use super::tree::{ROOT, Tree};
+use super::tree::{Ino, ROOT, Tree};
 use crate::mount::Opened;
 use std::sync::Arc;
 use std::time::SystemTime;
 use vmfs_mount::changes::Changes;
 use vmfs_mount::changes::file::ChangesFile;
+use vmfs_mount::error::Result;
 use vmfs_mount::expose::ExposedFile;
 
 pub const CHANGES_DIR_NAME: &str = "changes";
@@ -49,4 +50,19 @@ pub fn attach(tree: &mut Tree, opened: &Opened, now: SystemTime) {
             log::warn!("{CHANGES_DIR_NAME}/{name} is not shown: {e}");
         }
     }
+}
+
+/// Shows `changes/<view>.raw` for a view made after mount (a live snapshot), making
+/// `changes/` first when the mount had nothing to compare with.
+pub fn add(
+    tree: &mut Tree,
+    view: &str,
+    file: Arc<dyn ExposedFile>,
+    now: SystemTime,
+) -> Result<Ino> {
+    let dir = match tree.lookup(ROOT, CHANGES_DIR_NAME) {
+        Some(d) => d,
+        None => tree.add_dir(ROOT, CHANGES_DIR_NAME, None, now)?,
+    };
+    tree.add_file(dir, &format!("{view}{RAW_SUFFIX}"), file, now)
 }

@@ -5,7 +5,7 @@
 //! `SnapshotSet`'s; this handler only keeps the tree in step.
 
 use super::SharedTree;
-use super::changesdir::{CHANGES_DIR_NAME, RAW_SUFFIX};
+use super::changesdir::{self, CHANGES_DIR_NAME, RAW_SUFFIX};
 use super::handler::DirHandler;
 use super::tree::{Ino, ROOT, SNAPSHOTS_DIR_NAME, Tree};
 use super::viewdir::ViewDir;
@@ -74,8 +74,16 @@ impl SnapshotsDir {
         let disk = Arc::new(DiskFile::new(s.view.clone(), false, s.mtime));
         let label = format!("{SNAPSHOTS_DIR_NAME}/{}/{DISK_FILE_NAME}", s.name);
         let files = ViewDir::new(ViewFiles::new(disk, label, &self.options, Vec::new()));
-        let ino = tree.add_dir(dir, &s.name, Some(files.clone()), SystemTime::now())?;
-        files.populate(tree, ino, SystemTime::now());
+        let now = SystemTime::now();
+        let ino = tree.add_dir(dir, &s.name, Some(files.clone()), now)?;
+        files.populate(tree, ino, now);
+        // Only a name clash (with a bitmap's file) can refuse it: the snapshot stands.
+        if let Err(e) = changesdir::add(tree, &s.name, s.changes.clone(), now) {
+            log::warn!(
+                "{CHANGES_DIR_NAME}/{}{RAW_SUFFIX} is not shown: {e}",
+                s.name
+            );
+        }
         Ok(ino)
     }
 }
@@ -98,7 +106,7 @@ impl DirHandler for SnapshotsDir {
             return Err(Error::new(Kind::Exists, format!("{name} exists")));
         }
         let taken = set.create(name)?;
-        match tree.change(|t| self.show(t, dir, &taken)) {
+        match tree.change_in_locked(&[dir], |t| self.show(t, dir, &taken)) {
             Ok(ino) => {
                 own.insert(name.to_string(), taken.id);
                 Ok(ino)
@@ -118,7 +126,9 @@ impl DirHandler for SnapshotsDir {
         let id = self.id_of(tree, dir, &own, name)?;
         // Checked and unlinked under one tree lock, before its clusters are freed; its
         // changes/<name>.raw reads its tables too, so it goes with it.
-        tree.change(|t| {
+        let victim = tree.read(|t| t.lookup(dir, name));
+        let locked: Vec<Ino> = std::iter::once(dir).chain(victim).collect();
+        tree.change_in_locked(&locked, |t| {
             let ino = t
                 .lookup(dir, name)
                 .ok_or_else(|| Error::new(Kind::NotFound, format!("no snapshot {name}")))?;
@@ -166,7 +176,7 @@ impl DirHandler for SnapshotsDir {
             return Err(Error::new(Kind::Exists, format!("{new_name} exists")));
         }
         set.rename(&id, new_name)?;
-        tree.change(|t| {
+        tree.change_in_locked(&[dir], |t| {
             if let Some((cdir, _)) = changes_file(t, name) {
                 let (from, to) = (
                     format!("{name}{RAW_SUFFIX}"),

@@ -1,8 +1,11 @@
 //! Internal snapshots of a writable qcow2 top, taken, renamed and deleted while mounted.
 //! The table work is the writer's (`format::qcow2::write::snapshot_ops`); this makes the
-//! view a new snapshot shows (the snapshot over the top's backing chain).
+//! view a new snapshot shows (the snapshot over the top's backing chain) and the changes of
+//! the live disk since it.
 
 use crate::cache::ByteCache;
+use crate::changes::Changes;
+use crate::changes::file::ChangesFile;
 use crate::error::{Error, Kind, Result};
 use crate::format::Layer;
 use crate::format::qcow2::Qcow2Layer;
@@ -17,6 +20,8 @@ const CHUNK_ENTRIES: usize = 4096;
 pub struct SnapshotSet {
     /// The chain, top first; the top is a writable qcow2 layer.
     layers: Vec<Arc<dyn Layer>>,
+    /// The live disk over `layers`.
+    live: Arc<View>,
     clusters: Arc<ByteCache>,
 }
 
@@ -25,17 +30,26 @@ pub struct TakenSnapshot {
     pub id: String,
     pub name: String,
     pub view: Arc<View>,
+    /// The live disk's bytes where they may differ from the snapshot (changes/NAME.raw);
+    /// computed from the live tables at each read, so it follows later writes.
+    pub changes: Arc<ChangesFile>,
     pub mtime: SystemTime,
 }
 
 impl SnapshotSet {
-    /// None unless the top of `layers` is a qcow2 image written in place.
-    pub fn new(layers: &[Arc<dyn Layer>], clusters: &Arc<ByteCache>) -> Option<SnapshotSet> {
+    /// None unless the top of `layers` is a qcow2 image written in place. `live` is the live
+    /// disk over `layers`.
+    pub fn new(
+        layers: &[Arc<dyn Layer>],
+        live: &Arc<View>,
+        clusters: &Arc<ByteCache>,
+    ) -> Option<SnapshotSet> {
         let top: &dyn Layer = &**layers.first()?;
         let q = (top as &dyn std::any::Any).downcast_ref::<Qcow2Layer>()?;
         q.writer.as_ref()?;
         Some(SnapshotSet {
             layers: layers.to_vec(),
+            live: live.clone(),
             clusters: clusters.clone(),
         })
     }
@@ -58,12 +72,15 @@ impl SnapshotSet {
         let made = w.create_snapshot(name)?;
         let mut layers = vec![Qcow2Layer::made_snapshot(&q.image, &made)];
         layers.extend(self.layers[1..].iter().cloned());
+        let changes = Changes::between(&layers, made.size, &self.layers, self.live.size());
         let view = View::new(layers, made.size, self.clusters.clone(), CHUNK_ENTRIES);
+        let mtime = UNIX_EPOCH + made.date;
         Ok(TakenSnapshot {
             id: made.id,
             name: made.name,
             view: Arc::new(view),
-            mtime: UNIX_EPOCH + made.date,
+            changes: Arc::new(ChangesFile::new(self.live.clone(), changes, mtime)),
+            mtime,
         })
     }
 

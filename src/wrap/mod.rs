@@ -12,12 +12,17 @@ pub use geometry::{Chs, ide_geometry, vhd_geometry};
 pub use vhd::{FOOTER_LEN, fixed_footer};
 pub use vmdk::flat_descriptor;
 
-use crate::expose::{BytesFile, ConcatFile, ExposedFile};
+use crate::expose::{BytesFile, ConcatFile, ExposedFile, MemoryFile};
 use std::sync::Arc;
 use std::time::SystemTime;
 
 pub const VMDK_FILE_NAME: &str = "disk.vmdk";
 pub const VHD_FILE_NAME: &str = "disk.vhd";
+/// The descriptor of a writable disk is this long (its text, then NULs). QEMU's vmdk driver
+/// rewrites 20 sectors at offset 0 (its DESC_SIZE) to set a new CID on the first write to the
+/// disk; with O_DIRECT (cache=none) it rounds that up to the 4096-byte alignment it probes, so
+/// the file holds three such blocks. QEMU and VirtualBox stop reading the text at the first NUL.
+pub const WRITABLE_DESCRIPTOR_LEN: usize = 3 * 4096;
 
 /// Which wrappers a view's directory gets.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -51,7 +56,7 @@ pub fn wrappers(
         match flat_descriptor(size, disk_name, &uuid) {
             Ok(text) => files.push(Wrapped {
                 name: VMDK_FILE_NAME,
-                file: Arc::new(BytesFile::new(text.into_bytes(), mtime)),
+                file: descriptor_file(text, disk.writable(), mtime),
                 shows_disk: false,
             }),
             Err(why) => notes.push(format!("no {VMDK_FILE_NAME}: {why}")),
@@ -72,6 +77,18 @@ pub fn wrappers(
         }
     }
     (files, notes)
+}
+
+/// The descriptor as a file: fixed text beside a read-only disk; beside a writable one, a
+/// file in memory that hypervisors may rewrite (their changes last until unmount and never
+/// change which bytes the disk has).
+fn descriptor_file(text: String, writable: bool, mtime: SystemTime) -> Arc<dyn ExposedFile> {
+    let mut bytes = text.into_bytes();
+    if !writable {
+        return Arc::new(BytesFile::new(bytes, mtime));
+    }
+    bytes.resize(bytes.len().max(WRITABLE_DESCRIPTOR_LEN), 0);
+    Arc::new(MemoryFile::new(bytes, mtime))
 }
 
 /// A name-based (v5) UUID of `identity`: the same image and view give the same UUID on every

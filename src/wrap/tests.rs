@@ -182,3 +182,50 @@ fn disks_that_cannot_be_wrapped_get_notes_not_files() {
         "{notes:?}"
     );
 }
+
+#[test]
+fn a_writable_disk_gets_a_descriptor_qemu_can_rewrite() {
+    let layer = std::env::temp_dir().join(format!("vmfs-wrap-rw-{}", std::process::id()));
+    std::fs::write(&layer, vec![3u8; 8192]).unwrap();
+    let ctx = crate::format::OpenCtx::new(Arc::new(crate::cache::ByteCache::new(1 << 20)), true);
+    let raw = crate::format::raw::RawLayer::open(&layer, &ctx).unwrap();
+    let view = Arc::new(crate::view::View::new(
+        vec![raw],
+        8192,
+        Arc::new(crate::cache::ByteCache::new(1 << 20)),
+        64,
+    ));
+    let disk: Arc<dyn ExposedFile> = Arc::new(crate::expose::DiskFile::new(view, true, when()));
+    let want = Wrappers {
+        vmdk: true,
+        vhd: false,
+    };
+    let (files, _) = wrappers(&disk, "disk.raw", "x", want, when());
+    let vmdk = &files[0].file;
+    assert!(vmdk.writable());
+    assert_eq!(vmdk.size(), WRITABLE_DESCRIPTOR_LEN as u64);
+    let mut buf = vec![0u8; WRITABLE_DESCRIPTOR_LEN];
+    vmdk.read(0, &mut buf).unwrap();
+    let text = flat_descriptor(8192, "disk.raw", &disk_uuid("x")).unwrap();
+    assert_eq!(&buf[..text.len()], text.as_bytes());
+    assert!(buf[text.len()..].iter().all(|&b| b == 0));
+    // QEMU's CID update: its DESC_SIZE buffer at offset 0, rounded up to 4096 bytes.
+    let new = text.replacen("CID=", "CID=1234abcd\n#", 1);
+    let mut rewritten = new.into_bytes();
+    rewritten.resize(20 * 512, 0);
+    rewritten.resize(rewritten.len().next_multiple_of(4096), 0);
+    vmdk.write(0, &rewritten).unwrap();
+    vmdk.read(0, &mut buf).unwrap();
+    assert_eq!(buf, rewritten);
+    // The same disk read-only: the plain text, refusing writes.
+    let (ro, _) = wrappers(
+        &(Arc::new(BytesFile::new(vec![3u8; 8192], when())) as Arc<dyn ExposedFile>),
+        "disk.raw",
+        "x",
+        want,
+        when(),
+    );
+    assert!(!ro[0].file.writable());
+    assert_eq!(ro[0].file.size(), text.len() as u64);
+    std::fs::remove_file(&layer).unwrap();
+}

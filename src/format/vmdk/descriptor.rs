@@ -64,12 +64,15 @@ pub struct ExtentLine {
     pub access: Access,
     pub sectors: u64,
     pub kind: ExtentType,
-    /// The file name exactly as stored (bytes, so legacy code pages survive).
+    /// The file name exactly as stored (bytes, so legacy code pages survive). May be empty:
+    /// FreeBSD's mkimg writes `""` in the descriptor it embeds in a sparse file, meaning the
+    /// file itself; the driver refuses an empty name anywhere else.
     pub file: Option<Vec<u8>>,
     /// Start sector inside the file (FLAT/VMFS).
     pub start: u64,
-    /// 1-based line number, for error messages.
+    /// 1-based line number and byte offset of the line in its file, for error messages.
     pub line: usize,
+    pub offset: u64,
 }
 
 impl ExtentLine {
@@ -78,6 +81,11 @@ impl ExtentLine {
             .as_deref()
             .map(|b| String::from_utf8_lossy(b).into_owned())
             .unwrap_or_default()
+    }
+
+    /// True for `""`, which only an embedded descriptor may write (see `file`).
+    pub fn has_empty_name(&self) -> bool {
+        self.file.as_ref().is_some_and(|n| n.is_empty())
     }
 
     pub fn summary(&self) -> String {
@@ -274,9 +282,6 @@ fn parse_extent(line: &[u8], lineno: usize, file: &Path, off: u64) -> Result<Opt
     match (&name, kind) {
         (None, ExtentType::Zero) | (None, ExtentType::Device) => {}
         (None, _) => return Err(bad(format!("a {} extent needs a file name", kind.name()))),
-        (Some(n), _) if n.is_empty() || n.contains(&0) => {
-            return Err(bad("empty file name".into()));
-        }
         _ => {}
     }
     Ok(Some(ExtentLine {
@@ -286,6 +291,7 @@ fn parse_extent(line: &[u8], lineno: usize, file: &Path, off: u64) -> Result<Opt
         file: name,
         start,
         line: lineno,
+        offset: off,
     }))
 }
 
@@ -348,7 +354,6 @@ mod tests {
             "RW 0 FLAT \"x\" 0",
             "RW 99999999999999999999 FLAT \"x\"",
             "RW 36028797018963968 FLAT \"x\"",
-            "RW 10 FLAT \"\" 0",
             "RW 10 FLAT \"x",
             "RW 10 FLAT x",
             "RW 10 SPARSE",
@@ -358,6 +363,16 @@ mod tests {
             let e = Descriptor::parse(bad.as_bytes(), Path::new("d.vmdk"), 0).unwrap_err();
             assert!(e.to_string().starts_with("d.vmdk: "), "{bad}: {e}");
         }
+    }
+
+    #[test]
+    fn an_empty_extent_name_is_kept_for_the_driver_to_judge() {
+        let text = b"CID=00000000\n# Extent description\nRW 16384 SPARSE \"\"\n";
+        let d = Descriptor::parse(text, Path::new("d"), 512).unwrap();
+        let e = &d.extents[0];
+        assert!(e.has_empty_name());
+        assert_eq!((e.line, e.offset), (3, 512 + 13 + 21));
+        assert_eq!(e.summary(), "RW 16384 SPARSE \"\" 0");
     }
 
     #[test]

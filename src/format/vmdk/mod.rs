@@ -45,6 +45,8 @@ pub struct VmdkLayer {
     size: u64,
     files: Vec<Arc<HostFile>>,
     display_name: Option<String>,
+    /// The embedded descriptor named its extent `""` (mkimg), read as this file.
+    empty_extent_name: bool,
 }
 
 impl VmdkLayer {
@@ -119,7 +121,12 @@ impl VmdkLayer {
         let h = header::read(&file)?;
         let len = h.capacity * SECTOR;
         let ext = SparseExtent::open(file.clone(), h, len, ctx.tables.clone())?;
-        Self::assemble(&path, desc, vec![(len, Backing::Sparse(ext))], vec![file])
+        // As in QEMU, the extent of a sparse file is the file itself whatever its embedded
+        // descriptor names (FreeBSD's mkimg names it "").
+        let empty_extent_name = desc.extents.iter().any(ExtentLine::has_empty_name);
+        let mut layer = Self::assemble(&path, desc, vec![(len, Backing::Sparse(ext))], vec![file])?;
+        layer.empty_extent_name = empty_extent_name;
+        Ok(layer)
     }
 
     /// Opens every extent a descriptor lists.
@@ -170,6 +177,7 @@ impl VmdkLayer {
             size,
             files,
             display_name: None,
+            empty_extent_name: false,
         })
     }
 
@@ -225,6 +233,15 @@ fn open_extent(
             format!("line {} has no file name", line.line),
         ));
     };
+    if name.is_empty() {
+        return Err(Error::corrupt(
+            desc_path,
+            &format!("descriptor extent line {}", line.line),
+            line.offset,
+            "empty file name (only the descriptor embedded in a sparse extent may leave it \
+             empty, meaning that file itself)",
+        ));
+    }
     let ext_path = descriptor::extent_path(desc_path, name);
     let stored = String::from_utf8_lossy(name);
     let file = ctx
@@ -437,6 +454,14 @@ impl Layer for VmdkLayer {
         }
         if let Some(n) = &self.display_name {
             d.push(("vmsd display name".into(), n.clone()));
+        }
+        if self.empty_extent_name {
+            d.push((
+                "extent name".into(),
+                "empty in the embedded descriptor (as FreeBSD mkimg writes it): read as this \
+                 file, as QEMU does"
+                    .into(),
+            ));
         }
         d
     }
