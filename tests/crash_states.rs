@@ -30,12 +30,10 @@ use hostfs::HostFs;
 use hostfs::Op;
 use std::path::Path;
 
-/// Today's writer writes metadata through (refcount, then L2, no flush between), so states
-/// that put a table page on disk without the refcount page it depends on fail, and so does the
-/// ordering assertion. Until the write-back writer of issue 7 lands these are reported on
-/// stderr (`-- --nocapture`) but asserted only with VMFS_CRASH_STRICT=1; the in-order (prefix)
-/// states and everything else are always asserted. Set to false when it lands.
-const GATED: bool = true;
+/// Set while the writer wrote metadata through (before the write-back cache of issue 7): it
+/// reported the reordered states and the ordering count instead of asserting them. Kept so
+/// a regression can be looked at the same way (VMFS_CRASH_STRICT is then the switch).
+const GATED: bool = false;
 
 fn env_u64(name: &str, default: u64) -> u64 {
     std::env::var(name)

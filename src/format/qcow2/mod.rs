@@ -104,7 +104,11 @@ impl Qcow2Layer {
     pub fn open(path: &Path, ctx: &OpenCtx) -> Result<Arc<dyn Layer>> {
         let image = Arc::new(Qcow2Image::open(path, ctx)?);
         let writer = if ctx.writable {
-            write::Qcow2Writer::new(&image)?.map(Arc::new)
+            write::Qcow2Writer::new(&image)?.map(|w| {
+                let w = Arc::new(w);
+                write::start_background_flush(&w);
+                w
+            })
         } else {
             None
         };

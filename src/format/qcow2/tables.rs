@@ -4,10 +4,12 @@
 //! through [`l2_table`]. The read path never needs to know whether the image is being written.
 //!
 //! Tables the writer changes become "live": arrays of atomic words shared by the writer
-//! (which updates single entries in place, under its metadata lock, after writing them to
-//! the file) and every reader, so an update costs no copy of the table. Live tables are
-//! bounded in number; one pushed out is published to the shared table cache first (one
-//! copy), then forgotten, so a reader always finds the newest contents in one or the other.
+//! (which updates single entries in place, under its metadata lock; its write-back cache
+//! writes them to the file later) and every reader, so an update costs no copy of the
+//! table. Live tables are bounded in number; one pushed out is published to the shared
+//! table cache first (one copy), then forgotten, so a reader always finds the newest
+//! contents in one or the other. A table whose changes are not in the file yet is pinned:
+//! never pushed out, since the cache may drop it and a reload would read stale bytes.
 //!
 //! Tables the writer never changed go through the cache. A reader that loads one from the
 //! file while the writer makes it live could otherwise insert the stale copy afterwards:
@@ -111,6 +113,8 @@ struct Live {
     tables: HashMap<u64, Arc<LiveTable>>,
     /// Table offsets in the order they became live (the oldest is pushed out first).
     order: VecDeque<u64>,
+    /// Tables with changes not yet in the file: never pushed out.
+    pinned: std::collections::HashSet<u64>,
 }
 
 pub struct L2Sync {
@@ -176,8 +180,8 @@ impl L2Sync {
     }
 
     /// Writer only (under its metadata lock): stores `bytes` at `at` in the table at `key`,
-    /// whose current contents are `current`, making it live if it is not. The bytes must
-    /// already be in the file.
+    /// whose current contents are `current`, making it live if it is not. Until the bytes
+    /// are in the file the writer keeps the table pinned.
     pub fn update(&self, tables: &ByteCache, key: Key, current: &L2Ref, at: u64, bytes: &[u8]) {
         let t = match current {
             L2Ref::Live(t) => t.clone(),
@@ -186,9 +190,19 @@ impl L2Sync {
         t.store(at as usize, bytes);
     }
 
-    /// Writer only: a whole new table, already written to the file, becomes live.
+    /// Writer only: a whole new table becomes live.
     pub fn replace(&self, tables: &ByteCache, key: Key, table: &[u8]) {
         self.make_live(tables, key, LiveTable::from_bytes(table));
+    }
+
+    /// Writer only: the live table at `offset` stays live until unpinned.
+    pub fn pin(&self, offset: u64) {
+        self.live.write().pinned.insert(offset);
+    }
+
+    /// Writer only: every pinned table is in the file now.
+    pub fn unpin_all(&self) {
+        self.live.write().pinned.clear();
     }
 
     fn make_live(&self, tables: &ByteCache, key: Key, t: LiveTable) -> Arc<LiveTable> {
@@ -205,7 +219,11 @@ impl L2Sync {
             tables.invalidate(&key);
         }
         while live.tables.len() > limit {
-            let Some(old) = live.order.pop_front() else {
+            // The oldest unpinned one (the writer flushes before too many are pinned).
+            let Some(at) = live.order.iter().position(|o| !live.pinned.contains(o)) else {
+                break;
+            };
+            let Some(old) = live.order.remove(at) else {
                 break;
             };
             if let Some(ot) = live.tables.get(&old).cloned() {
@@ -263,6 +281,17 @@ mod tests {
             sync.replace(&tables, key(i), &[0u8; 64]);
         }
         assert_eq!(sync.live.read().tables.len(), MIN_LIVE_TABLES);
+        // A pinned table stays live however many come after it.
+        sync.pin(key(100).offset);
+        sync.replace(&tables, key(100), &[1u8; 64]);
+        for i in 200..200 + MIN_LIVE_TABLES as u64 {
+            sync.replace(&tables, key(i), &[0u8; 64]);
+        }
+        assert!(matches!(
+            sync.get(&tables, key(100), || unreachable!()).unwrap(),
+            L2Ref::Live(_)
+        ));
+        sync.unpin_all();
         // Pushed out: the cache holds the newest contents.
         let back = sync.get(&tables, key(0), || unreachable!()).unwrap();
         assert!(matches!(back, L2Ref::Cached(_)));

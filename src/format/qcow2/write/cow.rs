@@ -138,18 +138,11 @@ impl Qcow2Writer {
     }
 
     pub(super) fn alloc(&self, rc: &mut Refcounts) -> Result<u64> {
-        let file = self.file();
-        let header_write = |off: u64, clusters: u32| {
-            let mut b = [0u8; 12];
-            b[..8].copy_from_slice(&off.to_be_bytes());
-            b[8..].copy_from_slice(&clusters.to_be_bytes());
-            file.write_all_at(&b, 48)
-        };
-        Ok(rc.alloc(file, &header_write)? * self.cs())
+        Ok(rc.alloc(self.file())? * self.cs())
     }
 
-    /// Drops the references an L2 entry held, after the entry no longer holds them, and
-    /// gives the space of clusters that became free back to the host file system.
+    /// Drops the references an L2 entry held, once the entry no longer holding them is
+    /// durable (the flush applies them and gives freed space back to the host).
     pub(super) fn drop_refs(&self, rc: &mut Refcounts, kind: EntryKind) -> Result<()> {
         if self.has_data_file() {
             return Ok(());
@@ -163,17 +156,9 @@ impl Qcow2Writer {
             _ => return Ok(()),
         };
         for c in clusters {
-            if rc.decrement(self.file(), c)? {
-                self.punch_hole(c * cs, cs);
-            }
+            rc.release(c);
         }
         Ok(())
-    }
-
-    /// Best effort: a file system without hole punching just keeps the bytes.
-    fn punch_hole(&self, off: u64, len: u64) {
-        // The range holds no data anything references (its refcount just became 0).
-        let _ = self.file().punch_hole(off, len);
     }
 
     /// The L2 table covering `pos`, owned by this image alone: allocated when missing,
@@ -200,13 +185,11 @@ impl Qcow2Writer {
             self.l2_table(old)?.to_bytes()
         };
         let new = self.alloc(rc)?;
-        self.write_new_l2(new, table)?;
+        self.write_new_l2(rc, new, table)?;
         rc.metadata.insert(new / cs);
-        let ne = new | COPIED;
-        self.file().write_all_at(&ne.to_be_bytes(), at)?;
-        self.set_l1(l1i as usize, ne);
+        self.set_l1(rc, l1i as usize, new | COPIED);
         if old != 0 {
-            rc.decrement(self.file(), old / cs)?;
+            rc.release(old / cs);
         }
         Ok(new)
     }
@@ -311,7 +294,7 @@ impl Qcow2Writer {
         if self.ext() {
             e.extend_from_slice(&ALL_ALLOC.to_be_bytes());
         }
-        self.write_l2(l2_off, &l2, idx * self.entry_size(), &e)?;
+        self.write_l2(rc, l2_off, &l2, idx * self.entry_size(), &e)?;
         self.drop_refs(rc, kind)
     }
 
@@ -423,7 +406,7 @@ impl Qcow2Writer {
         }
         let mut e = (target | COPIED).to_be_bytes().to_vec();
         e.extend_from_slice(&new_bitmap.to_be_bytes());
-        self.write_l2(l2_off, l2, idx * 16, &e)?;
+        self.write_l2(rc, l2_off, l2, idx * 16, &e)?;
         if old.is_some_and(|h| h != target) {
             self.drop_refs(rc, kind)?;
         }

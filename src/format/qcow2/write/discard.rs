@@ -115,7 +115,7 @@ impl Qcow2Writer {
         if self.ext() {
             e.extend_from_slice(&ALL_ZERO.to_be_bytes());
         }
-        self.write_l2(l2_off, &l2, idx * self.entry_size(), &e)?;
+        self.write_l2(rc, l2_off, &l2, idx * self.entry_size(), &e)?;
         self.drop_refs(rc, kind)
     }
 
@@ -149,7 +149,7 @@ impl Qcow2Writer {
         self.zero_raw_data_file(g, s0 * us, s1 * us)?;
         let mut e = new_desc.to_be_bytes().to_vec();
         e.extend_from_slice(&new_bitmap.to_be_bytes());
-        self.write_l2(l2_off, &l2, idx * 16, &e)?;
+        self.write_l2(rc, l2_off, &l2, idx * 16, &e)?;
         if release {
             self.drop_refs(rc, kind)?;
         }

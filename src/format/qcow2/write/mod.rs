@@ -1,7 +1,9 @@
 //! In-place writing of a qcow2 top layer, as QEMU writes it (v2 and v3, any refcount width,
-//! extended L2, external data files), crash-consistent without fsync: every metadata
-//! update is written through, in an order that keeps the image valid at every instant
-//! (leaks allowed, never a reference to a cluster whose refcount is 0).
+//! extended L2, external data files), safe against a power cut: metadata changes stay in
+//! memory (the write-back cache of `meta/`) and are written back in dependency order with
+//! syncs between (`flush.rs`), so whatever a crash leaves is a valid image (leaks allowed,
+//! never a reference to a cluster whose refcount is 0, never an entry over stale data).
+//! Guest data goes to the file at once; a new cluster is pointed to only after a sync.
 //!
 //! Locking: `meta` is a read-write lock. Data writes into clusters this image owns alone
 //! (COPIED) take it shared, so they run in parallel; anything that allocates or changes
@@ -15,12 +17,13 @@ mod cow;
 pub mod create;
 mod discard;
 pub mod entry;
+mod flush;
 mod inflight;
-#[allow(dead_code)] // wired in by the next step
 pub mod meta;
 mod refcount;
 mod snapshot_ops;
 
+pub use flush::start_background_flush;
 pub use snapshot_ops::MadeSnapshot;
 
 use super::Qcow2Image;
@@ -56,6 +59,8 @@ pub struct Qcow2Writer {
     gate: RwLock<()>,
     /// The snapshot table as it is in the file now (snapshot_ops.rs changes it).
     snaps: parking_lot::Mutex<snapshot_ops::SnapTable>,
+    /// Wakes the background flusher.
+    kick: Arc<flush::Kick>,
     /// QEMU dirty bitmaps kept up to date (bitmaps.rs); None when the image has none or
     /// they cannot be kept (the autoclear bit is then cleared).
     bitmaps: Option<bitmaps::Tracker>,
@@ -145,6 +150,7 @@ impl Qcow2Writer {
                 offset: h.snapshots_offset,
                 len: snap_table_len,
             }),
+            kick: Arc::default(),
         };
         w.clear_unknown_autoclear()?;
         Ok(Some(w))
@@ -254,22 +260,32 @@ impl Qcow2Writer {
         l2_table(&self.img, off)
     }
 
-    /// Writes `bytes` at `at` inside the L2 table at `l2_off` (whose contents are `current`),
-    /// then updates the table readers see in place.
-    fn write_l2(&self, l2_off: u64, current: &L2Ref, at: u64, bytes: &[u8]) -> Result<()> {
-        self.file().write_all_at(bytes, l2_off + at)?;
+    /// Stores `bytes` at `at` inside the L2 table at `l2_off` (whose contents are `current`)
+    /// where readers see it; the flush writes it to the file.
+    fn write_l2(
+        &self,
+        rc: &mut Refcounts,
+        l2_off: u64,
+        current: &L2Ref,
+        at: u64,
+        bytes: &[u8],
+    ) -> Result<()> {
         self.img
             .l2_sync
             .update(&self.img.tables, self.l2_key(l2_off), current, at, bytes);
+        if rc.dirty.l2(l2_off, at, bytes.len() as u64) {
+            self.img.l2_sync.pin(l2_off);
+        }
         Ok(())
     }
 
-    /// Writes a whole new L2 table (before anything points to it) and publishes it.
-    fn write_new_l2(&self, l2_off: u64, table: Vec<u8>) -> Result<()> {
-        self.file().write_all_at(&table, l2_off)?;
+    /// Publishes a whole new L2 table (nothing points to it yet); the flush writes it.
+    fn write_new_l2(&self, rc: &mut Refcounts, l2_off: u64, table: Vec<u8>) -> Result<()> {
         self.img
             .l2_sync
             .replace(&self.img.tables, self.l2_key(l2_off), &table);
+        rc.dirty.new_l2(l2_off);
+        self.img.l2_sync.pin(l2_off);
         Ok(())
     }
 
@@ -305,12 +321,13 @@ impl Qcow2Writer {
         self.l1.read().get(l1i).copied().unwrap_or(0) & OFFSET_MASK
     }
 
-    /// Replaces L1 entry `i` in memory (after it was written to the file).
-    fn set_l1(&self, i: usize, e: u64) {
+    /// Replaces L1 entry `i` in memory; the flush writes it.
+    fn set_l1(&self, rc: &mut Refcounts, i: usize, e: u64) {
         let mut l1 = self.l1.write();
         let mut v = l1.to_vec();
         v[i] = e;
         *l1 = v.into();
+        rc.dirty.l1(self.img.header.l1_table_offset, i as u64);
     }
 
     fn failed_error(&self) -> Error {
@@ -388,6 +405,7 @@ impl LayerWriter for Qcow2Writer {
         let r = self
             .bitmaps_record(off, data.len() as u64)
             .and_then(|_| self.write_range(off, data, below));
+        self.kick_if_over_limit();
         self.latch(r)
     }
 
@@ -397,6 +415,7 @@ impl LayerWriter for Qcow2Writer {
         let r = self
             .bitmaps_record(off, len)
             .and_then(|_| self.discard_range(off, len, below));
+        self.kick_if_over_limit();
         self.latch(r)
     }
 
@@ -423,11 +442,12 @@ impl Qcow2Writer {
     fn flush_with_bitmaps(&self) -> Result<()> {
         let _serial = self.bitmaps_write_back_lock();
         let staged = self.bitmaps_stage()?;
-        self.sync_files()?;
+        // The metadata cache written back (its syncs cover the staged clusters too).
+        self.flush_all()?;
         self.bitmaps_link(staged)
     }
 
-    /// Metadata is written through in dependency order; only durability is left.
+    /// Makes what was written durable (the metadata cache is written back already).
     fn sync_files(&self) -> Result<()> {
         self.file()
             .sync_data()

@@ -1,10 +1,12 @@
 //! Refcount bookkeeping of a writable qcow2 image: lookups, allocation (lowest free cluster
 //! first), decrements, new refcount blocks (self-describing when they must be) and a growing
-//! refcount table. Every change is written through before the caller may reference the
-//! cluster, so the image on disk never references a cluster whose refcount is 0.
+//! refcount table. Changes stay in memory, marked in the write-back cache (`meta`); the
+//! flush writes them before anything that references the clusters (see `meta/plan.rs`).
+//! References dropped by entries not yet durable wait there as releases.
 
 use super::super::MAX_REFTABLE_BYTES;
 use super::entry::{get_refcount, max_refcount, set_refcount};
+use super::meta::{Dirty, Plan, Write};
 use crate::error::{Error, Kind, Result};
 use crate::storage::HostFile;
 use std::collections::{HashMap, HashSet};
@@ -34,6 +36,8 @@ pub struct Refcounts {
     /// L2 tables (cluster indices) that internal snapshots use: never changed in place,
     /// whatever the COPIED flag of an active L1 entry claims.
     pub snapshot_l2: HashSet<u64>,
+    /// What changed in memory and is not in the file yet (all the image's metadata).
+    pub dirty: Dirty,
 }
 
 impl Refcounts {
@@ -82,6 +86,7 @@ impl Refcounts {
             end: file.len().div_ceil(cs),
             metadata,
             snapshot_l2: HashSet::new(),
+            dirty: Dirty::new(cs),
         })
     }
 
@@ -118,7 +123,7 @@ impl Refcounts {
         })
     }
 
-    /// Stores refcount `v` of cluster `c` (its block must exist) and writes the changed bytes.
+    /// Stores refcount `v` of cluster `c` (its block must exist) and marks it dirty.
     fn set(&mut self, file: &HostFile, c: u64, v: u64) -> Result<()> {
         let (ri, i) = (c / self.per_block, c % self.per_block);
         let off = self.block(file, ri)?.ok_or_else(|| {
@@ -135,7 +140,8 @@ impl Refcounts {
             .get_mut(&off)
             .ok_or_else(|| Error::invalid("internal: refcount block not loaded"))?;
         let r = set_refcount(b, order, i, v);
-        file.write_all_at(&b[r.clone()], off + r.start as u64)
+        self.dirty.refblock(off, r);
+        Ok(())
     }
 
     /// Adds one reference to host cluster `c`, which must be in use already (an internal
@@ -160,8 +166,14 @@ impl Refcounts {
         self.set(file, c, v + 1)
     }
 
-    /// Drops one reference to host cluster `c`; call only after the last on-disk reference
-    /// that this reference stood for is gone. Returns true when the cluster became free.
+    /// Drops one reference to host cluster `c` once the entry that stood for it is durable:
+    /// the next flush applies it.
+    pub fn release(&mut self, c: u64) {
+        self.dirty.release(c);
+    }
+
+    /// Drops one reference to host cluster `c` now; call only when no durable reference
+    /// stands for it any more (or never did). Returns true when the cluster became free.
     pub fn decrement(&mut self, file: &HostFile, c: u64) -> Result<bool> {
         let v = self.get(file, c)?;
         if v == 0 {
@@ -201,12 +213,9 @@ impl Refcounts {
         }
     }
 
-    /// Allocates one cluster: its refcount is 1 on disk when this returns.
-    pub fn alloc(
-        &mut self,
-        file: &HostFile,
-        header_write: &dyn Fn(u64, u32) -> Result<()>,
-    ) -> Result<u64> {
+    /// Allocates one cluster: its refcount is 1 (in memory; the flush writes it before
+    /// anything that points to the cluster).
+    pub fn alloc(&mut self, file: &HostFile) -> Result<u64> {
         loop {
             let c = self.find_free(file)?;
             if c.checked_mul(self.cs())
@@ -230,7 +239,7 @@ impl Refcounts {
             }
             let ri = c / self.per_block;
             if ri >= self.table.len() as u64 {
-                self.grow_table(file, ri, header_write)?;
+                self.grow_table(file, ri)?;
                 continue;
             }
             if self.table[ri as usize] & REFTABLE_OFFSET_MASK == 0 {
@@ -238,8 +247,8 @@ impl Refcounts {
                 let mut b = vec![0u8; self.cs() as usize];
                 set_refcount(&mut b, self.order, c % self.per_block, 1);
                 let off = c << self.cluster_bits;
-                file.write_all_at(&b, off)?;
-                file.write_all_at(&off.to_be_bytes(), self.table_offset + ri * 8)?;
+                self.dirty.new_refblock(off);
+                self.dirty.reftable_entry(self.table_offset, ri);
                 self.table[ri as usize] = off;
                 self.blocks.insert(off, b);
                 self.metadata.insert(c);
@@ -254,14 +263,9 @@ impl Refcounts {
     }
 
     /// Moves the refcount table to a bigger one at the end of the file that covers index
-    /// `need`, with new refcount blocks for the area it occupies (which count themselves),
-    /// then switches the header with one write and frees the old table.
-    fn grow_table(
-        &mut self,
-        file: &HostFile,
-        need: u64,
-        header_write: &dyn Fn(u64, u32) -> Result<()>,
-    ) -> Result<()> {
+    /// `need`, with new refcount blocks for the area it occupies (which count themselves).
+    /// The flush writes them, then switches the header; the old table is released.
+    fn grow_table(&mut self, file: &HostFile, need: u64) -> Result<()> {
         let cs = self.cs();
         let pb = self.per_block;
         let mut start = self.end.max(1);
@@ -323,15 +327,13 @@ impl Refcounts {
                 set_refcount(&mut b, self.order, c % pb, 1);
             }
             let off = (start + k as u64) << self.cluster_bits;
-            file.write_all_at(&b, off)?;
+            self.dirty.new_refblock(off);
             table[ri as usize] = off;
             made.push((off, b));
         }
-        // 3. The new table, then the header switch.
-        let bytes: Vec<u8> = table.iter().flat_map(|e| e.to_be_bytes()).collect();
+        // 3. The new table (written whole by the flush), then the header switch.
         let table_offset = table_start << self.cluster_bits;
-        file.write_all_at(&bytes, table_offset)?;
-        header_write(table_offset, nclusters as u32)?;
+        self.dirty.reftable_moved(table_offset, nclusters as u32);
         let old = (self.table_offset >> self.cluster_bits, self.table_clusters);
         self.table = table;
         self.table_offset = table_offset;
@@ -342,12 +344,55 @@ impl Refcounts {
         }
         self.metadata.extend(area.clone());
         self.end = self.end.max(area.end);
-        // 4. The old table is unreferenced now.
+        // 4. The old table, once the header no longer points to it.
         for c in old.0..old.0 + old.1 {
-            self.metadata.remove(&c);
-            self.decrement(file, c)?;
+            self.release(c);
         }
         Ok(())
+    }
+
+    /// Moves the dirty refcount metadata into `plan` (refcount block pages, a moved table
+    /// whole; the header switch or the table entries of new blocks) with the releases.
+    pub fn take_plan(&mut self, plan: &mut Plan) {
+        let cs = self.cs();
+        for (off, ranges) in self.dirty.refblocks.take(cs) {
+            let Some(b) = self.blocks.get(&off) else {
+                continue;
+            };
+            for r in ranges {
+                plan.refcounts.push(Write {
+                    off: off + r.start,
+                    bytes: b[r.start as usize..r.end as usize].to_vec(),
+                });
+            }
+        }
+        let table_bytes =
+            || -> Vec<u8> { self.table.iter().flat_map(|e| e.to_be_bytes()).collect() };
+        if let Some((off, clusters)) = self.dirty.header_reftable.take() {
+            plan.refcounts.push(Write {
+                off,
+                bytes: table_bytes(),
+            });
+            let mut h = off.to_be_bytes().to_vec();
+            h.extend_from_slice(&clusters.to_be_bytes());
+            plan.reftable.push(Write { off: 48, bytes: h });
+            self.dirty.reftable.take(0);
+        } else {
+            let len = self.table.len() as u64 * 8;
+            let ranges = self.dirty.reftable.take(len);
+            if !ranges.is_empty() {
+                let bytes = table_bytes();
+                for (_, rs) in ranges {
+                    for r in rs {
+                        plan.reftable.push(Write {
+                            off: self.table_offset + r.start,
+                            bytes: bytes[r.start as usize..r.end as usize].to_vec(),
+                        });
+                    }
+                }
+            }
+        }
+        plan.releases.append(&mut self.dirty.releases);
     }
 }
 
@@ -357,6 +402,30 @@ mod tests {
 
     /// A tiny image file: 512-byte clusters, cluster 0 header, 1 reftable cluster at 1, one
     /// refcount block at 2 covering clusters 0..2.
+    /// Writes everything dirty as a flush would (releases applied, then written too);
+    /// returns the header's refcount table fields if they changed.
+    fn write_back(rc: &mut Refcounts, f: &HostFile) -> Option<(u64, u32)> {
+        let mut header = None;
+        for _ in 0..2 {
+            let mut plan = Plan::default();
+            rc.take_plan(&mut plan);
+            rc.dirty.taken();
+            for w in plan.refcounts.iter().chain(&plan.reftable) {
+                if w.off == 48 {
+                    let o = u64::from_be_bytes(w.bytes[..8].try_into().unwrap());
+                    let n = u32::from_be_bytes(w.bytes[8..12].try_into().unwrap());
+                    header = Some((o, n));
+                } else {
+                    f.write_all_at(&w.bytes, w.off).unwrap();
+                }
+            }
+            for c in plan.releases {
+                rc.decrement(f, c).unwrap();
+            }
+        }
+        header
+    }
+
     fn tiny(dir: &std::path::Path, order: u32) -> std::sync::Arc<HostFile> {
         let p = dir.join(format!("rc{order}"));
         let mut img = vec![0u8; 3 * 512];
@@ -375,18 +444,18 @@ mod tests {
         for order in [3u32, 4, 6] {
             let f = tiny(&dir, order);
             let mut rc = Refcounts::new(&f, 9, order, 512, 1).unwrap();
-            let header: std::cell::RefCell<Option<(u64, u32)>> = Default::default();
-            let hw = |o: u64, n: u32| {
-                *header.borrow_mut() = Some((o, n));
-                Ok(())
-            };
             let mut got = Vec::new();
             // 64 table entries * (4096 >> order) clusters: enough allocations to grow the table.
             let n = 64 * ((512 * 8) >> order) + 10;
-            for _ in 0..n {
-                got.push(rc.alloc(&f, &hw).unwrap());
+            let mut header = None;
+            for i in 0..n {
+                got.push(rc.alloc(&f).unwrap());
+                if i % 1000 == 999 {
+                    header = write_back(&mut rc, &f).or(header);
+                }
             }
-            assert!(header.borrow().is_some(), "order {order}: table never grew");
+            header = write_back(&mut rc, &f).or(header);
+            assert!(header.is_some(), "order {order}: table never grew");
             let mut seen = HashSet::new();
             for &c in &got {
                 assert!(seen.insert(c), "cluster {c} handed out twice");
@@ -394,10 +463,13 @@ mod tests {
                 assert_eq!(rc.get(&f, c).unwrap(), 1);
             }
             // A freed cluster is handed out again first.
-            assert!(rc.decrement(&f, got[5]).unwrap());
-            assert_eq!(rc.alloc(&f, &hw).unwrap(), got[5]);
+            rc.release(got[5]);
+            assert_ne!(rc.alloc(&f).unwrap(), got[5], "released before the flush");
+            write_back(&mut rc, &f);
+            assert_eq!(rc.alloc(&f).unwrap(), got[5]);
+            write_back(&mut rc, &f);
             // A fresh reader of the file agrees with the in-memory state.
-            let (to, tc) = header.borrow().unwrap();
+            let (to, tc) = header.unwrap();
             let mut again = Refcounts::new(&f, 9, order, to, u64::from(tc)).unwrap();
             for &c in got.iter().take(50).chain(got.iter().rev().take(50)) {
                 assert_eq!(again.get(&f, c).unwrap(), 1);
@@ -427,13 +499,8 @@ mod tests {
         std::fs::write(&p, &img).unwrap();
         let f = HostFile::open(&p, true).unwrap();
         let mut rc = Refcounts::new(&f, 9, 6, 512, 1).unwrap();
-        let moved = std::cell::Cell::new(false);
-        let hw = |_: u64, _: u32| {
-            moved.set(true);
-            Ok(())
-        };
-        while !moved.get() {
-            let c = rc.alloc(&f, &hw).unwrap();
+        while rc.dirty.header_reftable.is_none() {
+            let c = rc.alloc(&f).unwrap();
             assert!(!(4090..4096).contains(&c), "handed out claimed cluster {c}");
         }
         let t = rc.table_offset / 512;

@@ -4,9 +4,11 @@
 //! Each change runs with no write or discard in flight (the writer's gate, held
 //! exclusively) and under the metadata lock, so a guest write is wholly before or after it.
 //!
-//! Crash safety: the snapshot table is never changed in place. A change writes everything a
-//! new table needs (refcount increments, the L1 copy, the new table itself), flushes, then
-//! switches the header to the new table with one 12-byte write and flushes again. A crash
+//! Crash safety: the snapshot table is never changed in place. A change first writes the
+//! metadata cache back (`flush_locked`), makes its changes (refcount increments and COPIED
+//! flags in the cache, the L1 copy and the new table written directly, unreferenced), writes
+//! the cache back again, then switches the header to the new table with one 12-byte write
+//! and syncs. What follows the switch is written back before the operation returns. A crash
 //! before the switch leaves the old table and at worst leaked clusters; after it, the new
 //! table. Deletion drops references only after the switch (leaks, never a reference to a
 //! free cluster).
@@ -78,7 +80,10 @@ impl Qcow2Writer {
                 format!("more than {MAX_SNAPSHOTS} snapshots"),
             ));
         }
-        let r = self.create_locked(&mut guard, &mut table, name);
+        let r = self
+            .flush_locked(&mut guard)
+            .and_then(|_| self.create_locked(&mut guard, &mut table, name))
+            .and_then(|made| self.flush_locked(&mut guard).map(|_| made));
         self.latch(r)
     }
 
@@ -89,7 +94,10 @@ impl Qcow2Writer {
         let mut guard = self.meta.write();
         let mut table = self.snaps.lock();
         let i = find(&table.entries, id, &self.img.path)?;
-        let r = self.delete_locked(&mut guard, &mut table, i);
+        let r = self
+            .flush_locked(&mut guard)
+            .and_then(|_| self.delete_locked(&mut guard, &mut table, i))
+            .and_then(|_| self.flush_locked(&mut guard));
         self.latch(r)
     }
 
@@ -102,7 +110,9 @@ impl Qcow2Writer {
         check_new_name(&table.entries, name, Some(i))?;
         let mut entries = table.entries.clone();
         entries[i] = entries[i].renamed(name);
-        let r = self.switch_table(&mut guard, &mut table, entries);
+        let r = self
+            .switch_table(&mut guard, &mut table, entries)
+            .and_then(|_| self.flush_locked(&mut guard));
         self.latch(r)
     }
 
@@ -135,11 +145,11 @@ impl Qcow2Writer {
         let mut seen = BTreeSet::new();
         for &l2_off in &l2s {
             if seen.insert(l2_off) {
-                self.rewrite_copied(l2_off, |_| Ok(false))?;
+                self.rewrite_copied(rc, l2_off, |_, _| Ok(false))?;
             }
         }
         let new_l1: Vec<u64> = l1.iter().map(|e| e & !COPIED).collect();
-        self.write_active_l1(&l1, &new_l1)?;
+        self.write_active_l1(rc, &l1, &new_l1);
         // 3. The snapshot's L1 table.
         let l1_bytes: Vec<u8> = new_l1.iter().flat_map(|e| e.to_be_bytes()).collect();
         let l1_clusters = (l1_bytes.len() as u64).div_ceil(cs);
@@ -233,7 +243,8 @@ impl Qcow2Writer {
         if !bytes.is_empty() {
             file.write_all_at(&bytes, off)?;
         }
-        file.sync_data()?;
+        // Everything the new table names (and the table) is durable before the switch.
+        self.flush_locked(rc)?;
         let count = u32::try_from(entries.len())
             .map_err(|_| Error::invalid("internal: too many snapshots"))?;
         let mut header = count.to_be_bytes().to_vec();
@@ -278,8 +289,9 @@ impl Qcow2Writer {
     /// whether an entry's cluster has refcount 1. Writes only when a flag changes.
     fn rewrite_copied(
         &self,
+        rc: &mut Refcounts,
         l2_off: u64,
-        mut owned: impl FnMut(u64) -> Result<bool>,
+        mut owned: impl FnMut(&mut Refcounts, u64) -> Result<bool>,
     ) -> Result<()> {
         let cs = self.cs();
         let l2 = self.l2_table(l2_off)?;
@@ -295,7 +307,7 @@ impl Qcow2Writer {
                 EntryKind::Normal { host, .. } | EntryKind::Zero { host } if host != 0 => host,
                 _ => continue,
             };
-            let want = if owned(host / cs)? {
+            let want = if owned(rc, host / cs)? {
                 d | COPIED
             } else {
                 d & !COPIED
@@ -306,7 +318,7 @@ impl Qcow2Writer {
             }
         }
         if changed {
-            self.write_l2(l2_off, &l2, 0, &bytes)?;
+            self.write_l2(rc, l2_off, &l2, 0, &bytes)?;
         }
         Ok(())
     }
@@ -329,22 +341,20 @@ impl Qcow2Writer {
                 e & !COPIED
             };
             if seen.insert(l2_off) {
-                self.rewrite_copied(l2_off, |c| Ok(rc.get(&file, c)? == 1))?;
+                self.rewrite_copied(rc, l2_off, |rc, c| Ok(rc.get(&file, c)? == 1))?;
             }
         }
-        self.write_active_l1(&l1, &new_l1)
+        self.write_active_l1(rc, &l1, &new_l1);
+        Ok(())
     }
 
-    /// Writes the active L1 table when it changed, then publishes it.
-    fn write_active_l1(&self, old: &[u64], new: &[u64]) -> Result<()> {
-        if old == new {
-            return Ok(());
+    /// Publishes the active L1 table and marks the entries that changed for the flush.
+    fn write_active_l1(&self, rc: &mut Refcounts, old: &[u64], new: &[u64]) {
+        let l1_off = self.img.header.l1_table_offset;
+        for (i, _) in old.iter().zip(new).enumerate().filter(|(_, (a, b))| a != b) {
+            rc.dirty.l1(l1_off, i as u64);
         }
-        let bytes: Vec<u8> = new.iter().flat_map(|e| e.to_be_bytes()).collect();
-        self.file()
-            .write_all_at(&bytes, self.img.header.l1_table_offset)?;
         *self.l1.write() = new.to_vec().into();
-        Ok(())
     }
 
     /// `n` contiguous free clusters (refcount 1 on return); 0 for none. Allocation goes

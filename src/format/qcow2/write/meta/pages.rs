@@ -58,6 +58,11 @@ impl DirtyPages {
         self.pages * self.page
     }
 
+    /// Objects with dirty pages.
+    pub fn len(&self) -> usize {
+        self.objects.len()
+    }
+
     pub fn contains(&self, obj: u64) -> bool {
         self.objects.contains_key(&obj)
     }
