@@ -223,3 +223,35 @@ fn the_writer_keeps_enabled_bitmaps_and_closes_them_consistent() {
     assert_eq!(qemu_dirty_ranges(&img, "on"), want);
     assert!(qemu_dirty_ranges(&img, "off").is_empty());
 }
+
+/// A bitmap cluster with refcount 2 (shared with something else, or a crafted file) cannot
+/// be written in place: the writer falls back to clearing the autoclear bit, so QEMU drops
+/// the bitmaps instead of trusting a record we could not keep.
+#[test]
+fn a_shared_bitmap_cluster_makes_the_writer_drop_the_bitmaps() {
+    let d = Scratch::new("bitmaps-shared");
+    let img = d.path("disk.qcow2");
+    let p = img.to_str().unwrap();
+    qemu_img(&["create", "-q", "-f", "qcow2", p, "16M"]);
+    qemu_img(&["bitmap", "--add", p, "b"]);
+    let q = Qcow2Image::open(&img, &ctx()).unwrap();
+    let table = q.bitmaps().unwrap().unwrap().entries[0].table_offset;
+    let cs = q.geometry.cluster_size();
+    let reftable = q.header.refcount_table_offset;
+    drop(q);
+    // 16-bit refcounts; the first refcount block covers the whole small file.
+    let bytes = std::fs::read(&img).unwrap();
+    let block = u64::from_be_bytes(
+        bytes[reftable as usize..reftable as usize + 8]
+            .try_into()
+            .unwrap(),
+    );
+    patch(&img, block + table / cs * 2, &2u16.to_be_bytes());
+    {
+        let view = open_rw(&img);
+        view.write(0, b"x").unwrap();
+        view.close().unwrap();
+    }
+    assert!(qemu_flags(&img).is_empty(), "{:?}", qemu_flags(&img));
+    assert_eq!(qemu_raw(&img, None, &[])[0], b'x');
+}
