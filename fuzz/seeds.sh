@@ -61,7 +61,7 @@ qemu-img create -q -f vhdx -o block_size=1M x.vhdx 4M
 io vhdx x.vhdx "write -P 0x66 0 4K"
 cp x.vhdx "$OLDPWD/corpus/vhdx/dynamic"
 
-# vdi: dynamic base (differencing VDIs come from the tests' generators, not qemu-img).
+# vdi: dynamic base (the differencing VDI comes from the tests' generators, below).
 qemu-img convert -q -f raw -O vdi r.raw base.vdi
 join "$OLDPWD/corpus/vdi/base" base.vdi
 cp base.vdi "$OLDPWD/corpus/probe/vdi"
@@ -74,4 +74,8 @@ if command -v sgdisk >/dev/null; then
 fi
 printf 'label: dos\n2048,1024,83\n,,5\n,512,83\n' | sfdisk -q disk.raw >/dev/null 2>&1 || true
 head -c 4M disk.raw > "$OLDPWD/corpus/partition/mbr"
-echo "seeds in $(cd "$OLDPWD" && pwd)/corpus"
+# Layouts qemu-img cannot make (COWD and seSparse VMDK deltas, a differencing VDI, a VHDX
+# with a dirty log) come from the tests' generators (tests/fuzz_seeds.rs).
+corpus=$(cd "$OLDPWD" && pwd)/corpus
+(cd "$corpus/../.." && FUZZ_SEEDS_OUT="$corpus" cargo test -q --test fuzz_seeds -- --ignored >/dev/null)
+echo "seeds in $corpus"

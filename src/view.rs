@@ -276,33 +276,41 @@ impl View {
     }
 
     /// The first offset >= `off` that holds data (anything but zeros-by-mapping), if any.
+    /// Where the seek budget runs out, the rest counts as data (see `SEEK_BUDGET`).
     pub fn next_data(&self, off: u64) -> Result<Option<u64>> {
-        self.scan(off, |m| !matches!(m, Mapping::Zero | Mapping::Unallocated))
+        Ok(match self.scan(off, |m| !is_hole(m))? {
+            Scan::Found(p) | Scan::GaveUp(p) => Some(p),
+            Scan::End => None,
+        })
     }
 
-    /// The first offset >= `off` in a hole; the end of the disk counts as a hole.
+    /// The first offset >= `off` in a hole; the end of the disk counts as a hole (and is the
+    /// answer where the seek budget runs out: everything before it then counts as data).
     pub fn next_hole(&self, off: u64) -> Result<u64> {
-        Ok(self
-            .scan(off, |m| matches!(m, Mapping::Zero | Mapping::Unallocated))?
-            .unwrap_or(self.size)
-            .max(off.min(self.size)))
+        Ok(match self.scan(off, is_hole)? {
+            Scan::Found(p) => p,
+            Scan::End | Scan::GaveUp(_) => self.size,
+        }
+        .max(off.min(self.size)))
     }
 
-    fn scan(&self, off: u64, want: impl Fn(&Mapping) -> bool) -> Result<Option<u64>> {
+    /// Walks the layers' translations from `off` in extents as long as their tables allow
+    /// (an empty qcow2 L1 entry, VMDK grain directory entry or VHD/VHDX/VDI block is one
+    /// extent), not chunk by chunk, so the cost follows the layout, not the virtual size.
+    fn scan(&self, off: u64, want: impl Fn(&Mapping) -> bool) -> Result<Scan> {
+        let mut budget = SEEK_BUDGET;
         let mut pos = off;
         while pos < self.size {
-            let chunk = pos / CHUNK;
-            let mut ext_start = chunk * CHUNK;
-            for e in self.chunk(chunk)?.iter() {
-                let ext_end = ext_start + e.len;
-                if ext_end > pos && want(&e.map) {
-                    return Ok(Some(pos.max(ext_start)));
-                }
-                ext_start = ext_end;
+            if budget == 0 {
+                return Ok(Scan::GaveUp(pos));
             }
-            pos = (chunk + 1) * CHUNK;
+            let e = resolve_step(&self.layers, pos, self.size, &Mapping::Zero, &mut budget)?;
+            if want(&e.map) {
+                return Ok(Scan::Found(pos));
+            }
+            pos += e.len;
         }
-        Ok(None)
+        Ok(Scan::End)
     }
 
     /// Bytes that hold data in this view (for st_blocks). Computed on first use; a written
@@ -317,17 +325,21 @@ impl View {
             }
         }
         self.dirty_alloc.store(false, Ordering::Relaxed);
+        // Extents as long as the tables allow, as for seeks; past the budget the rest counts
+        // as allocated (an overestimate, never a hang).
+        let mut budget = 4 * SEEK_BUDGET;
         let mut total = 0;
         let mut pos = 0;
-        const SPAN: u64 = 16 * 1024 * 1024;
         while pos < self.size {
-            let len = SPAN.min(self.size - pos);
-            for e in resolve(&self.layers, pos, len)? {
-                if !matches!(e.map, Mapping::Zero | Mapping::Unallocated) {
-                    total += e.len;
-                }
+            if budget == 0 {
+                total += self.size - pos;
+                break;
             }
-            pos += len;
+            let e = resolve_step(&self.layers, pos, self.size, &Mapping::Zero, &mut budget)?;
+            if !is_hole(&e.map) {
+                total += e.len;
+            }
+            pos += e.len;
         }
         *cached = Some((total, Instant::now()));
         Ok(total)
@@ -411,6 +423,22 @@ impl View {
     }
 }
 
+/// Most layer translations one SEEK_DATA/SEEK_HOLE makes. Past it the rest of the disk
+/// counts as data, which is never a wrong answer (data may hold zeros; a hole is only
+/// promised where the layers say so), so a crafted image cannot make one seek walk a
+/// huge virtual size step by step. Well-formed images end far sooner: each empty table
+/// entry is one step.
+const SEEK_BUDGET: u32 = 1 << 15;
+
+/// How a seek scan ended.
+enum Scan {
+    Found(u64),
+    /// Nothing wanted up to the end of the disk.
+    End,
+    /// The budget ran out at this offset, nothing wanted before it.
+    GaveUp(u64),
+}
+
 struct Piece {
     map: Mapping,
     /// Offset into the extent where this piece starts.
@@ -437,37 +465,61 @@ fn resolve_down_to(
     let mut out: Vec<Extent> = Vec::new();
     let end = off + len;
     let mut pos = off;
+    let mut calls = u32::MAX;
     while pos < end {
-        let mut seg = end - pos;
-        let mut map = bottom.clone();
-        for layer in layers {
-            let vsize = layer.virtual_size();
-            if pos >= vsize {
-                map = Mapping::Zero;
-                break;
-            }
-            seg = seg.min(vsize - pos);
-            let e = layer.map(pos, seg)?;
-            if e.len == 0 || e.len > seg {
-                return Err(Error::new(
-                    Kind::Corrupt,
-                    format!(
-                        "{}: translation of {pos:#x} returned a bad length {}",
-                        crate::storage::show_path(layer.path()),
-                        e.len
-                    ),
-                ));
-            }
-            seg = e.len;
-            if !matches!(e.map, Mapping::Unallocated) {
-                map = e.map;
-                break;
-            }
-        }
-        push_merged(&mut out, Extent { len: seg, map });
-        pos += seg;
+        let e = resolve_step(layers, pos, end, &bottom, &mut calls)?;
+        pos += e.len;
+        push_merged(&mut out, e);
     }
     Ok(out)
+}
+
+/// The extent at `pos` (ending by `end`) through `layers`, top first: the first layer that
+/// maps anything there decides, `bottom` where none does. Counts each layer's translation
+/// against `calls`.
+fn resolve_step(
+    layers: &[Arc<dyn Layer>],
+    pos: u64,
+    end: u64,
+    bottom: &Mapping,
+    calls: &mut u32,
+) -> Result<Extent> {
+    let mut seg = end - pos;
+    for layer in layers {
+        let vsize = layer.virtual_size();
+        if pos >= vsize {
+            return Ok(Extent {
+                len: seg,
+                map: Mapping::Zero,
+            });
+        }
+        seg = seg.min(vsize - pos);
+        *calls = calls.saturating_sub(1);
+        let e = layer.map(pos, seg)?;
+        if e.len == 0 || e.len > seg {
+            return Err(Error::new(
+                Kind::Corrupt,
+                format!(
+                    "{}: translation of {pos:#x} returned a bad length {}",
+                    crate::storage::show_path(layer.path()),
+                    e.len
+                ),
+            ));
+        }
+        seg = e.len;
+        if !matches!(e.map, Mapping::Unallocated) {
+            return Ok(e);
+        }
+    }
+    Ok(Extent {
+        len: seg,
+        map: bottom.clone(),
+    })
+}
+
+/// Reads as zeros by mapping (a hole for SEEK_HOLE and st_blocks).
+fn is_hole(m: &Mapping) -> bool {
+    matches!(m, Mapping::Zero | Mapping::Unallocated)
 }
 
 /// `map` as seen `by` bytes further into its extent.
@@ -541,4 +593,76 @@ pub fn read_uncached(
         ext_start += e.len;
     }
     tmp.read_pieces(pieces, &mut buf[..inside])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::format::Format;
+    use std::path::Path;
+
+    /// A layer of 4 KiB pieces that never merge, as a crafted table can make them: holes
+    /// that alternate zeros and unallocated, or data scattered over the file.
+    #[derive(Debug)]
+    struct Shattered {
+        data: Option<Arc<HostFile>>,
+        size: u64,
+    }
+
+    impl Layer for Shattered {
+        fn format(&self) -> Format {
+            Format::Raw
+        }
+        fn path(&self) -> &Path {
+            Path::new("shattered")
+        }
+        fn virtual_size(&self) -> u64 {
+            self.size
+        }
+        fn map(&self, off: u64, len: u64) -> Result<Extent> {
+            let piece = off / 4096;
+            let len = len.min(4096 - off % 4096);
+            let map = match &self.data {
+                None if piece.is_multiple_of(2) => Mapping::Zero,
+                None => Mapping::Unallocated,
+                Some(file) => Mapping::Data {
+                    file: file.clone(),
+                    host_off: (1 - piece % 2) * 8192 + off % 4096,
+                },
+            };
+            Ok(Extent { len, map })
+        }
+        fn files(&self) -> Vec<Arc<HostFile>> {
+            Vec::new()
+        }
+    }
+
+    fn view(data: Option<Arc<HostFile>>) -> View {
+        let size = 1 << 50;
+        let layer: Arc<dyn Layer> = Arc::new(Shattered { data, size });
+        View::new(vec![layer], size, Arc::new(ByteCache::new(1 << 20)), 16)
+    }
+
+    #[test]
+    fn a_seek_over_endless_pieces_of_holes_stops_and_calls_the_rest_data() {
+        let v = view(None);
+        let stop = 4096 * u64::from(SEEK_BUDGET);
+        assert_eq!(v.next_data(0).unwrap(), Some(stop));
+        // From there the scan goes on with a budget of its own.
+        assert_eq!(v.next_data(stop).unwrap(), Some(2 * stop));
+        assert_eq!(v.next_hole(5).unwrap(), 5);
+        // st_blocks: what was walked counts as holes, the rest as data.
+        assert_eq!(v.allocated_bytes().unwrap(), v.size() - 4 * stop);
+    }
+
+    #[test]
+    fn a_seek_over_endless_pieces_of_data_answers_the_end() {
+        let tmp = std::env::temp_dir().join(format!("vmfs-view-seek-{}", std::process::id()));
+        std::fs::write(&tmp, vec![1u8; 16384]).unwrap();
+        let file = HostFile::open(&tmp, false).unwrap();
+        std::fs::remove_file(&tmp).unwrap();
+        let v = view(Some(file));
+        assert_eq!(v.next_hole(0).unwrap(), v.size());
+        assert_eq!(v.next_data(12345).unwrap(), Some(12345));
+    }
 }

@@ -13,10 +13,6 @@ use vhdx_gen::{Block, Spec, build, guid_text};
 
 const MIB: u64 = 1 << 20;
 
-fn s(p: &Path) -> &str {
-    p.to_str().unwrap()
-}
-
 /// VMware Workstation: the base and its snapshot deltas (-000001, -000002) side by side in
 /// the VM folder (no spaces: the qemu-io helper cannot take them), deltas naming their parent by file name, and the .vmsd listing them.
 #[test]
@@ -25,29 +21,21 @@ fn vmware_deltas_beside_the_base_with_a_vmsd() {
     let vm = sc.path("Win10x64");
     std::fs::create_dir(&vm).unwrap();
     let mut rng = Rng::new(31);
-    let base = vm.join("Win10x64.vmdk");
-    qemu_img(&["create", "-q", "-f", "vmdk", s(&base), "4M"]);
-    write_random("vmdk", &base, &mut rng, 0, 3 << 20);
-    let mut below = "Win10x64.vmdk".to_string();
-    let mut top = base.clone();
-    for n in 1..=2 {
-        let name = format!("Win10x64-00000{n}.vmdk");
-        top = vm.join(&name);
-        qemu_img(&[
-            "create",
-            "-q",
-            "-f",
-            "vmdk",
-            "-b",
-            &below,
-            "-F",
-            "vmdk",
-            s(&top),
-        ]);
-        let off = rng.below(3 << 20);
-        write_random("vmdk", &top, &mut rng, off, 500_000);
-        below = name;
-    }
+    let names = [
+        "Win10x64.vmdk",
+        "Win10x64-000001.vmdk",
+        "Win10x64-000002.vmdk",
+    ];
+    let sizes = (3 << 20, 500_000);
+    let top = qemu_delta_chain(
+        &vm,
+        "vmdk",
+        &names,
+        "4M",
+        sizes,
+        BackingName::FileName,
+        &mut rng,
+    );
     std::fs::write(
         vm.join("Win10x64.vmsd"),
         ".encoding = \"UTF-8\"\nsnapshot.lastUID = \"2\"\nsnapshot.numSnapshots = \"2\"\n\

@@ -150,33 +150,23 @@ fn libvirt_pool_chain_opens() {
     let pool = sc.path("pool");
     std::fs::create_dir(&pool).unwrap();
     let mut rng = Rng::new(3);
-    let base = pool.join("vm.qcow2");
-    qemu_img(&["create", "-q", "-f", "qcow2", s(&base), "4M"]);
-    write_random("qcow2", &base, &mut rng, 0, 2 << 20);
-    let mut below = base.clone();
-    for name in ["vm.snap1", "vm.snap2"] {
-        let top = pool.join(name);
-        qemu_img(&[
-            "create",
-            "-q",
-            "-f",
-            "qcow2",
-            "-b",
-            s(&below),
-            "-F",
-            "qcow2",
-            s(&top),
-        ]);
-        let off = rng.below(3 << 20);
-        write_random("qcow2", &top, &mut rng, off, 300_000);
-        below = top;
-    }
-    let view = open_view(&below).unwrap();
+    let names = ["vm.qcow2", "vm.snap1", "vm.snap2"];
+    let sizes = (2 << 20, 300_000);
+    let top = qemu_delta_chain(
+        &pool,
+        "qcow2",
+        &names,
+        "4M",
+        sizes,
+        BackingName::Absolute,
+        &mut rng,
+    );
+    let view = open_view(&top).unwrap();
     assert_eq!(view.layers().len(), 3);
     assert_same(
         "libvirt",
         &read_all(&view),
-        &qemu_raw(&below, Some("qcow2"), &[]),
+        &qemu_raw(&top, Some("qcow2"), &[]),
     );
 }
 

@@ -46,12 +46,7 @@ fn run_eio(name: &str, layout: Layout, io: Io, at: Where, seed: u64) {
         }
         Layout::Overlay => {
             let base = s.path("base.qcow2");
-            qemu_img(&["create", "-q", "-f", "qcow2", base.to_str().unwrap(), "64M"]);
-            let mut rng = Rng::new(seed ^ 0xba5e);
-            durable.add(
-                40 << 20,
-                write_random("qcow2", &base, &mut rng, 40 << 20, 1 << 20),
-            );
+            base_with_data(&base, seed, &mut durable);
             // Made here: hostfs has no link(), which the daemon's own overlay creation uses.
             let ov = fs.path("ov.qcow2");
             qemu_img(&[
@@ -92,34 +87,14 @@ fn run_eio(name: &str, layout: Layout, io: Io, at: Where, seed: u64) {
         Where::Fsync => Fault::fsync(libc::EIO).file(file).times(1),
     };
     let id = fs.inject(fault);
-    let mut errno = None;
-    for i in 0..16u64 {
-        let off = (4 << 20) + i * CHUNK as u64;
-        let data = chunk(seed, i + 1, CHUNK);
-        match write_sync(&disk, off, &data) {
-            Ok(()) => durable.add(off, data),
-            Err(e) => {
-                errno = Some(e);
-                break;
-            }
-        }
-    }
+    let errno = write_until_failure(&disk, seed, 16, CHUNK, &mut durable);
     assert!(fs.hits(id) >= 1, "the fault never fired");
     let errno = errno.expect("the injected EIO never reached the writer");
     assert_eq!(errno, libc::EIO, "the writer's errno");
     // The host is healthy again (a one-shot fault, or cleared): still no fsync may succeed,
     // since what the failed operation should have stored may not be on the disk.
     fs.clear_faults();
-    assert!(
-        disk.sync_data().is_err(),
-        "an fsync after the failure reported success"
-    );
-    durable.check_file("after the failure", &disk);
-    let log = d.log();
-    assert!(
-        log.contains("unmount and mount again"),
-        "the log does not say what to do: {log}"
-    );
+    assert_latched_after_failure(&disk, &durable, &d.log());
     assert_eq!(
         write_sync(&disk, 2 << 20, &chunk(seed, 999, 4096)),
         Err(libc::EIO),
@@ -132,18 +107,7 @@ fn run_eio(name: &str, layout: Layout, io: Io, at: Where, seed: u64) {
         assert_check_consistent(&host_file)
     );
 
-    let mut d = mount_foreground(&image, &s.0, &extra);
-    let disk = open_disk(&d.mnt.join("disk.raw"), io);
-    let late = chunk(seed, 1000, CHUNK);
-    write_sync(&disk, 60 << 20, &late).expect("writing after the remount");
-    durable.add(60 << 20, late);
-    durable.check_file("after the remount", &disk);
-    drop(disk);
-    d.unmount();
-    qemu_img(&["check", "-q", "-r", "leaks", host_file.to_str().unwrap()]);
-    qemu_img(&["check", "-q", host_file.to_str().unwrap()]);
-    let raw = qemu_raw(&host_file, Some("qcow2"), &[]);
-    durable.check_raw("qemu-img convert", &raw);
+    remount_write_and_verify(&image, &s.0, &extra, io, seed, durable, &host_file);
 }
 
 #[test]

@@ -85,10 +85,7 @@ fn run_until_full(name: &str, layout: Layout, io: Io, seed: u64) {
         Layout::Overlay => {
             // The base has data of its own, read through the overlay before and after.
             let base = s.path("base.qcow2");
-            qemu_img(&["create", "-q", "-f", "qcow2", base.to_str().unwrap(), "64M"]);
-            let mut rng = Rng::new(seed ^ 0xba5e);
-            let data = write_random("qcow2", &base, &mut rng, 40 << 20, 1 << 20);
-            durable.add(40 << 20, data);
+            base_with_data(&base, seed, &mut durable);
             let ov = small.0.join("ov.qcow2");
             (
                 base,
@@ -107,31 +104,10 @@ fn run_until_full(name: &str, layout: Layout, io: Io, seed: u64) {
     durable.add(0, first);
 
     fill_leaving(&small.0.join("filler"), 2 << 20);
-    let mut errno = None;
-    for i in 0..(DISK / CHUNK as u64 - 8) {
-        let off = (4 << 20) + i * CHUNK as u64;
-        let data = chunk(seed, i + 1, CHUNK);
-        match write_sync(&disk, off, &data) {
-            Ok(()) => durable.add(off, data),
-            Err(e) => {
-                errno = Some(e);
-                break;
-            }
-        }
-    }
+    let errno = write_until_failure(&disk, seed, DISK / CHUNK as u64 - 8, CHUNK, &mut durable);
     let errno = errno.expect("the host never filled up");
     assert_host_errno("writing into a full host", errno);
-    // No later fsync reports success for what may not be durable, and reads go on.
-    assert!(
-        disk.sync_data().is_err(),
-        "an fsync after the failed write reported success"
-    );
-    durable.check_file("after the failure", &disk);
-    let log = d.log();
-    assert!(
-        log.contains("unmount and mount again"),
-        "the log does not say what to do: {log}"
-    );
+    assert_latched_after_failure(&disk, &durable, &d.log());
 
     // Space comes back: the mount stays latched (EIO) until it is remounted.
     std::fs::remove_file(small.0.join("filler")).unwrap();
@@ -144,18 +120,7 @@ fn run_until_full(name: &str, layout: Layout, io: Io, seed: u64) {
         assert_check_consistent(&fmt_image)
     );
 
-    let mut d = mount_foreground(&image, &s.0, &extra);
-    let disk = open_disk(&d.mnt.join("disk.raw"), io);
-    let late = chunk(seed, 1000, CHUNK);
-    write_sync(&disk, 60 << 20, &late).expect("writing after space was freed and a remount");
-    durable.add(60 << 20, late);
-    durable.check_file("after the remount", &disk);
-    drop(disk);
-    d.unmount();
-    qemu_img(&["check", "-q", "-r", "leaks", fmt_image.to_str().unwrap()]);
-    qemu_img(&["check", "-q", fmt_image.to_str().unwrap()]);
-    let raw = qemu_raw(&fmt_image, Some("qcow2"), &[]);
-    durable.check_raw("qemu-img convert", &raw);
+    remount_write_and_verify(&image, &s.0, &extra, io, seed, durable, &fmt_image);
 }
 
 #[test]

@@ -123,6 +123,12 @@ impl Mapping {
     }
 }
 
+/// Most table entries (clusters, blocks) one `map` call walks after the first: a longer run
+/// is answered in pieces (a shorter extent is always a valid answer), so one call costs
+/// bounded work whatever the image says. Runs of empty entries of a table held in memory
+/// (qcow2 L1, VMDK grain directory, VDI block map) are skipped whole and do not count.
+pub const MAX_ENTRIES_PER_MAP: u32 = 4096;
+
 /// `map` answers with the mapping of [off, off+len) for some 1 <= len <= the asked length.
 #[derive(Clone, Debug)]
 pub struct Extent {

@@ -170,3 +170,50 @@ pub fn assert_same(what: &str, got: &[u8], want: &[u8]) {
         panic!("{what}: first difference at offset {i:#x}");
     }
 }
+
+/// How the deltas of `qemu_delta_chain` name their backing file.
+#[derive(Clone, Copy)]
+pub enum BackingName {
+    /// The bare file name, beside it (VMware's snapshot deltas).
+    FileName,
+    /// The absolute path (libvirt pools).
+    Absolute,
+}
+
+/// A chain made by qemu-img in `dir`: the base `names[0]` of `size` with seeded data in its
+/// first `base_data` bytes, then each further name a delta over the one before with
+/// `delta_data` seeded bytes at a random offset in the first 3 MiB. Returns the top.
+pub fn qemu_delta_chain(
+    dir: &Path,
+    fmt: &str,
+    names: &[&str],
+    size: &str,
+    (base_data, delta_data): (usize, usize),
+    by: BackingName,
+    rng: &mut Rng,
+) -> PathBuf {
+    let base = dir.join(names[0]);
+    qemu_img(&["create", "-q", "-f", fmt, base.to_str().unwrap(), size]);
+    write_random(fmt, &base, rng, 0, base_data);
+    for pair in names.windows(2) {
+        let top = dir.join(pair[1]);
+        let backing = match by {
+            BackingName::FileName => pair[0].to_string(),
+            BackingName::Absolute => dir.join(pair[0]).to_str().unwrap().to_string(),
+        };
+        qemu_img(&[
+            "create",
+            "-q",
+            "-f",
+            fmt,
+            "-b",
+            &backing,
+            "-F",
+            fmt,
+            top.to_str().unwrap(),
+        ]);
+        let off = rng.below(3 << 20);
+        write_random(fmt, &top, rng, off, delta_data);
+    }
+    dir.join(names[names.len() - 1])
+}

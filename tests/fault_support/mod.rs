@@ -130,3 +130,74 @@ pub fn assert_host_errno(what: &str, errno: i32) {
 pub fn chunk(seed: u64, i: u64, len: usize) -> Vec<u8> {
     Rng::new(seed * 1_000_003 + i).bytes(len)
 }
+
+/// A 64 MiB qcow2 base at `path` with 1 MiB of seeded data at 40 MiB, recorded in `durable`
+/// (the overlay layouts read it through the overlay before and after the failure).
+pub fn base_with_data(path: &Path, seed: u64, durable: &mut Durable) {
+    qemu_img(&["create", "-q", "-f", "qcow2", path.to_str().unwrap(), "64M"]);
+    let mut rng = Rng::new(seed ^ 0xba5e);
+    durable.add(
+        40 << 20,
+        write_random("qcow2", path, &mut rng, 40 << 20, 1 << 20),
+    );
+}
+
+/// Writes `chunks` seeded chunks of `len` bytes from 4 MiB on, each fsynced, until one fails;
+/// records the acknowledged ones in `durable` and returns the errno of the failure, if any.
+pub fn write_until_failure(
+    disk: &File,
+    seed: u64,
+    chunks: u64,
+    len: usize,
+    durable: &mut Durable,
+) -> Option<i32> {
+    for i in 0..chunks {
+        let off = (4 << 20) + i * len as u64;
+        let data = chunk(seed, i + 1, len);
+        match write_sync(disk, off, &data) {
+            Ok(()) => durable.add(off, data),
+            Err(e) => return Some(e),
+        }
+    }
+    None
+}
+
+/// After a failed write: no later fsync reports success for what may not be durable, reads
+/// of everything acknowledged go on, and the daemon's `log` says what to do.
+pub fn assert_latched_after_failure(disk: &File, durable: &Durable, log: &str) {
+    assert!(
+        disk.sync_data().is_err(),
+        "an fsync after the failure reported success"
+    );
+    durable.check_file("after the failure", disk);
+    assert!(
+        log.contains("unmount and mount again"),
+        "the log does not say what to do: {log}"
+    );
+}
+
+/// Mounts `image` again (the host healthy), writes and fsyncs one more 256 KiB chunk, then after
+/// unmounting checks `host_file` (the image written to) with qemu-img and every acknowledged
+/// extent in its converted bytes.
+pub fn remount_write_and_verify(
+    image: &Path,
+    dir: &Path,
+    extra: &[&str],
+    io: Io,
+    seed: u64,
+    mut durable: Durable,
+    host_file: &Path,
+) {
+    let mut d = super::mount_support::mount_foreground(image, dir, extra);
+    let disk = open_disk(&d.mnt.join("disk.raw"), io);
+    let late = chunk(seed, 1000, 256 << 10);
+    write_sync(&disk, 60 << 20, &late).expect("writing after the remount");
+    durable.add(60 << 20, late);
+    durable.check_file("after the remount", &disk);
+    drop(disk);
+    d.unmount();
+    let host = host_file.to_str().unwrap();
+    qemu_img(&["check", "-q", "-r", "leaks", host]);
+    qemu_img(&["check", "-q", host]);
+    durable.check_raw("qemu-img convert", &qemu_raw(host_file, Some("qcow2"), &[]));
+}

@@ -113,6 +113,17 @@ pub fn mount(image: &Path, dir: &Path, extra: &[&str]) -> (MountGuard, PathBuf) 
     (MountGuard(mnt.clone()), mnt)
 }
 
+/// lseek(2) on `f`: the new offset, or the errno.
+pub fn lseek(f: &File, off: i64, whence: i32) -> Result<i64, i32> {
+    // SAFETY: f is an open descriptor.
+    let r = unsafe { libc::lseek(f.as_raw_fd(), off, whence) };
+    if r < 0 {
+        Err(errno_of(&std::io::Error::last_os_error()))
+    } else {
+        Ok(r)
+    }
+}
+
 pub fn errno_of(e: &std::io::Error) -> i32 {
     e.raw_os_error().unwrap_or(0)
 }

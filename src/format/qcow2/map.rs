@@ -7,7 +7,7 @@ use super::entry::{self, Cluster};
 use super::header::Compression;
 use super::tables::{L2Ref, l2_table};
 use crate::error::{Error, Result};
-use crate::format::{Codec, Extent, Mapping};
+use crate::format::{Codec, Extent, MAX_ENTRIES_PER_MAP, Mapping};
 
 /// One translated unit (a cluster, a subcluster or an unallocated L2 range).
 #[derive(Clone, Copy, Debug)]
@@ -29,6 +29,8 @@ struct Walker<'a> {
     l1_offset: u64,
     /// The last L2 table used, so a run inside one table costs one cache lookup.
     l2: Option<(u64, L2Ref)>,
+    /// L2 entries looked at so far in this call (see MAX_ENTRIES_PER_MAP).
+    work: u32,
 }
 
 /// Maps [off, off+len) of the layer whose L1 is `l1` (stored at `l1_offset`).
@@ -41,6 +43,7 @@ pub fn map(img: &Qcow2Image, l1: &[u64], l1_offset: u64, off: u64, len: u64) -> 
         l1,
         l1_offset,
         l2: None,
+        work: 0,
     };
     let (first, n) = w.unit(off, end)?;
     if let State::Compressed {
@@ -64,7 +67,8 @@ pub fn map(img: &Qcow2Image, l1: &[u64], l1_offset: u64, off: u64, len: u64) -> 
         return Ok(Extent { len: n, map });
     }
     let mut pos = off + n;
-    while pos < end {
+    // Bounded work per call: a longer run is answered in pieces.
+    while pos < end && w.work < MAX_ENTRIES_PER_MAP {
         // A bad entry after the first unit ends the run; it is reported when it is asked for.
         let Ok((next, n)) = w.unit(pos, end) else {
             break;
@@ -97,6 +101,7 @@ pub fn map(img: &Qcow2Image, l1: &[u64], l1_offset: u64, off: u64, len: u64) -> 
 impl Walker<'_> {
     /// The state at `pos` and how many bytes from `pos` (up to `end`) share it.
     fn unit(&mut self, pos: u64, end: u64) -> Result<(State, u64)> {
+        self.work += 1;
         let img = self.img;
         let g = &img.geometry;
         let l1_index = pos >> g.l1_span_bits();
@@ -109,7 +114,16 @@ impl Walker<'_> {
         let l2_off = entry::l2_offset(g, l1_entry)
             .map_err(|w| Error::corrupt(img.file.path(), "L1 entry", l1e_off, w))?;
         let Some(l2_off) = l2_off else {
-            return Ok((State::Unallocated, span_end.min(end) - pos));
+            // Following L1 entries without a table are unallocated too: one unit for the
+            // whole run, so an empty disk of any size costs one pass over its L1 in memory.
+            let mut run_end = span_end;
+            for &next in &self.l1[l1_index as usize + 1..] {
+                if run_end >= end || !matches!(entry::l2_offset(g, next), Ok(None)) {
+                    break;
+                }
+                run_end = run_end.saturating_add(1 << g.l1_span_bits());
+            }
+            return Ok((State::Unallocated, run_end.min(end) - pos));
         };
         let table = self.l2_table(l2_off)?;
         let cs = g.cluster_size();
@@ -122,6 +136,22 @@ impl Walker<'_> {
         } else {
             0
         };
+        if word == 0 && bitmap == 0 {
+            // An empty entry: the following empty entries of this table are one unit with it.
+            let entries = 1u64 << g.l2_bits();
+            let mut run_end = guest_cluster.saturating_add(cs);
+            let mut i = index + 1;
+            while i < entries && run_end < end && self.work < MAX_ENTRIES_PER_MAP {
+                self.work += 1;
+                let at = (i * g.entry_len()) as usize;
+                if table.word(at) != 0 || (g.extended_l2 && table.word(at + 8) != 0) {
+                    break;
+                }
+                run_end = run_end.saturating_add(cs);
+                i += 1;
+            }
+            return Ok((State::Unallocated, run_end.min(end) - pos));
+        }
         let sub_bits = g.subcluster_bits();
         let sub = ((pos & (cs - 1)) >> sub_bits) as u32;
         let field_off = l2_off + entry_off as u64;

@@ -393,7 +393,10 @@ impl Layer for VhdLayer {
             });
         }
         // Merge the following holes; an error there is reported by the call that starts there.
-        while done < len {
+        // Bounded work per call (see MAX_ENTRIES_PER_MAP).
+        let mut pieces = 1;
+        while done < len && pieces < super::MAX_ENTRIES_PER_MAP {
+            pieces += 1;
             match self.block_piece(sp, off + done, len - done) {
                 Ok((Piece::Hole, n)) => done += n,
                 _ => break,

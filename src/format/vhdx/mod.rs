@@ -201,7 +201,13 @@ impl Layer for VhdxLayer {
     fn map(&self, off: u64, len: u64) -> Result<Extent> {
         let (map, mut done) = self.block_piece(off, len)?;
         let block_size = self.bat.geometry.block_size;
-        while done < len && (off + done).is_multiple_of(block_size) {
+        // Bounded work per call (see MAX_ENTRIES_PER_MAP).
+        let mut blocks = 1;
+        while done < len
+            && (off + done).is_multiple_of(block_size)
+            && blocks < super::MAX_ENTRIES_PER_MAP
+        {
+            blocks += 1;
             let (next, n) = self.block_piece(off + done, len - done)?;
             if !map.continues(done, &next) {
                 break;

@@ -173,8 +173,18 @@ impl SeSparseExtent {
             ));
         };
         if gde == 0 {
+            // The following directory entries without a table are one run with this one.
+            let last = (end - 1) / GRAIN / GT_ENTRIES;
+            let tables = self.gd[gd_idx as usize + 1..]
+                .iter()
+                .take((last - gd_idx) as usize)
+                .take_while(|&&e| e == 0)
+                .count() as u64;
+            let run_end = (gd_idx + 1 + tables)
+                .saturating_mul(GT_ENTRIES * GRAIN)
+                .min(end);
             return Ok(Extent {
-                len: gt_end - off,
+                len: run_end - off,
                 map: Mapping::Unallocated,
             });
         }

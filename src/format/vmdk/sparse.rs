@@ -84,6 +84,30 @@ impl SparseExtent {
 
     /// Maps [off, off+len) of this extent (extent-relative offsets).
     pub fn map(&self, off: u64, len: u64) -> Result<Extent> {
+        let mut e = self.map_in_table(off, len)?;
+        // A run of holes that reaches the end of its grain table may go on in the next ones
+        // (QEMU preallocates every table, so an empty disk is all empty tables): join them,
+        // as many as MAX_ENTRIES_PER_MAP entries allow per call. An error there is reported by the call that starts there.
+        let span = self.header.gtes_per_gt * self.header.grain_bytes();
+        let end = off + len;
+        let max_tables = u64::from(crate::format::MAX_ENTRIES_PER_MAP) / self.header.gtes_per_gt;
+        let mut tables = 0;
+        while matches!(e.map, Mapping::Unallocated | Mapping::Zero) && tables < max_tables {
+            let next = off + e.len;
+            if next >= end || !next.is_multiple_of(span) {
+                break;
+            }
+            match self.map_in_table(next, end - next) {
+                Ok(n) if e.map.continues(e.len, &n.map) => e.len += n.len,
+                _ => break,
+            }
+            tables += 1;
+        }
+        Ok(e)
+    }
+
+    /// `map`, inside the grain table of `off` (or a run of directory entries without one).
+    fn map_in_table(&self, off: u64, len: u64) -> Result<Extent> {
         let gb = self.header.grain_bytes();
         let gtes = self.header.gtes_per_gt;
         let grain = off / gb;
@@ -106,8 +130,19 @@ impl SparseExtent {
             .saturating_mul(gb)
             .min(end);
         if gt_sector == 0 {
+            // The following directory entries without a table are one run with this one.
+            let last = (end - 1) / gb / gtes;
+            let tables = self.gd[gd_idx as usize + 1..]
+                .iter()
+                .take((last - gd_idx) as usize)
+                .take_while(|&&s| s == 0)
+                .count() as u64;
+            let run_end = (gd_idx + 1 + tables)
+                .saturating_mul(gtes)
+                .saturating_mul(gb)
+                .min(end);
             return Ok(Extent {
-                len: gt_end - off,
+                len: run_end - off,
                 map: Mapping::Unallocated,
             });
         }
