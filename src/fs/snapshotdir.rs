@@ -106,7 +106,7 @@ impl DirHandler for SnapshotsDir {
             return Err(Error::new(Kind::Exists, format!("{name} exists")));
         }
         let taken = set.create(name)?;
-        match tree.change(|t| self.show(t, dir, &taken)) {
+        match tree.change_in_locked(&[dir], |t| self.show(t, dir, &taken)) {
             Ok(ino) => {
                 own.insert(name.to_string(), taken.id);
                 Ok(ino)
@@ -126,7 +126,9 @@ impl DirHandler for SnapshotsDir {
         let id = self.id_of(tree, dir, &own, name)?;
         // Checked and unlinked under one tree lock, before its clusters are freed; its
         // changes/<name>.raw reads its tables too, so it goes with it.
-        tree.change(|t| {
+        let victim = tree.read(|t| t.lookup(dir, name));
+        let locked: Vec<Ino> = std::iter::once(dir).chain(victim).collect();
+        tree.change_in_locked(&locked, |t| {
             let ino = t
                 .lookup(dir, name)
                 .ok_or_else(|| Error::new(Kind::NotFound, format!("no snapshot {name}")))?;
@@ -174,7 +176,7 @@ impl DirHandler for SnapshotsDir {
             return Err(Error::new(Kind::Exists, format!("{new_name} exists")));
         }
         set.rename(&id, new_name)?;
-        tree.change(|t| {
+        tree.change_in_locked(&[dir], |t| {
             if let Some((cdir, _)) = changes_file(t, name) {
                 let (from, to) = (
                     format!("{name}{RAW_SUFFIX}"),

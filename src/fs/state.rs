@@ -63,7 +63,28 @@ impl SharedTree {
         r
     }
 
-    /// Has the kernel drop cached pages or attributes (`Stale::Data`, `Stale::Inode`), and
+    /// Like `change`, for handlers the kernel calls with the directories `locked` held (the
+    /// directory of a mkdir, rmdir or rename, and an rmdir's victim): what the change made
+    /// stale elsewhere (say `changes/<name>.raw` beside `snapshots/<name>`) is dropped before
+    /// this returns, so the caller's next lookup sees it; entries inside `locked` cannot be
+    /// dropped until the handler replies (the kernel drops its own dentry anyway) and follow.
+    pub fn change_in_locked<R>(&self, locked: &[Ino], f: impl FnOnce(&mut Tree) -> R) -> R {
+        let (r, stale) = {
+            let mut t = self.tree.write();
+            let r = f(&mut t);
+            (r, t.take_stale())
+        };
+        let (later, now): (Vec<Stale>, Vec<Stale>) = stale.into_iter().partition(|s| match s {
+            Stale::Entry(parent, _) => locked.contains(parent),
+            Stale::Inode(ino) => locked.contains(ino),
+            Stale::Data(..) => false,
+        });
+        self.invalidate_now(now);
+        self.inval.send(later);
+        r
+    }
+
+    /// Has the kernel drop cached pages, attributes or entries, and
     /// waits (a bounded time) until it has: a write
     /// through one file is then visible through the others when the write returns. The bound
     /// breaks the one cycle this could form: two writes through files showing the same bytes,
