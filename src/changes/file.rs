@@ -5,7 +5,6 @@
 //! at once.
 
 use super::Changes;
-use super::ranges;
 use crate::error::Result;
 use crate::expose::ExposedFile;
 use crate::view::View;
@@ -84,7 +83,7 @@ impl ExposedFile for ChangesFile {
         {
             return Ok(bytes);
         }
-        let bytes = ranges::total(&self.changes.all()?);
+        let bytes = self.changes.changed_bytes()?;
         *counted = Some((bytes, Instant::now()));
         Ok(bytes)
     }

@@ -108,12 +108,24 @@ impl Changes {
 
     /// The changed ranges inside [off, end), clipped to it, sorted and merged.
     pub fn ranges(&self, off: u64, end: u64) -> Result<Vec<Range<u64>>> {
+        let mut unlimited = u32::MAX;
+        Ok(self.ranges_within(off, end, &mut unlimited)?.0)
+    }
+
+    /// `ranges`, looking at no more than `budget` layer translations: the ranges below the
+    /// offset returned with them, which is `end` unless the budget ran out first.
+    fn ranges_within(
+        &self,
+        off: u64,
+        end: u64,
+        budget: &mut u32,
+    ) -> Result<(Vec<Range<u64>>, u64)> {
         let end = end.min(self.size);
         if off >= end {
-            return Ok(Vec::new());
+            return Ok((Vec::new(), end));
         }
         let (old_only, new_only, pair, cutoff) = match &self.source {
-            Source::Bitmap(bits) => return Ok(bits.ranges(off, end)),
+            Source::Bitmap(bits) => return Ok((bits.ranges(off, end), end)),
             Source::Views {
                 old_only,
                 new_only,
@@ -121,11 +133,16 @@ impl Changes {
                 cutoff,
             } => (old_only, new_only, pair, *cutoff),
         };
-        let below_cutoff = end.min(cutoff);
+        let mut below_cutoff = end.min(cutoff);
         let mut all = Vec::new();
         for layer in old_only.iter().chain(new_only) {
-            mapped(&**layer, off, below_cutoff, &mut all)?;
+            below_cutoff = mapped(&**layer, off, below_cutoff, &mut all, budget)?;
         }
+        let covered = if below_cutoff < end.min(cutoff) {
+            below_cutoff
+        } else {
+            end
+        };
         if let Some((old, new)) = pair
             && off < below_cutoff
         {
@@ -134,8 +151,16 @@ impl Changes {
                 None => all.push(off..below_cutoff),
             }
         }
-        all.push(cutoff.max(off)..end);
-        Ok(ranges::union(all))
+        if covered == end {
+            all.push(cutoff.max(off)..end);
+        }
+        let mut all = ranges::union(all);
+        // What a layer looked at past where another one stopped is not the whole answer.
+        all.retain_mut(|r| {
+            r.end = r.end.min(covered);
+            r.start < r.end
+        });
+        Ok((all, covered))
     }
 
     /// Every changed range of the new view.
@@ -143,14 +168,20 @@ impl Changes {
         self.ranges(0, self.size)
     }
 
-    /// The first changed offset at or after `off`, if any.
+    /// The first changed offset at or after `off`, if any. Where the seek budget runs out,
+    /// the rest counts as changed (it then reads as the live bytes: never a wrong answer).
     pub fn next_changed(&self, off: u64) -> Result<Option<u64>> {
+        let mut budget = SEEK_BUDGET;
         let mut pos = off;
         let mut window = FIRST_WINDOW;
         while pos < self.size {
             let end = pos.saturating_add(window).min(self.size);
-            if let Some(r) = self.ranges(pos, end)?.first() {
+            let (found, covered) = self.ranges_within(pos, end, &mut budget)?;
+            if let Some(r) = found.first() {
                 return Ok(Some(r.start));
+            }
+            if covered < end {
+                return Ok(Some(covered));
             }
             pos = end;
             window = (window * 2).min(MAX_WINDOW);
@@ -158,29 +189,56 @@ impl Changes {
         Ok(None)
     }
 
-    /// The first unchanged offset at or after `off`; the end of the view counts as one.
+    /// The first unchanged offset at or after `off`; the end of the view counts as one (and
+    /// is the answer where the seek budget runs out).
     pub fn next_unchanged(&self, off: u64) -> Result<u64> {
+        let mut budget = SEEK_BUDGET;
         let mut pos = off;
         let mut window = FIRST_WINDOW;
         while pos < self.size {
             let end = pos.saturating_add(window).min(self.size);
-            match self.ranges(pos, end)?.first() {
+            let (found, covered) = self.ranges_within(pos, end, &mut budget)?;
+            match found.first() {
+                Some(r) if r.start == pos && r.end == covered && covered < end => break,
                 Some(r) if r.start == pos && r.end == end => pos = end,
                 Some(r) if r.start == pos => return Ok(r.end),
+                _ if covered == pos => break,
                 _ => return Ok(pos),
             }
             window = (window * 2).min(MAX_WINDOW);
         }
         Ok(self.size.max(off.min(self.size)))
     }
+
+    /// Changed bytes in all, for st_blocks: past the budget of translations, the rest counts.
+    pub fn changed_bytes(&self) -> Result<u64> {
+        let mut budget = 4 * SEEK_BUDGET;
+        let (found, covered) = self.ranges_within(0, self.size, &mut budget)?;
+        Ok(ranges::total(&found) + (self.size - covered))
+    }
 }
 
+/// Most layer translations one seek or count makes (as `view::SEEK_BUDGET`).
+const SEEK_BUDGET: u32 = 1 << 15;
+
 /// Appends the ranges inside [off, end) that `layer` maps itself (anything but
-/// "unallocated": its data, zeros or compressed clusters hide what lies below).
-fn mapped(layer: &dyn Layer, off: u64, end: u64, out: &mut Vec<Range<u64>>) -> Result<()> {
+/// "unallocated": its data, zeros or compressed clusters hide what lies below), with at most
+/// `budget` translations; returns how far it got (`end` unless the budget ran out).
+fn mapped(
+    layer: &dyn Layer,
+    off: u64,
+    end: u64,
+    out: &mut Vec<Range<u64>>,
+    budget: &mut u32,
+) -> Result<u64> {
+    let asked = end;
     let end = end.min(layer.virtual_size());
     let mut pos = off;
     while pos < end {
+        if *budget == 0 {
+            return Ok(pos);
+        }
+        *budget -= 1;
         let e = layer.map(pos, end - pos)?;
         if e.len == 0 || e.len > end - pos {
             return Err(Error::new(
@@ -197,5 +255,8 @@ fn mapped(layer: &dyn Layer, off: u64, end: u64, out: &mut Vec<Range<u64>>) -> R
         }
         pos += e.len;
     }
-    Ok(())
+    Ok(asked)
 }
+
+#[cfg(test)]
+mod tests;

@@ -68,7 +68,8 @@ impl Bench {
         bad
     }
 
-    fn convert(&self, image: &Path, extra: &[&str]) -> Result<Vec<u8>, String> {
+    /// The disk of `image` (`extra`: e.g. `-l snapshot.name=X`) as raw bytes.
+    pub fn convert(&self, image: &Path, extra: &[&str]) -> Result<Vec<u8>, String> {
         let raw = self.dir.join("state.raw");
         let out = Command::new("qemu-img")
             .args(["convert", "-f", "qcow2"])

@@ -5,5 +5,6 @@
 pub mod check;
 pub mod guest;
 pub mod layout;
+pub mod snapshots;
 pub mod states;
 pub mod workload;

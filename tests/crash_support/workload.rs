@@ -41,13 +41,13 @@ pub struct Run {
 }
 
 /// A 4 KiB-aligned buffer for O_DIRECT.
-struct Aligned {
+pub struct Aligned {
     ptr: *mut u8,
     layout: std::alloc::Layout,
 }
 
 impl Aligned {
-    fn new(data: &[u8]) -> Aligned {
+    pub fn new(data: &[u8]) -> Aligned {
         let layout = std::alloc::Layout::from_size_align(data.len().max(1), 4096).unwrap();
         // SAFETY: a non-zero size layout; checked for null below.
         let ptr = unsafe { std::alloc::alloc(layout) };
@@ -56,7 +56,7 @@ impl Aligned {
         unsafe { std::ptr::copy_nonoverlapping(data.as_ptr(), ptr, data.len()) };
         Aligned { ptr, layout }
     }
-    fn bytes(&self) -> &[u8] {
+    pub fn bytes(&self) -> &[u8] {
         // SAFETY: ptr holds layout.size() initialised bytes, alive as long as self.
         unsafe { std::slice::from_raw_parts(self.ptr, self.layout.size()) }
     }
@@ -106,9 +106,9 @@ fn create(image: &Path, opts: &str, size: u64, backing: Option<&str>) {
     qemu_img(&args);
 }
 
-/// Builds the chain under `fs`, records the daemon serving the workload of `seed`.
-pub fn record(s: &Scratch, fs: &HostFs, cfg: &Config, seed: u64) -> Run {
-    let mut rng = Rng::new(seed);
+/// Builds the chain under `fs` (see `Run`): the sector generations of the overlay's disk and
+/// of its internal snapshot.
+pub fn build_chain(s: &Scratch, fs: &HostFs, cfg: &Config, rng: &mut Rng) -> (Vec<u64>, Vec<u64>) {
     let (size, q) = (cfg.size, cfg.size / 4);
     let sectors = (size / SECTOR) as usize;
     let (base, top) = (fs.path(BASE), fs.path(TOP));
@@ -116,21 +116,28 @@ pub fn record(s: &Scratch, fs: &HostFs, cfg: &Config, seed: u64) -> Run {
     // Quarter 0: backing data; 1: overlay data shared with the snapshot; 2: overlay data
     // written after the snapshot; 3: nothing.
     create(&base, cfg.opts, size, None);
-    qemu_fill(&s.0, &base, &chunks(&mut rng, 0, q, cfg.fill), 1, &mut gens);
+    qemu_fill(&s.0, &base, &chunks(rng, 0, q, cfg.fill), 1, &mut gens);
     create(&top, cfg.opts, size, Some(BASE));
-    let shared = chunks(&mut rng, q / 2, 2 * q, cfg.fill);
+    let shared = chunks(rng, q / 2, 2 * q, cfg.fill);
     qemu_fill(&s.0, &top, &shared, 2, &mut gens);
     qemu_img(&["snapshot", "-c", SNAP, top.to_str().unwrap()]);
     let snapshot = gens.clone();
     qemu_fill(
         &s.0,
         &top,
-        &chunks(&mut rng, 2 * q, 3 * q, cfg.fill),
+        &chunks(rng, 2 * q, 3 * q, cfg.fill),
         3,
         &mut gens,
     );
     qemu_img(&["check", "-q", top.to_str().unwrap()]);
+    (gens, snapshot)
+}
 
+/// Builds the chain under `fs`, records the daemon serving the workload of `seed`.
+pub fn record(s: &Scratch, fs: &HostFs, cfg: &Config, seed: u64) -> Run {
+    let mut rng = Rng::new(seed);
+    let (gens, snapshot) = build_chain(s, fs, cfg, &mut rng);
+    let top = fs.path(TOP);
     let pre = std::fs::read(fs.backing_path(TOP)).unwrap();
     let base_bytes = std::fs::read(fs.backing_path(BASE)).unwrap();
     let mut log = GuestLog::new(gens);

@@ -11,7 +11,10 @@
 //! and syncs. What follows the switch is written back before the operation returns. A crash
 //! before the switch leaves the old table and at worst leaked clusters; after it, the new
 //! table. Deletion drops references only after the switch (leaks, never a reference to a
-//! free cluster).
+//! free cluster). One window remains, as in QEMU: refcount increments are written back before
+//! the COPIED flags they clear, so a crash between them leaves COPIED set on clusters of
+//! refcount 2 that nothing else references yet (`qemu-img check` counts these as errors, `-r
+//! all` repairs them; no data is at risk; tests/crash_snapshots.rs).
 //!
 //! Refcounts follow QEMU: a data cluster counts one reference per L1 table that reaches it
 //! (a shared L2 table counts once per L1 that points to it), and COPIED is set exactly on
