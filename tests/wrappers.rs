@@ -2,8 +2,9 @@
 //! and over a VDI base, seeded random data, one internal snapshot. In every view's directory
 //! `qemu-img convert -f vmdk disk.vmdk` and `-f vpc disk.vhd` give exactly that view's disk;
 //! the VHD UUID and the VMDK CID are the same on every mount of an image and differ between
-//! views and images; writes through `disk.vhd` (by hand and by QEMU's vpc driver) land in the
-//! disk and in the image, the footer refuses them; read-only mounts refuse every write; a disk
+//! views and images; writes through `disk.vhd` (by hand and by QEMU's vpc driver) and through
+//! `disk.vmdk` (QEMU's vmdk driver, O_DIRECT, which first rewrites the descriptor's CID) land in
+//! the disk and in the image, the footer refuses them; read-only mounts refuse every write; a disk
 //! not a multiple of either CHS geometry is wrapped at its exact size.
 
 mod common;
@@ -344,6 +345,34 @@ fn writes_through_disk_vhd_reach_the_disk_and_the_footer_refuses_them() {
         );
         model[off as usize..off as usize + data.len()].copy_from_slice(&data);
 
+        // QEMU's vmdk driver writing through the descriptor's FLAT extent, with O_DIRECT: it
+        // rewrites the descriptor's CID first, so that must succeed too.
+        let vmdk = mnt.join("disk.vmdk");
+        let descriptor = std::fs::read(&vmdk).unwrap();
+        let data = rng.bytes(128 * 1024);
+        std::fs::write(&pattern, &data).unwrap();
+        let off = 5 * M;
+        let mut args = vec!["-t", "none", "-f", "vmdk", "-c"];
+        let cmd = format!("write -s {} {off} {}", s(&pattern), data.len());
+        args.extend([cmd.as_str(), s(&vmdk)]);
+        let out = run("qemu-io", &args);
+        assert!(!out.contains("failed"), "qemu-io -f vmdk: {out}");
+        model[off as usize..off as usize + data.len()].copy_from_slice(&data);
+        let rewritten = std::fs::read(&vmdk).unwrap();
+        assert_eq!(rewritten.len(), descriptor.len(), "descriptor size");
+        let text = |b: &[u8]| {
+            String::from_utf8_lossy(b)
+                .split('\0')
+                .next()
+                .unwrap()
+                .to_string()
+        };
+        assert_ne!(
+            descriptor_cid("rewritten", &text(&rewritten), size),
+            descriptor_cid("derived", &text(&descriptor), size),
+            "QEMU set no new CID"
+        );
+
         assert_same(
             "disk.raw after writes",
             &std::fs::read(mnt.join("disk.raw")).unwrap(),
@@ -372,6 +401,8 @@ fn writes_through_disk_vhd_reach_the_disk_and_the_footer_refuses_them() {
         let snap = mnt.join("snapshots/s1/disk.vhd");
         let snapshot = std::fs::read(&snap).unwrap();
         assert_refuses_writes(&snap, &snapshot);
+        let snap_vmdk = mnt.join("snapshots/s1/disk.vmdk");
+        assert_refuses_writes(&snap_vmdk, &std::fs::read(&snap_vmdk).unwrap());
         drop(guard);
         (footer, snapshot)
     };
