@@ -149,3 +149,109 @@ fn a_hostile_directory_is_an_error_not_a_panic() {
     let table = q.bitmap_table(e).unwrap();
     assert!(q.bitmap_bits(e, &table).is_err());
 }
+
+/// name -> flags as `qemu-img info --output=json` lists them.
+fn qemu_flags(image: &Path) -> Vec<(String, Vec<String>)> {
+    let out = qemu_img(&["info", "-U", "--output=json", image.to_str().unwrap()]);
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let mut out: Vec<(String, Vec<String>)> = v["format-specific"]["data"]["bitmaps"]
+        .as_array()
+        .map(|l| {
+            l.iter()
+                .map(|b| {
+                    let f = b["flags"].as_array().unwrap().iter();
+                    let f = f.map(|x| x.as_str().unwrap().to_string()).collect();
+                    (b["name"].as_str().unwrap().to_string(), f)
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    out.sort();
+    out
+}
+
+#[test]
+fn the_writer_keeps_enabled_bitmaps_and_closes_them_consistent() {
+    let d = Scratch::new("bitmaps-writer");
+    let img = d.path("disk.qcow2");
+    let size = 16 * MIB;
+    let p = img.to_str().unwrap();
+    qemu_img(&["create", "-q", "-f", "qcow2", p, &size.to_string()]);
+    qemu_img(&["bitmap", "--add", "-g", "65536", p, "on"]);
+    qemu_img(&["bitmap", "--add", "-g", "65536", "--disable", p, "off"]);
+    let mut rng = Rng::new(99);
+    let mut touched = Vec::new();
+    {
+        let view = open_rw(&img);
+        // Opening writes nothing: no write, no in-use flag.
+        assert!(qemu_flags(&img).iter().all(|(_, f)| f.len() <= 1));
+        for i in 0..20 {
+            let len = 1 + rng.below(100 << 10);
+            let off = rng.below(size - len);
+            if i % 4 == 3 {
+                view.discard(off, len).unwrap();
+            } else {
+                view.write(off, &rng.bytes(len as usize)).unwrap();
+            }
+            touched.push(off / 65536 * 65536..(off + len).next_multiple_of(65536));
+            if i == 10 {
+                view.flush().unwrap();
+            }
+        }
+        let flags = qemu_flags(&img);
+        assert_eq!(flags[1].1, ["in-use", "auto"], "{flags:?}");
+        assert!(flags[0].1.is_empty(), "{flags:?}");
+        view.close().unwrap();
+    }
+    assert_eq!(
+        qemu_flags(&img),
+        [
+            ("off".to_string(), vec![]),
+            ("on".to_string(), vec!["auto".to_string()])
+        ]
+    );
+    let check = std::process::Command::new("qemu-img")
+        .args(["check", p])
+        .output()
+        .unwrap();
+    assert!(
+        check.status.success(),
+        "{}",
+        String::from_utf8_lossy(&check.stdout)
+    );
+    let want = vmfs_mount::changes::ranges::union(touched);
+    assert_eq!(qemu_dirty_ranges(&img, "on"), want);
+    assert!(qemu_dirty_ranges(&img, "off").is_empty());
+}
+
+/// A bitmap cluster with refcount 2 (shared with something else, or a crafted file) cannot
+/// be written in place: the writer falls back to clearing the autoclear bit, so QEMU drops
+/// the bitmaps instead of trusting a record we could not keep.
+#[test]
+fn a_shared_bitmap_cluster_makes_the_writer_drop_the_bitmaps() {
+    let d = Scratch::new("bitmaps-shared");
+    let img = d.path("disk.qcow2");
+    let p = img.to_str().unwrap();
+    qemu_img(&["create", "-q", "-f", "qcow2", p, "16M"]);
+    qemu_img(&["bitmap", "--add", p, "b"]);
+    let q = Qcow2Image::open(&img, &ctx()).unwrap();
+    let table = q.bitmaps().unwrap().unwrap().entries[0].table_offset;
+    let cs = q.geometry.cluster_size();
+    let reftable = q.header.refcount_table_offset;
+    drop(q);
+    // 16-bit refcounts; the first refcount block covers the whole small file.
+    let bytes = std::fs::read(&img).unwrap();
+    let block = u64::from_be_bytes(
+        bytes[reftable as usize..reftable as usize + 8]
+            .try_into()
+            .unwrap(),
+    );
+    patch(&img, block + table / cs * 2, &2u16.to_be_bytes());
+    {
+        let view = open_rw(&img);
+        view.write(0, b"x").unwrap();
+        view.close().unwrap();
+    }
+    assert!(qemu_flags(&img).is_empty(), "{:?}", qemu_flags(&img));
+    assert_eq!(qemu_raw(&img, None, &[])[0], b'x');
+}

@@ -139,6 +139,20 @@ fn image_with_bitmaps(d: &Scratch, rng: &mut Rng) -> std::path::PathBuf {
 
 const NAMES: [(&str, u64); 3] = [("coarse", 64 * KIB), ("fine", 4 * KIB), ("off", 512)];
 
+/// What bitmap `NAMES[i]` must hold: what it held before, plus every touched byte widened
+/// to its granularity (the disabled one records nothing).
+fn expected(i: usize, before: &[Vec<Range<u64>>], touched: &[Range<u64>]) -> Vec<Range<u64>> {
+    let (name, g) = NAMES[i];
+    if name == "off" {
+        return before[i].clone();
+    }
+    ranges::union([before[i].clone(), widen(touched, g, SIZE)].concat())
+}
+
+fn has_in_use(flags: &[String]) -> bool {
+    flags.iter().any(|f| f == "in-use")
+}
+
 #[test]
 fn writes_through_a_mount_land_in_the_bitmaps_qemu_reads() {
     if !is_root() {
@@ -153,66 +167,68 @@ fn writes_through_a_mount_land_in_the_bitmaps_qemu_reads() {
         .collect();
     assert!(!before[1].is_empty() && before[0].is_empty() && before[2].is_empty());
     let mut model = qemu_raw(&img, None, &[]);
+    let mut touched = Vec::new();
+    // Two mounts: the second starts from what the first stored.
+    for round in 0..2 {
+        let (guard, mnt) = mount(&img, &d.0, &[]);
+        let disk = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(mnt.join("disk.raw"))
+            .unwrap();
+        // Nothing written yet: the bitmaps are untouched.
+        let flags = qemu_bitmap_flags(&img);
+        assert!(flags.iter().all(|(_, f)| !has_in_use(f)), "{flags:?}");
+        touched.extend(random_changes(&disk, &mut model, &mut rng, 30));
+        for (name, f) in &qemu_bitmap_flags(&img) {
+            assert_eq!(has_in_use(f), name != "off", "{name} while mounted: {f:?}");
+        }
+        // A guest fsync writes the bitmaps back (still in use), then more changes follow.
+        disk.sync_all().unwrap();
+        touched.extend(random_changes(&disk, &mut model, &mut rng, 30));
+        touched = ranges::union(touched);
+        // changes/bitmap-NAME.raw follows the writes: its extents are the bitmap's.
+        for (i, (name, _)) in NAMES.iter().enumerate() {
+            let f = File::open(mnt.join(format!("changes/bitmap-{name}.raw"))).unwrap();
+            assert_eq!(
+                data_extents(&f, SIZE),
+                expected(i, &before, &touched),
+                "round {round}: changes/bitmap-{name}.raw"
+            );
+        }
+        drop(disk);
+        unmount(&mnt);
+        drop(guard);
 
-    let (guard, mnt) = mount(&img, &d.0, &[]);
-    let disk = OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open(mnt.join("disk.raw"))
-        .unwrap();
-    // Nothing written yet: the bitmaps are untouched.
-    assert!(
-        qemu_bitmap_flags(&img)
-            .iter()
-            .all(|(_, f)| !f.contains(&"in-use".to_string())),
-        "{:?}",
-        qemu_bitmap_flags(&img)
-    );
-    let mut touched = random_changes(&disk, &mut model, &mut rng, 30);
-    let flags = qemu_bitmap_flags(&img);
-    for (name, f) in &flags {
         assert_eq!(
-            f.contains(&"in-use".to_string()),
-            name != "off",
-            "{name} while mounted: {f:?}"
+            qemu_bitmap_flags(&img),
+            vec![
+                ("coarse".to_string(), vec!["auto".to_string()]),
+                ("fine".to_string(), vec!["auto".to_string()]),
+                ("off".to_string(), vec![]),
+            ],
+            "round {round}"
         );
+        assert_eq!(qemu_check(&img), (0, 0), "round {round}: qemu-img check");
+        same("disk after unmount", &qemu_raw(&img, None, &[]), &model);
+        for (i, (name, _)) in NAMES.iter().enumerate() {
+            let got = qemu_dirty_ranges(&img, name);
+            assert_eq!(got, expected(i, &before, &touched), "round {round}: {name}");
+        }
     }
-    // A guest fsync writes the bitmaps back (still in use), then more changes follow.
-    disk.sync_all().unwrap();
-    touched = ranges::union([touched, random_changes(&disk, &mut model, &mut rng, 30)].concat());
-    // changes/bitmap-NAME.raw follows the writes: its extents are the bitmap's.
-    for (i, (name, g)) in NAMES.iter().enumerate() {
-        let want = if *name == "off" {
-            before[i].clone()
-        } else {
-            ranges::union([before[i].clone(), widen(&touched, *g, SIZE)].concat())
-        };
-        let f = File::open(mnt.join(format!("changes/bitmap-{name}.raw"))).unwrap();
-        assert_eq!(data_extents(&f, SIZE), want, "changes/bitmap-{name}.raw");
-    }
-    drop(disk);
-    unmount(&mnt);
-    drop(guard);
-
+    // qemu-img bitmap --merge takes it into another image as it is.
+    let copy = d.path("merged.qcow2");
+    create(&copy, "", SIZE);
+    let c = copy.to_str().unwrap();
+    qemu_img(&["bitmap", "--add", "-g", "4096", c, "m"]);
+    let src = img.to_str().unwrap();
+    qemu_img(&[
+        "bitmap", "--merge", "fine", "-b", src, "-F", "qcow2", c, "m",
+    ]);
     assert_eq!(
-        qemu_bitmap_flags(&img),
-        vec![
-            ("coarse".to_string(), vec!["auto".to_string()]),
-            ("fine".to_string(), vec!["auto".to_string()]),
-            ("off".to_string(), vec![]),
-        ]
+        qemu_dirty_ranges(&copy, "m"),
+        expected(1, &before, &touched)
     );
-    assert_eq!(qemu_check(&img), (0, 0), "qemu-img check");
-    same("disk after unmount", &qemu_raw(&img, None, &[]), &model);
-    for (i, (name, g)) in NAMES.iter().enumerate() {
-        let got = qemu_dirty_ranges(&img, name);
-        let want = if *name == "off" {
-            before[i].clone()
-        } else {
-            ranges::union([before[i].clone(), widen(&touched, *g, SIZE)].concat())
-        };
-        assert_eq!(got, want, "QEMU's bitmap {name}");
-    }
     // QEMU keeps recording into them afterwards, as into any bitmap it stored itself.
     qemu_io("qcow2", &img, &["write -P 7 0 1".to_string()]);
     assert!(
@@ -244,11 +260,7 @@ fn a_crash_leaves_the_bitmaps_in_use() {
     daemon.unmount();
     let flags = qemu_bitmap_flags(&img);
     for (name, f) in &flags {
-        assert_eq!(
-            f.contains(&"in-use".to_string()),
-            name != "off",
-            "{name} after a crash: {f:?}"
-        );
+        assert_eq!(has_in_use(f), name != "off", "{name} after a crash: {f:?}");
     }
     // The data is there and nothing is corrupt (the in-use bitmaps are only inconsistent).
     same("disk after the crash", &qemu_raw(&img, None, &[]), &model);

@@ -40,9 +40,22 @@ pub fn qemu_dirty_ranges(image: &Path, bitmap: &str) -> Vec<Range<u64>> {
         .args(["map", "--output=json", "--image-opts", &opts])
         .output()
         .unwrap();
-    let pid = std::fs::read_to_string(&pid_file).unwrap();
+    let pid: i32 = std::fs::read_to_string(&pid_file)
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
     // SAFETY: kill has no memory preconditions; the pid is the qemu-nbd we started.
-    unsafe { libc::kill(pid.trim().parse().unwrap(), libc::SIGTERM) };
+    unsafe { libc::kill(pid, libc::SIGTERM) };
+    // Gone before returning: its image lock would refuse the next writer.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while Path::new(&format!("/proc/{pid}")).exists() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "qemu-nbd {pid} did not exit"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
     assert!(
         out.status.success(),
         "{}",

@@ -1,14 +1,15 @@
-//! Guest writes: in place into clusters this image owns alone (shared lock, no metadata),
-//! otherwise copy-on-write under the exclusive lock, in QEMU's order: refcount of the new
-//! cluster, its data (with the untouched part copied from what the view showed), the L2
-//! entry, and only then the reference drop on what it replaced.
+//! Guest writes: in place into clusters (subclusters) this image owns alone (shared lock, no
+//! metadata), otherwise copy-on-write: the target cluster is allocated under the exclusive
+//! lock, its data (with the untouched part copied from what the view showed) is written
+//! without it (the guest cluster is claimed), then the L2 entry is changed under the lock
+//! again and the reference it dropped is released. The metadata cache writes the refcount
+//! and the data's sync before the entry, and the release only after it (see `meta/`).
 
 use super::Qcow2Writer;
 use super::entry::{self, ALL_ALLOC, COPIED, Kind as EntryKind, OFFSET_MASK};
 use super::refcount::Refcounts;
 use crate::error::{Error, Result};
 use crate::format::compress;
-use crate::format::qcow2::tables::L2Ref;
 use crate::write::BelowReader;
 use std::cell::RefCell;
 
@@ -236,7 +237,7 @@ impl Qcow2Writer {
         let g = pos / cs * cs;
         let a = pos - g;
         let _claim = self.inflight.claim(g);
-        let (kind, desc, target, in_place) = {
+        let step = {
             let mut guard = self.meta.write();
             let rc = &mut *guard;
             let l2_off = self.writable_l2(rc, pos)?;
@@ -257,9 +258,21 @@ impl Qcow2Writer {
                 ));
             }
             if self.ext() && !matches!(kind, EntryKind::Compressed { .. }) {
-                return self
-                    .write_subclusters(rc, l2_off, &l2, idx, pos, data, desc, bitmap, below);
-            }
+                let (target, old) = match kind {
+                    EntryKind::Normal { host, copied } if copied || self.has_data_file() => {
+                        (host, Some(host))
+                    }
+                    EntryKind::Normal { host, .. } => (self.alloc(rc)?, Some(host)),
+                    _ if self.has_data_file() => (g, None),
+                    _ => (self.alloc(rc)?, None),
+                };
+                Step::Subclusters(Sub {
+                    desc,
+                    bitmap,
+                    target,
+                    old,
+                })
+            } else {
             let owned =
                 matches!(kind, EntryKind::Normal { copied: true, .. }) || self.has_data_file();
             let target = match kind {
@@ -267,12 +280,17 @@ impl Qcow2Writer {
                 _ if self.has_data_file() => g,
                 _ => self.alloc(rc)?,
             };
-            (
+            Step::Cluster(
                 kind,
                 desc,
                 target,
                 owned && matches!(kind, EntryKind::Normal { .. }),
             )
+            }
+        };
+        let (kind, desc, target, in_place) = match step {
+            Step::Subclusters(sub) => return self.write_subclusters(pos, data, sub, below),
+            Step::Cluster(kind, desc, target, in_place) => (kind, desc, target, in_place),
         };
         if in_place {
             // Owned already (e.g. another writer of this cluster published it while we
@@ -331,33 +349,26 @@ impl Qcow2Writer {
     }
 
     /// Extended L2: writes only the touched subclusters; the others keep their state (and
-    /// their data, copied when the cluster moves).
-    #[allow(clippy::too_many_arguments)]
+    /// their data, copied when the cluster moves). The data I/O runs without the metadata
+    /// lock, like `fill_cluster` (the guest cluster is claimed).
     fn write_subclusters(
         &self,
-        rc: &mut Refcounts,
-        l2_off: u64,
-        l2: &L2Ref,
-        idx: u64,
         pos: u64,
         data: &[u8],
-        desc: u64,
-        bitmap: u64,
+        sub: Sub,
         below: BelowReader<'_>,
     ) -> Result<()> {
+        let Sub {
+            desc,
+            bitmap,
+            target,
+            old,
+        } = sub;
         let cs = self.cs();
         let us = self.unit_size();
         let g = pos / cs * cs;
         let (a, b) = (pos - g, pos - g + data.len() as u64);
         let kind = self.decode(desc);
-        let (target, old) = match kind {
-            EntryKind::Normal { host, copied } if copied || self.has_data_file() => {
-                (host, Some(host))
-            }
-            EntryKind::Normal { host, .. } => (self.alloc(rc)?, Some(host)),
-            _ if self.has_data_file() => (g, None),
-            _ => (self.alloc(rc)?, None),
-        };
         let (first, last) = (a / us, (b - 1) / us);
         let span_start = first * us;
         let mut buf = vec![0u8; ((last + 1 - first) * us) as usize];
@@ -404,12 +415,37 @@ impl Qcow2Writer {
         if target == old.unwrap_or(u64::MAX) && new_bitmap == bitmap && desc & COPIED != 0 {
             return Ok(());
         }
+        let mut guard = self.meta.write();
+        let rc = &mut *guard;
+        let l2_off = self.writable_l2(rc, pos)?;
+        let l2 = self.l2_table(l2_off)?;
+        let idx = (pos / cs) % self.l2_entries();
+        if self.l2_entry(&l2, idx) != (desc, bitmap) {
+            return Err(Error::invalid(
+                "internal: an L2 entry changed while its cluster was claimed",
+            ));
+        }
         let mut e = (target | COPIED).to_be_bytes().to_vec();
         e.extend_from_slice(&new_bitmap.to_be_bytes());
-        self.write_l2(rc, l2_off, l2, idx * 16, &e)?;
+        self.write_l2(rc, l2_off, &l2, idx * 16, &e)?;
         if old.is_some_and(|h| h != target) {
             self.drop_refs(rc, kind)?;
         }
         Ok(())
     }
+}
+
+/// What `write_cluster` decided under the metadata lock.
+enum Step {
+    /// (entry kind, descriptor, target host cluster, whether it is written in place)
+    Cluster(EntryKind, u64, u64, bool),
+    Subclusters(Sub),
+}
+
+/// An extended-L2 write: the entry as it was, where the data goes, the host it had.
+struct Sub {
+    desc: u64,
+    bitmap: u64,
+    target: u64,
+    old: Option<u64>,
 }
