@@ -774,7 +774,11 @@ mod tests {
             8 << 20,
             "etag \"1\"",
         );
-        assert_eq!(other.lookup(0, 2 * CHUNK).len(), 3, "two entries and a miss");
+        assert_eq!(
+            other.lookup(0, 2 * CHUNK).len(),
+            3,
+            "two entries and a miss"
+        );
         let mut buf = vec![0u8; 5000];
         assert!(other.read(CHUNK, CHUNK, &mut buf).unwrap());
         assert_eq!(buf, bytes[CHUNK as usize..]);

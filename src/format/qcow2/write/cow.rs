@@ -273,19 +273,19 @@ impl Qcow2Writer {
                     old,
                 })
             } else {
-            let owned =
-                matches!(kind, EntryKind::Normal { copied: true, .. }) || self.has_data_file();
-            let target = match kind {
-                EntryKind::Normal { host, .. } if owned => host,
-                _ if self.has_data_file() => g,
-                _ => self.alloc(rc)?,
-            };
-            Step::Cluster(
-                kind,
-                desc,
-                target,
-                owned && matches!(kind, EntryKind::Normal { .. }),
-            )
+                let owned =
+                    matches!(kind, EntryKind::Normal { copied: true, .. }) || self.has_data_file();
+                let target = match kind {
+                    EntryKind::Normal { host, .. } if owned => host,
+                    _ if self.has_data_file() => g,
+                    _ => self.alloc(rc)?,
+                };
+                Step::Cluster(
+                    kind,
+                    desc,
+                    target,
+                    owned && matches!(kind, EntryKind::Normal { .. }),
+                )
             }
         };
         let (kind, desc, target, in_place) = match step {
